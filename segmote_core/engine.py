@@ -1,0 +1,325 @@
+"""The engine: load a model once, embed slices once, answer many prompts.
+
+Coordinates: prompts arrive in continuous voxel indices (i, j, k) of the volume (``Volume.ras_to_ijk`` converts
+RAS millimetres); masks come back as bool arrays in the volume's own (K, J, I) grid. Internally every slice is
+taken from a ``SliceStack`` (slicing follows the anatomy), and in a slice x = column, y = row.
+
+Embeddings are cached per (volume content, slicing axis, slice, normalisation, backbone weights), so a second
+prompt on a slice runs only the decoder, and a changed volume or window never reuses a stale embedding.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoints import load_backbone
+from .devices import resolve_device
+from .errors import Cancelled, InputError
+from .normalize import Normalization, choose_normalization, normalize
+from .volume import SliceStack, Volume
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+PROPAGATION_MARGIN = (3.0, 0.05)  # pixels, share of the box's longer side: the margin is the larger
+MIN_SCORE = 0.3  # predicted IoU under which propagation stops
+MIN_OVERLAP = 0.6  # share of a new slice's mask that must lie over the previous slice's mask
+MAX_INTENSITY_JUMP = 0.2  # largest change of the mask's mean normalised intensity from one slice to the next
+
+
+class EmbeddingCache:
+    """LRU cache of slice embeddings with a byte budget (thread-safe)."""
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.misses = 0  # slices embedded, for tests and benchmarks
+
+    @staticmethod
+    def _size(value) -> int:
+        return sum(t.numel() * t.element_size() for t in value if t is not None)
+
+    def get(self, key):
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            if key in self._items:
+                self._bytes -= self._size(self._items.pop(key))
+            self._items[key] = value
+            self._bytes += self._size(value)
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= self._size(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+@dataclass
+class Prepared:
+    """A volume made ready for prompting along one axis with one normalisation."""
+
+    volume: Volume
+    stack: SliceStack
+    normalization: Normalization
+    key: tuple
+
+    @property
+    def num_slices(self) -> int:
+        return self.stack.shape[0]
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        return self.stack.shape[1:]
+
+    def slice01(self, index: int) -> np.ndarray:
+        return normalize(self.stack.to_stack(self.volume.array)[index], self.normalization)
+
+
+@dataclass
+class SlicePrediction:
+    mask: np.ndarray  # bool (H, W) on the slice grid
+    low_res_logits: torch.Tensor  # (1, 1, 256, 256), usable as the next pass's mask prompt
+    score: float  # predicted IoU
+
+
+def mask_box(mask: np.ndarray, margin: float = 0.0) -> np.ndarray | None:
+    """Tight box (x0, y0, x1, y1) of a 2-D mask, grown by `margin` pixels; None if empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    height, width = mask.shape
+    return np.array([max(cols[0] - margin, 0), max(rows[0] - margin, 0),
+                     min(cols[-1] + margin, width - 1), min(rows[-1] + margin, height - 1)], dtype=float)
+
+
+class Engine:
+    """Holds one backbone (and optionally a SegMoTE adapter) and serves prompts on volumes."""
+
+    def __init__(self, model: str = "lite_medsam", checkpoint=None, device: str = "auto", adapter=None,
+                 cache_bytes: int = 2 << 30, batch_size: int | None = None):
+        self.device = resolve_device(device)
+        self.backbone = load_backbone(model, checkpoint, self.device)
+        self.model_name = model
+        self.cache = EmbeddingCache(cache_bytes)
+        self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
+        self.segmote = None
+        self.adapter_header: dict | None = None
+        if adapter is not None:
+            self.load_adapter(adapter)
+
+    # ---- adapters ----------------------------------------------------------------------------------
+    def load_adapter(self, path) -> None:
+        from .adapters import build_from_adapter
+
+        self.segmote, self.adapter_header = build_from_adapter(path, self.backbone)
+        self.segmote.to(self.device).eval()
+
+    @property
+    def needs_early_features(self) -> bool:
+        return self.segmote is not None
+
+    # ---- preparing a volume ------------------------------------------------------------------------
+    def prepare(self, volume: Volume, axis: int | None = None, normalization: Normalization | None = None,
+                window=None) -> Prepared:
+        """axis: voxel axis to slice along (None: closest to superior-inferior); window: (level, width)."""
+        if min(volume.shape_ijk) < 1:
+            raise InputError(f"the image is empty: {volume.shape_ijk}")
+        if normalization is None:
+            if self.adapter_header and window is None:
+                normalization = Normalization(**self.adapter_header["normalization"])
+            else:
+                normalization = choose_normalization(volume.array, window)
+        stack = SliceStack.for_axis(volume, axis)
+        key = (volume.fingerprint(), stack.anatomical_axis, normalization.key(), self.model_name,
+               getattr(self.backbone, "weights_sha256", ""))
+        return Prepared(volume, stack, normalization, key)
+
+    # ---- embeddings ------------------------------------------------------------------------------------
+    def embeddings(self, prepared: Prepared, indices: Sequence[int], progress: ProgressFn | None = None,
+                   cancel: CancelFn | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Embeddings of the given slices, computing the missing ones in batches."""
+        early = self.needs_early_features
+        found, missing = {}, []
+        for index in indices:
+            value = self.cache.get(prepared.key + (index, early))
+            if value is None:
+                missing.append(index)
+            else:
+                found[index] = value
+        done = len(found)
+        if progress:
+            progress(done, len(indices))
+        stack = prepared.stack.to_stack(prepared.volume.array)
+        for start in range(0, len(missing), self.batch_size):
+            if cancel and cancel():
+                raise Cancelled("cancelled while embedding slices; nothing was changed")
+            batch = missing[start:start + self.batch_size]
+            images = torch.from_numpy(np.stack([normalize(stack[i], prepared.normalization) for i in batch]))
+            with torch.inference_mode():
+                x = self.backbone.preprocess(images.to(self.device))
+                embedding, early_feature = self.backbone.encode(x)
+            for offset, index in enumerate(batch):
+                value = (embedding[offset:offset + 1].clone(),
+                         early_feature[offset:offset + 1].clone() if early else None)
+                self.cache.put(prepared.key + (index, early), value)
+                self.cache.misses += 1
+                found[index] = value
+            done += len(batch)
+            if progress:
+                progress(done, len(indices))
+        return found
+
+    # ---- one slice -------------------------------------------------------------------------------------
+    def predict_slice(self, prepared: Prepared, index: int, points: np.ndarray | None = None,
+                      point_labels: np.ndarray | None = None, box: np.ndarray | None = None,
+                      mask_input: torch.Tensor | None = None) -> SlicePrediction:
+        """Prompt one slice. points: (N, 2) slice xy; point_labels: (N,) 1/0; box: (4,) x0 y0 x1 y1."""
+        if points is None and box is None:
+            raise InputError("give at least one point or a box")
+        embedding, early = self.embeddings(prepared, [index])[index]
+        shape = prepared.slice_shape
+        to_model = self.backbone.slice_to_model_xy
+        with torch.inference_mode():
+            pts = lbl = bx = None
+            if points is not None:
+                pts = to_model(torch.as_tensor(points, dtype=torch.float32, device=self.device)[None], shape)
+                lbl = torch.as_tensor(point_labels, dtype=torch.int64, device=self.device)[None]
+            if box is not None:
+                corners = torch.as_tensor(box, dtype=torch.float32, device=self.device).view(1, 2, 2)
+                bx = to_model(corners, shape).view(1, 4)
+            if self.segmote is not None:
+                out = self.segmote.decode(embedding, early, pts, lbl, bx, mask_input)
+                logits, iou = out.logits, out.iou
+            else:
+                logits, iou = self.backbone.decode(embedding, pts, lbl, bx, mask_input, multimask=False)
+            full = self.backbone.postprocess(logits, shape)
+        return SlicePrediction((full[0, 0] > 0).cpu().numpy(), logits, float(iou[0, 0]))
+
+    # ---- volumes -------------------------------------------------------------------------------------
+    def segment(self, volume: Volume, box_ijk=None, points_ijk=None, point_labels=None, propagate: bool = False,
+                axis: int | None = None, window=None, prepared: Prepared | None = None,
+                progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> np.ndarray:
+        """Segment one object; returns a bool (K, J, I) mask on the volume's grid.
+
+        box_ijk: (i0, j0, k0, i1, j1, k1) voxel corners. If it spans one slice along the slicing axis it is a 2-D
+        box on that slice, otherwise a 3-D box (every slice in its range prompted by its projection).
+        points_ijk: (N, 3) voxel positions with point_labels (N,) 1 positive / 0 negative; all on one slice.
+        propagate: carry a 2-D result up and down the axis until the object ends.
+        """
+        prepared = prepared or self.prepare(volume, axis, window=window)
+        stack = prepared.stack
+        result = np.zeros(stack.shape, dtype=bool)
+        points_xy = labels = box_xy = None
+        slices: list[int] = []
+        if points_ijk is not None:
+            points_ijk = np.atleast_2d(np.asarray(points_ijk, dtype=float))
+            labels = np.ones(len(points_ijk), int) if point_labels is None else np.asarray(point_labels, int)
+            if len(labels) != len(points_ijk):
+                raise InputError(f"{len(points_ijk)} points but {len(labels)} point labels")
+            if not set(np.unique(labels)) <= {0, 1}:
+                raise InputError("point labels must be 1 (positive) or 0 (negative)")
+            self._check_inside(volume, points_ijk, "point")
+            in_stack = stack.ijk_to_stack(points_ijk)
+            point_slices = np.unique(np.round(in_stack[:, 0]).astype(int))
+            if len(point_slices) > 1:
+                raise InputError(f"points lie on different slices {point_slices.tolist()} along the "
+                                 f"{'IJK'[stack.voxel_axis]} axis; place them on one slice")
+            slices = [int(point_slices[0])]
+            points_xy = in_stack[:, [2, 1]]
+        if box_ijk is not None:
+            corners = np.asarray(box_ijk, dtype=float).reshape(2, 3)
+            self._check_inside(volume, corners, "box corner")
+            in_stack = stack.ijk_to_stack(corners)
+            low, high = np.round(in_stack.min(axis=0)).astype(int), np.round(in_stack.max(axis=0)).astype(int)
+            if high[1] <= low[1] or high[2] <= low[2]:
+                raise InputError("the box is empty: it has no extent in the slice plane")
+            box_xy = np.array([low[2], low[1], high[2], high[1]], dtype=float)
+            box_slices = list(range(low[0], high[0] + 1))
+            if slices and slices[0] not in box_slices:
+                raise InputError("the points and the box are on different slices")
+            slices = slices or box_slices
+        if not slices:
+            raise InputError("give a box or at least one point")
+        if len(slices) > 1:
+            # A 3-D box: prompt its central slice with the box's projection, then follow the object slice by
+            # slice inside the box (prompting each slice with the whole projection over-segments the object's
+            # narrow ends).
+            self.embeddings(prepared, slices, progress, cancel)
+            centre = slices[len(slices) // 2]
+            first = self.predict_slice(prepared, centre, box=box_xy)
+            result[centre] = first.mask
+            if first.mask.any():
+                self._propagate(prepared, centre, first, result, (slices[0], slices[-1]), box_xy, progress, cancel)
+        else:
+            first = self.predict_slice(prepared, slices[0], points_xy, labels, box_xy)
+            result[slices[0]] = first.mask
+            if propagate and first.mask.any():
+                self._propagate(prepared, slices[0], first, result, (0, prepared.num_slices - 1), None,
+                                progress, cancel)
+        return stack.from_stack(result)
+
+    def _propagate(self, prepared: Prepared, start: int, first: SlicePrediction, result: np.ndarray,
+                   slice_range: tuple[int, int], clip_box: np.ndarray | None,
+                   progress: ProgressFn | None, cancel: CancelFn | None) -> None:
+        """From a prompted slice, up and down: each next slice prompted by the previous mask's box.
+
+        The box grows by a margin (PROPAGATION_MARGIN) (objects change size between slices, and SAM-family models
+        are trained on slightly loose boxes); with clip_box it never leaves the user's 3-D box."""
+        total, done = slice_range[1] - slice_range[0] + 1, 1
+        for step in (1, -1):
+            previous = first.mask
+            previous_mean = prepared.slice01(start)[first.mask].mean()
+            index = start + step
+            while slice_range[0] <= index <= slice_range[1]:
+                if cancel and cancel():
+                    raise Cancelled("cancelled during propagation; nothing was changed")
+                box = mask_box(previous)
+                box = mask_box(previous, margin=max(PROPAGATION_MARGIN[0],
+                                                    PROPAGATION_MARGIN[1] * max(box[2] - box[0], box[3] - box[1])))
+                if clip_box is not None:
+                    box = np.concatenate([np.maximum(box[:2], clip_box[:2]), np.minimum(box[2:], clip_box[2:])])
+                prediction = self.predict_slice(prepared, index, box=box)
+                if clip_box is not None:  # SAM can spill outside its box; the user's 3-D box is a hard limit
+                    x0, y0, x1, y1 = np.round(clip_box).astype(int)
+                    inside = np.zeros_like(prediction.mask)
+                    inside[y0:y1 + 1, x0:x1 + 1] = True
+                    prediction.mask &= inside
+                area, previous_area = prediction.mask.sum(), previous.sum()
+                overlap = (prediction.mask & previous).sum() / max(area, 1)
+                mean = prepared.slice01(index)[prediction.mask].mean() if area else 0.0
+                # The object has ended when the model finds (almost) nothing, is unsure, or jumps to a region
+                # that does not continue the previous slice's object: anatomy is continuous across slices in
+                # place and in intensity.
+                if (area < max(4, 0.05 * previous_area) or prediction.score < MIN_SCORE
+                        or overlap < MIN_OVERLAP or abs(mean - previous_mean) > MAX_INTENSITY_JUMP):
+                    break
+                previous_mean = mean
+                result[index] = prediction.mask
+                previous = prediction.mask
+                index += step
+                done += 1
+                if progress:
+                    progress(done, total)
+
+    @staticmethod
+    def _check_inside(volume: Volume, points_ijk: np.ndarray, what: str) -> None:
+        inside = volume.contains_ijk(points_ijk)
+        if not inside.all():
+            bad = np.round(points_ijk[~inside][0], 2).tolist()
+            raise InputError(f"{what} at voxel {bad} lies outside the image ({'x'.join(map(str, volume.shape_ijk))} voxels)")
