@@ -21,7 +21,8 @@ import torch
 from .checkpoints import load_backbone
 from .devices import resolve_device
 from .errors import Cancelled, InputError
-from .normalize import Normalization, choose_normalization, normalize
+from .normalize import Normalization, choose_normalization, from_rule, normalize
+from .segmentation_io import Segment
 from .volume import SliceStack, Volume
 
 ProgressFn = Callable[[int, int], None]
@@ -125,10 +126,12 @@ class Engine:
 
     # ---- adapters ----------------------------------------------------------------------------------
     def load_adapter(self, path) -> None:
-        from .adapters import build_from_adapter
+        """Use a SegMoTE adapter (MoTE decoder for prompts, PPT for automatic segmentation)."""
+        from .adapters import load_segmote
 
-        self.segmote, self.adapter_header = build_from_adapter(path, self.backbone)
+        self.segmote, self.adapter_header = load_segmote(path, self.backbone, self.backbone.weights_sha256)
         self.segmote.to(self.device).eval()
+        self.cache.clear()  # entries embedded without early features would be looked up under other keys anyway
 
     @property
     def needs_early_features(self) -> bool:
@@ -141,8 +144,8 @@ class Engine:
         if min(volume.shape_ijk) < 1:
             raise InputError(f"the image is empty: {volume.shape_ijk}")
         if normalization is None:
-            if self.adapter_header and window is None:
-                normalization = Normalization(**self.adapter_header["normalization"])
+            if self.adapter_header and window is None and self.adapter_header.get("normalization"):
+                normalization = from_rule(volume.array, self.adapter_header["normalization"])
             else:
                 normalization = choose_normalization(volume.array, window)
         stack = SliceStack.for_axis(volume, axis)
@@ -317,9 +320,62 @@ class Engine:
                 if progress:
                     progress(done, total)
 
+    # ---- automatic segmentation (needs a SegMoTE adapter with PPT classes) ----------------------------
+    def auto(self, volume: Volume, classes: Sequence[str] | None = None, keep_largest: bool = True,
+             axis: int | None = None, window=None, refine_passes: int = 1, objectness_threshold: float = 0.5,
+             progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> list[Segment]:
+        """One segment per adapter class (names and colours from the checkpoint), no prompts.
+
+        Slices where the class's objectness is below the threshold contribute nothing; keep_largest keeps the
+        largest 3-D connected component per class (drops scattered false positives).
+        """
+        if self.segmote is None:
+            raise InputError("automatic segmentation needs an adapter: pass --adapter FILE")
+        from .adapters import class_indices
+
+        header_classes = self.adapter_header["classes"]
+        names = list(classes) if classes else [c["name"] for c in header_classes]
+        indices = class_indices(self.adapter_header, names)
+        prepared = self.prepare(volume, axis, window=window)
+        num = prepared.num_slices
+        self.embeddings(prepared, range(num), progress, cancel)
+        masks = np.zeros((len(indices),) + prepared.stack.shape, dtype=bool)
+        for start in range(0, num, self.batch_size):
+            if cancel and cancel():
+                raise Cancelled("cancelled during automatic segmentation; nothing was changed")
+            batch = list(range(start, min(start + self.batch_size, num)))
+            found = self.embeddings(prepared, batch)
+            embedding = torch.cat([found[i][0] for i in batch])
+            early = torch.cat([found[i][1] for i in batch])
+            with torch.inference_mode():
+                for row, class_index in enumerate(indices):
+                    out = self.segmote.auto_decode(embedding, early, class_index, refine_passes=refine_passes)
+                    full = self.backbone.postprocess(out.logits, prepared.slice_shape)[:, 0] > 0
+                    present = (out.objectness >= objectness_threshold).cpu().numpy()
+                    masks[row, batch] = full.cpu().numpy() & present[:, None, None]
+        segments = []
+        for row, class_index in enumerate(indices):
+            mask = prepared.stack.from_stack(masks[row])
+            if keep_largest:
+                mask = largest_component(mask)
+            info = header_classes[class_index]
+            segments.append(Segment(info["name"], mask, tuple(info.get("color", (0.5, 0.5, 0.5)))))
+        return segments
+
     @staticmethod
     def _check_inside(volume: Volume, points_ijk: np.ndarray, what: str) -> None:
         inside = volume.contains_ijk(points_ijk)
         if not inside.all():
             bad = np.round(points_ijk[~inside][0], 2).tolist()
             raise InputError(f"{what} at voxel {bad} lies outside the image ({'x'.join(map(str, volume.shape_ijk))} voxels)")
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected 3-D component of a bool mask (an empty mask stays empty)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.reshape(-1))[1:]
+    return labels == (int(np.argmax(sizes)) + 1)

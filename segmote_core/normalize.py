@@ -8,7 +8,7 @@ float32 in [0, 1]: clip((x - low) / (high - low), 0, 1).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,21 +29,47 @@ DEFAULT_PERCENTILES = (0.5, 99.5)
 
 @dataclass(frozen=True)
 class Normalization:
+    """Resolved bounds plus the rule that produced them (the rule is what an adapter checkpoint stores, so
+    that percentile clipping is recomputed on each new scan rather than reusing the training scan's bounds)."""
+
     low: float
     high: float
-    description: str = ""
+    rule: tuple = ()  # ("window", level, width) or ("percentiles", low_pct, high_pct)
 
     def key(self) -> tuple[float, float]:
         return (round(self.low, 4), round(self.high, 4))
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    @property
+    def description(self) -> str:
+        if self.rule and self.rule[0] == "window":
+            return f"window L{self.rule[1]:g} W{self.rule[2]:g}"
+        if self.rule and self.rule[0] == "percentiles":
+            return f"percentiles {self.rule[1]:g}-{self.rule[2]:g}"
+        return f"range {self.low:g}..{self.high:g}"
+
+    def rule_dict(self) -> dict:
+        if not self.rule:
+            return {"kind": "range", "low": self.low, "high": self.high}
+        names = {"window": ("level", "width"), "percentiles": ("low_pct", "high_pct")}[self.rule[0]]
+        return {"kind": self.rule[0], names[0]: self.rule[1], names[1]: self.rule[2]}
+
+
+def from_rule(array: np.ndarray, rule: dict) -> Normalization:
+    """Re-apply a stored rule (see Normalization.rule_dict) to a new scan."""
+    kind = rule.get("kind")
+    if kind == "window":
+        return window(float(rule["level"]), float(rule["width"]))
+    if kind == "percentiles":
+        return percentiles(array, float(rule["low_pct"]), float(rule["high_pct"]))
+    if kind == "range":
+        return Normalization(float(rule["low"]), float(rule["high"]))
+    raise InputError(f"unknown normalisation rule {rule!r}")
 
 
 def window(level: float, width: float) -> Normalization:
     if not np.isfinite(level) or not np.isfinite(width) or width <= 0:
         raise InputError(f"window width must be positive and finite (got level {level}, width {width})")
-    return Normalization(level - width / 2, level + width / 2, f"window L{level:g} W{width:g}")
+    return Normalization(level - width / 2, level + width / 2, ("window", float(level), float(width)))
 
 
 def looks_like_ct(array: np.ndarray) -> bool:
@@ -63,7 +89,7 @@ def percentiles(array: np.ndarray, low_pct: float = DEFAULT_PERCENTILES[0],
     low, high = np.percentile(sample, [low_pct, high_pct])
     if high <= low:
         high = low + 1.0
-    return Normalization(float(low), float(high), f"percentiles {low_pct:g}-{high_pct:g}")
+    return Normalization(float(low), float(high), ("percentiles", float(low_pct), float(high_pct)))
 
 
 def choose_normalization(array: np.ndarray, window_level_width=None, preset: str | None = None,

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real chest CT that slicerio ships, its ground truth, and one LiteMedSAM engine.
+
+The engine is session-scoped so that slice embeddings (≈1.3 s each on 2 cores) are computed once per test run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import slicerio
+
+DATA = Path(os.path.dirname(slicerio.__file__)) / "data"
+CHEST_CT = DATA / "CTChest4.nrrd"
+CHEST_SEG = DATA / "Segmentation.seg.nrrd"
+LUNG_WINDOW = (-700.0, 600.0)  # level, width: lung parenchyma against everything brighter
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+@pytest.fixture(scope="session")
+def chest_ct():
+    from segmote_core.volume import read_volume
+
+    return read_volume(CHEST_CT)
+
+
+@pytest.fixture(scope="session")
+def chest_truth():
+    """{segment name: bool (K, J, I) mask} of the shipped ground truth."""
+    from segmote_core.segmentation_io import read_segments
+
+    _, segments = read_segments(CHEST_SEG)
+    return {s.name: s.mask for s in segments}
+
+
+@pytest.fixture(scope="session")
+def lite_engine():
+    from segmote_core.engine import Engine
+
+    return Engine("lite_medsam", device="cpu")
+
+
+def bounding_box_ijk(mask: np.ndarray) -> list[int]:
+    """(i0, j0, k0, i1, j1, k1) of a (K, J, I) mask: the box a user would drag around the object."""
+    k, j, i = np.nonzero(mask)
+    return [int(i.min()), int(j.min()), int(k.min()), int(i.max()), int(j.max()), int(k.max())]
