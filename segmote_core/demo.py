@@ -1,0 +1,139 @@
+"""`segmote demo`: both lungs of the chest CT that slicerio ships, offline, scored against its ground truth.
+
+The right lung is prompted with a 3-D box, the left with a 2-D box on one axial slice propagated up and down.
+The boxes are the ones a user would drag around each lung; here they come from the ground truth's extent
+(dilated by one voxel in-plane), which is also what makes the run reproducible. With the shipped adapter
+(resources/chest_ct_lungs.safetensors) the demo also runs one-button automatic segmentation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .normalize import CT_WINDOWS
+from .segmentation_io import Segment, read_segments, save_segments
+
+DEMO_WINDOW = CT_WINDOWS["lung_parenchyma"]
+SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "resources" / "chest_ct_lungs.safetensors"
+
+
+def demo_data() -> tuple[Path, Path]:
+    import slicerio
+
+    folder = Path(os.path.dirname(slicerio.__file__)) / "data"
+    return folder / "CTChest4.nrrd", folder / "Segmentation.seg.nrrd"
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2.0 * (a & b).sum() / max(int(a.sum()) + int(b.sum()), 1))
+
+
+def _box_ras(volume, mask: np.ndarray, slice_k: int | None = None) -> np.ndarray:
+    """RAS corners of the box around a (K, J, I) mask (or one of its axial slices), one voxel looser in-plane."""
+    k, j, i = np.nonzero(mask if slice_k is None else (mask & (np.arange(mask.shape[0]) == slice_k)[:, None, None]))
+    low = [max(i.min() - 1, 0), max(j.min() - 1, 0), k.min()]
+    high = [min(i.max() + 1, mask.shape[2] - 1), min(j.max() + 1, mask.shape[1] - 1), k.max()]
+    return volume.ijk_to_ras_points([low, high]).reshape(-1)
+
+
+def save_overlay_png(path: Path, volume, predictions: dict[str, np.ndarray], truth: dict[str, np.ndarray],
+                     title: str) -> None:
+    """Axial and coronal views: predictions filled, ground truth as contours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .normalize import normalize, window
+    from .volume import SliceStack
+
+    image = normalize(volume.array, window(*CT_WINDOWS["lung"]))
+    colors = [(0.9, 0.3, 0.25), (0.25, 0.55, 0.9), (0.3, 0.75, 0.35), (0.95, 0.75, 0.2)]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 5.2), dpi=110)
+    for ax, (axis_name, lps_axis) in zip(axes, (("axial", 2), ("coronal", 1))):
+        stack = SliceStack(volume, lps_axis)
+        any_mask = stack.to_stack(np.any(list(predictions.values()), axis=0))
+        index = int(np.argmax(any_mask.sum(axis=(1, 2))))
+        spacing_rows = volume.spacing[2] if lps_axis == 1 else volume.spacing[1]
+        aspect = spacing_rows / volume.spacing[0]
+        ax.imshow(stack.to_stack(image)[index], cmap="gray", aspect=aspect)
+        for color, (name, mask) in zip(colors, predictions.items()):
+            plane = stack.to_stack(mask)[index]
+            overlay = np.zeros(plane.shape + (4,))
+            overlay[plane] = (*color, 0.45)
+            ax.imshow(overlay, aspect=aspect)
+            if name in truth:
+                ax.contour(stack.to_stack(truth[name])[index], levels=[0.5], colors=[color], linewidths=1.0)
+        ax.set_title(f"{axis_name} slice {index}")
+        ax.axis("off")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def run(out_dir: str | Path = "segmote-demo", device: str = "auto", quiet: bool = False) -> int:
+    from .engine import Engine
+    from .volume import read_volume
+
+    out_dir = Path(out_dir)
+    image_path, truth_path = demo_data()
+    volume = read_volume(image_path)
+    _, truth_segments = read_segments(truth_path)
+    truth = {s.name: s.mask for s in truth_segments}
+    say = (lambda *a: None) if quiet else print
+    say(f"chest CT {volume.describe_grid()}; window L{DEMO_WINDOW[0]:g} W{DEMO_WINDOW[1]:g}")
+
+    started = time.perf_counter()
+    engine = Engine("lite_medsam", device=device)
+    prepared = engine.prepare(volume, window=DEMO_WINDOW)
+    right = truth["right lung"]
+    right_box = volume.ras_to_ijk(_box_ras(volume, right).reshape(2, 3)).reshape(-1)
+    right_mask = engine.segment(volume, box_ijk=right_box, prepared=prepared)
+    left = truth["left lung"]
+    middle_k = int(np.median(np.nonzero(left)[0]))
+    left_box = volume.ras_to_ijk(_box_ras(volume, left, middle_k).reshape(2, 3)).reshape(-1)
+    left_mask = engine.segment(volume, box_ijk=left_box, propagate=True, prepared=prepared)
+    elapsed = time.perf_counter() - started
+
+    predictions = {"right lung": right_mask, "left lung": left_mask}
+    scores = {name: dice(mask, truth[name]) for name, mask in predictions.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_segments(out_dir / "demo.seg.nrrd", volume,
+                  [Segment("right lung", right_mask, (0.9, 0.3, 0.25)), Segment("left lung", left_mask, (0.25, 0.55, 0.9))],
+                  replace_same_name=True)
+    say(f"right lung (3D box):               Dice {scores['right lung']:.3f}")
+    say(f"left lung (2D box on slice {middle_k}, propagated): Dice {scores['left lung']:.3f}")
+    say(f"prompted segmentation took {elapsed:.1f} s on {engine.device} ({engine.cache.misses} slices embedded)")
+
+    if SHIPPED_ADAPTER.is_file():
+        engine.load_adapter(SHIPPED_ADAPTER)
+        started = time.perf_counter()
+        automatic = engine.auto(volume)
+        held_out = _held_out_slices(engine.adapter_header, volume.array.shape[0])
+        for segment in automatic:
+            if segment.name in truth:
+                rows = held_out if held_out is not None else slice(None)
+                say(f"automatic {segment.name}: Dice {dice(segment.mask[rows], truth[segment.name][rows]):.3f}"
+                    f"{' on held-out slices' if held_out is not None else ''}")
+        save_segments(out_dir / "demo-auto.seg.nrrd", volume, automatic, replace_same_name=True)
+        say(f"automatic segmentation took {time.perf_counter() - started:.1f} s")
+    else:
+        say("no shipped adapter found (resources/chest_ct_lungs.safetensors): skipping automatic segmentation")
+
+    save_overlay_png(out_dir / "demo.png", volume, predictions, truth,
+                     f"SegMoTE demo (LiteMedSAM): right lung 3D box Dice {scores['right lung']:.3f}, "
+                     f"left lung 2D box + propagation Dice {scores['left lung']:.3f}; lines = ground truth")
+    say(f"wrote {out_dir / 'demo.seg.nrrd'} and {out_dir / 'demo.png'}")
+    return 0
+
+
+def _held_out_slices(header: dict | None, num_slices: int):
+    """Axial slice indices the shipped adapter never saw in training, if its header records the split."""
+    split = (header or {}).get("extra", {}).get("split", {})
+    indices = split.get("validation_slices")
+    return np.asarray(indices, dtype=int) if indices else None
