@@ -133,8 +133,21 @@ def _normalization_args(args) -> tuple | None:
     return tuple(args.window) if args.window is not None else None
 
 
-def run_segment(args) -> int:
+_engines: dict[tuple, "object"] = {}
+
+
+def engine_for(model: str, checkpoint, device: str, adapter):
+    """One engine per model setup in this process, so that in-process callers (notebooks, tests, scripts calling
+    main() repeatedly) reuse loaded weights and cached embeddings."""
     from .engine import Engine
+
+    key = (model, str(checkpoint), device, str(adapter))
+    if key not in _engines:
+        _engines[key] = Engine(model, checkpoint, device, adapter=adapter)
+    return _engines[key]
+
+
+def run_segment(args) -> int:
     from .errors import InputError
     from .segmentation_io import Segment, save_segments
     from .volume import check_output_path, read_volume
@@ -156,7 +169,7 @@ def run_segment(args) -> int:
     labels = args.point_label
     if labels is not None and (points is None or len(labels) != len(points)):
         raise InputError(f"--point-label given {len(labels)} time(s) for {0 if points is None else len(points)} point(s)")
-    engine = Engine(args.model, args.checkpoint, args.device, adapter=args.adapter)
+    engine = engine_for(args.model, args.checkpoint, args.device, args.adapter)
     with progress_bar("segmenting", args.quiet) as progress:
         mask = engine.segment(volume, box_ijk=box, points_ijk=points, point_labels=labels,
                               propagate=args.propagate, axis=args.axis, window=window, progress=progress)
@@ -167,14 +180,13 @@ def run_segment(args) -> int:
 
 
 def run_auto(args) -> int:
-    from .engine import Engine
     from .segmentation_io import save_segments
     from .volume import check_output_path, read_volume
 
     out = check_output_path(args.out)
     window = _normalization_args(args)
     volume = read_volume(args.image)
-    engine = Engine(args.model, args.checkpoint, args.device, adapter=args.adapter)
+    engine = engine_for(args.model, args.checkpoint, args.device, args.adapter)
     with progress_bar("automatic", args.quiet) as progress:
         segments = engine.auto(volume, classes=args.classes, keep_largest=not args.all_components,
                                axis=args.axis, window=window, progress=progress)

