@@ -173,6 +173,7 @@ def run_segment(args) -> int:
     with progress_bar("segmenting", args.quiet) as progress:
         mask = engine.segment(volume, box_ijk=box, points_ijk=points, point_labels=labels,
                               propagate=args.propagate, axis=args.axis, window=window, progress=progress)
+    _print_notices(engine)
     save_segments(out, volume, [Segment(args.name, mask)], replace_same_name=args.overwrite)
     if not args.quiet:
         print(f"{args.name}: {int(mask.sum())} voxels, {mask.sum() * np.prod(volume.spacing) / 1000:.1f} ml -> {out}")
@@ -190,12 +191,19 @@ def run_auto(args) -> int:
     with progress_bar("automatic", args.quiet) as progress:
         segments = engine.auto(volume, classes=args.classes, keep_largest=not args.all_components,
                                axis=args.axis, window=window, progress=progress)
+    _print_notices(engine)
     save_segments(out, volume, segments, replace_same_name=args.overwrite)
     if not args.quiet:
         for segment in segments:
             print(f"{segment.name}: {int(segment.mask.sum())} voxels")
         print(f"-> {out}")
     return 0
+
+
+def _print_notices(engine) -> None:
+    for notice in engine.notices:
+        print(f"warning: {notice}", file=sys.stderr)
+    engine.notices.clear()
 
 
 def run_demo(args) -> int:

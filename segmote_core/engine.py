@@ -20,7 +20,7 @@ import torch
 
 from .checkpoints import load_backbone
 from .devices import resolve_device
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, SegMoTEError
 from .normalize import Normalization, choose_normalization, from_rule, normalize
 from .segmentation_io import Segment
 from .volume import SliceStack, Volume
@@ -31,6 +31,10 @@ PROPAGATION_MARGIN = (3.0, 0.05)  # pixels, share of the box's longer side: the 
 MIN_SCORE = 0.3  # predicted IoU under which propagation stops
 MIN_OVERLAP = 0.6  # share of a new slice's mask that must lie over the previous slice's mask
 MAX_INTENSITY_JUMP = 0.2  # largest change of the mask's mean normalised intensity from one slice to the next
+
+
+class _MovedToCpu(Exception):
+    """Internal: the engine moved to the CPU mid-run; tensors computed before are on another device."""
 
 
 class EmbeddingCache:
@@ -121,6 +125,7 @@ class Engine:
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
         self.segmote = None
         self.adapter_header: dict | None = None
+        self.notices: list[str] = []  # things the user should know (shown by the CLI and the Slicer panel)
         if adapter is not None:
             self.load_adapter(adapter)
 
@@ -157,6 +162,12 @@ class Engine:
     def embeddings(self, prepared: Prepared, indices: Sequence[int], progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
         """Embeddings of the given slices, computing the missing ones in batches."""
+        try:
+            return self._embeddings(prepared, indices, progress, cancel)
+        except _MovedToCpu:  # out of GPU memory even at batch 1: everything restarts on the CPU
+            return self._embeddings(prepared, indices, progress, cancel)
+
+    def _embeddings(self, prepared, indices, progress, cancel):
         early = self.needs_early_features
         found, missing = {}, []
         for index in indices:
@@ -169,24 +180,50 @@ class Engine:
         if progress:
             progress(done, len(indices))
         stack = prepared.stack.to_stack(prepared.volume.array)
-        for start in range(0, len(missing), self.batch_size):
+        start = 0
+        while start < len(missing):
             if cancel and cancel():
                 raise Cancelled("cancelled while embedding slices; nothing was changed")
             batch = missing[start:start + self.batch_size]
             images = torch.from_numpy(np.stack([normalize(stack[i], prepared.normalization) for i in batch]))
-            with torch.inference_mode():
-                x = self.backbone.preprocess(images.to(self.device))
-                embedding, early_feature = self.backbone.encode(x)
+            try:
+                with torch.inference_mode():
+                    x = self.backbone.preprocess(images.to(self.device))
+                    embedding, early_feature = self.backbone.encode(x)
+            except torch.OutOfMemoryError:
+                self._after_out_of_memory(len(batch))
+                continue  # same start, smaller batch
             for offset, index in enumerate(batch):
                 value = (embedding[offset:offset + 1].clone(),
                          early_feature[offset:offset + 1].clone() if early else None)
                 self.cache.put(prepared.key + (index, early), value)
                 self.cache.misses += 1
                 found[index] = value
+            start += len(batch)
             done += len(batch)
             if progress:
                 progress(done, len(indices))
         return found
+
+    def _after_out_of_memory(self, batch: int) -> None:
+        """Out of memory: halve the batch; at batch 1 on a GPU, move to the CPU and say so; else give up."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if batch > 1:
+            self.batch_size = max(1, batch // 2)
+            self.notices.append(f"out of memory: embedding batch reduced to {self.batch_size}")
+            return
+        if self.device.type != "cpu":
+            previous = self.device
+            self.device = torch.device("cpu")
+            self.backbone.to(self.device)
+            if self.segmote is not None:
+                self.segmote.to(self.device)
+            self.cache.clear()
+            self.notices.append(f"out of memory on {previous} even for one slice: continuing on the CPU")
+            raise _MovedToCpu()
+        raise SegMoTEError("out of memory while embedding one slice on the CPU; close other programs or crop "
+                           "the image")
 
     # ---- one slice -------------------------------------------------------------------------------------
     def predict_slice(self, prepared: Prepared, index: int, points: np.ndarray | None = None,

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, SegMoTEError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 ANATOMICAL_AXES = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}  # index into LPS coordinates
@@ -47,6 +47,11 @@ class Volume:
         self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
         if self.array.ndim != 3:
             raise InputError(f"expected a 3-D image, got {self.array.ndim}-D with shape {self.array.shape}")
+        if not np.all(np.isfinite(self.spacing)) or np.any(self.spacing <= 0):
+            raise InputError(f"invalid voxel spacing {self.spacing.tolist()} (must be positive; flips belong in "
+                             "the direction matrix)")
+        if not np.all(np.isfinite(self.direction)) or abs(np.linalg.det(self.direction)) < 1e-6:
+            raise InputError("the image's direction matrix is singular: its axes do not span 3-D space")
 
     # ---- geometry ----------------------------------------------------------------------------------
     @property
@@ -155,6 +160,8 @@ def read_volume(path: str | Path) -> Volume:
         if path.is_dir():
             image = _read_dicom_series(path)
         else:
+            if path.name.lower().endswith(".gz"):
+                _check_gzip_complete(path)
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()
@@ -166,6 +173,19 @@ def read_volume(path: str | Path) -> Volume:
     if not np.issubdtype(volume.array.dtype, np.number):
         raise InputError(f"image {path.name} has non-numeric voxels ({volume.array.dtype})")
     return volume
+
+
+def _check_gzip_complete(path: Path) -> None:
+    """ITK's NIfTI reader fills a truncated .gz with zeros without a word; refuse such a file instead."""
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"cannot read image {path.name}: truncated or corrupt compressed file ({type(exc).__name__})")
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -267,6 +287,9 @@ def atomic_write(path: Path, write_to) -> None:
     try:
         write_to(Path(temp_name))
         os.replace(temp_name, path)
+    except OSError as exc:  # disk full, permissions, ...: the previous file is untouched
+        Path(temp_name).unlink(missing_ok=True)
+        raise SegMoTEError(f"cannot write {path.name}: {exc.strerror or exc}; any previous file is unchanged")
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
