@@ -138,6 +138,10 @@ class Engine:
         self.segmote.to(self.device).eval()
         self.cache.clear()  # entries embedded without early features would be looked up under other keys anyway
 
+    def unload_adapter(self) -> None:
+        """Back to the plain backbone decoder (cached embeddings stay valid)."""
+        self.segmote, self.adapter_header = None, None
+
     @property
     def needs_early_features(self) -> bool:
         return self.segmote is not None

@@ -1,0 +1,213 @@
+"""One persistent worker thread for every engine call, and the Job handle the panel polls.
+
+Torch keeps per-thread state (CUDA streams, autocast, the number of intra-op threads), and the engine's embedding
+cache is only useful if the same engine answers every prompt, so all model work runs on one long-lived thread.
+MRML is not thread-safe: a job reads the scene on the main thread before it starts (``prepare``), computes on the
+worker from plain numpy data (``compute``) and writes the scene back on the main thread (``apply``, run by
+``Job.poll`` or ``Job.wait``). Nothing here imports Qt, so it runs headless.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from segmote_core.errors import Cancelled, SegMoTEError
+
+ProgressFn = Callable[[int, int], None]
+
+
+def oneLine(text: object, limit: int = 300) -> str:
+    """The first non-empty line of a message, shortened: what the panel shows."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def asSegMoTEError(error: BaseException, doing: str = "running the model") -> SegMoTEError:
+    """Any failure as a SegMoTEError with one line for the panel (the original stays in __cause__)."""
+    if isinstance(error, SegMoTEError):
+        message = oneLine(error)
+        return error if message == str(error) else type(error)(message)
+    if _isOutOfMemory(error):
+        converted = SegMoTEError(
+            f"out of GPU memory while {doing}: choose the CPU device or the smaller LiteMedSAM model, "
+            "or close other programs that use the GPU")
+    else:
+        logging.getLogger("SegMoTE").error("unexpected error while %s", doing, exc_info=error)
+        converted = SegMoTEError(f"unexpected error while {doing}: {type(error).__name__}: {oneLine(error, 200)} "
+                                 "(details in the Python console)")
+    converted.__cause__ = error
+    return converted
+
+
+def _isOutOfMemory(error: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    if isinstance(error, MemoryError):
+        return False  # host memory: reported as unexpected, with its type
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def _releaseAcceleratorMemory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # best effort only
+        pass
+
+
+class EngineWorker:
+    """A single persistent daemon thread that runs jobs one after another (created on first use)."""
+
+    def __init__(self):
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self.threadIds: set[int] = set()  # threads that ran jobs (tests check it stays one)
+
+    def submit(self, fn: Callable[..., Any], *args, **kwargs) -> concurrent.futures.Future:
+        with self._lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="SegMoTE-engine")
+            return self._executor.submit(self._run, fn, *args, **kwargs)
+
+    def _run(self, fn, *args, **kwargs):
+        self.threadIds.add(threading.get_ident())
+        return fn(*args, **kwargs)
+
+    def shutdown(self, wait: bool = False) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=wait, cancel_futures=True)
+
+
+class Job:
+    """One request: compute on the worker thread, then apply on the thread that polls.
+
+    The panel calls ``poll()`` from a timer (main thread) and reads ``progress``; scripts and tests call
+    ``wait()``. Either way the scene is written only by ``apply`` on the polling thread, and never when the job
+    failed or was cancelled.
+    """
+
+    def __init__(self, description: str, compute: Callable[["Job"], Any], apply: Callable[[Any], Any],
+                 progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+                 onDone: Callable[[Any], None] | None = None, onError: Callable[[SegMoTEError], None] | None = None):
+        self.description = description
+        self._compute = compute
+        self._apply = apply
+        self._userProgress = progress
+        self._userCancel = cancel
+        self.onDone = onDone
+        self.onError = onError
+        self._cancelEvent = threading.Event()
+        self._future: concurrent.futures.Future | None = None
+        self._finished = False
+        self._progress: tuple[int, int] = (0, 0)
+        self.progressProvider: Callable[[], tuple[int, int]] | None = None  # e.g. bytes of a download so far
+        self.result: Any = None
+        self.error: SegMoTEError | None = None
+        self.summary = ""  # one line for the status label, set by compute/apply
+        self.startTime = 0.0
+        self.elapsed = 0.0
+
+    # ---- control ------------------------------------------------------------------------------------------
+    def start(self, worker: EngineWorker) -> "Job":
+        self.startTime = time.perf_counter()
+        self._future = worker.submit(self._runCompute)
+        return self
+
+    def cancel(self) -> None:
+        """Ask the computation to stop at its next check; the scene stays as it was."""
+        self._cancelEvent.set()
+
+    def cancelRequested(self) -> bool:
+        if self._cancelEvent.is_set():
+            return True
+        if self._userCancel is not None and self._userCancel():
+            self._cancelEvent.set()
+            return True
+        return False
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(done, total) so far; total 0 while unknown."""
+        if self.progressProvider is not None:
+            try:
+                return self.progressProvider()
+            except OSError:
+                return self._progress
+        return self._progress
+
+    def reportProgress(self, done: int, total: int) -> None:
+        """Called on the worker thread by the engine."""
+        self._progress = (int(done), int(total))
+        if self._userProgress is not None:
+            self._userProgress(done, total)
+
+    @property
+    def running(self) -> bool:
+        return not self._finished
+
+    # ---- worker side -------------------------------------------------------------------------------------
+    def _runCompute(self):
+        if self.cancelRequested():
+            raise Cancelled(f"cancelled before {self.description} started; nothing was changed")
+        try:
+            return self._compute(self)
+        except BaseException as error:
+            if _isOutOfMemory(error):
+                _releaseAcceleratorMemory()
+            raise
+
+    # ---- main-thread side -------------------------------------------------------------------------------
+    def poll(self) -> bool:
+        """True once the job has finished (result applied or error set); call from the main thread."""
+        if self._finished:
+            return True
+        if self._future is None or not self._future.done():
+            return False
+        self._finish()
+        return True
+
+    def wait(self, timeout: float | None = None):
+        """Block until done, apply, and return the result or raise the SegMoTEError."""
+        if self._future is None:
+            raise SegMoTEError(f"{self.description} was never started")
+        try:
+            self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise SegMoTEError(f"{self.description} did not finish within {timeout:g} s") from None
+        except Exception:
+            pass  # reported by _finish
+        self._finish()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            payload = self._future.result()
+            if self.cancelRequested():
+                raise Cancelled(f"{self.description} cancelled; nothing was changed")
+            self.result = self._apply(payload)
+        except BaseException as error:  # every failure becomes one line; the scene was not written
+            self.error = asSegMoTEError(error, self.description)
+        self.elapsed = time.perf_counter() - self.startTime
+        callback = self.onError if self.error is not None else self.onDone
+        if callback is not None:
+            callback(self.error if self.error is not None else self.result)
