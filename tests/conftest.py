@@ -23,6 +23,18 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """For modules of tiny-model tests: on a 2-core machine two busy-waiting torch threads run small ops far
+    slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def chest_ct():
     from segmote_core.volume import read_volume

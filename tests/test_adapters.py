@@ -26,13 +26,7 @@ SHA = "ab" * 32
 NORMALIZATION = {"mode": "ct_window", "level": 40.0, "width": 400.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """On a shared 2-core machine, two busy-waiting torch threads run these small ops ~50x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def trained_tiny_model(seed: int = 0) -> SegMoTE:

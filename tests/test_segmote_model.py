@@ -18,13 +18,7 @@ from segmote_core.models.segmote import (
 
 
 # ---- fixtures --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """On a shared 2-core machine, two busy-waiting torch threads run these small ops ~50x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def tiny_model(seed: int = 0, **config) -> SegMoTE:
