@@ -16,7 +16,8 @@
    - *prompted*: one class present in each slice, a box (jittered) or a positive click sampled from its label, then
      ``interaction_steps`` more passes, each adding one click at the centre of the larger error region (positive on
      a miss, negative on a false alarm) and the previous logits as mask prompt;
-   - *automatic*: PPT tokens for one class (cycling over classes), coarse pass + ``refine_passes`` box/mask passes;
+   - *automatic*: PPT tokens for ``auto_classes_per_step`` classes drawn at random (0 = all), coarse pass +
+     ``refine_passes`` box/mask passes, on every slice of the batch (slices without the class teach objectness);
    - loss per mask pass: ``20·focal + Dice + MSE(predicted IoU, actual IoU)``; automatic mode adds
      ``BCE(objectness)``; plus ``0.01·balance`` (MoTE's CV² load balancing). Averaged over passes.
    AMP on CUDA, gradient clipping, one optimiser step. A non-finite loss or gradient norm stops the run with the step
@@ -64,7 +65,7 @@ STATE_FILE = "train_state.pt"
 ADAPTER_FILE = "adapter.safetensors"
 BEST_FILE = "best.safetensors"
 LOG_FIELDS = ("step", "loss", "prompted", "automatic", "focal", "dice", "iou", "objectness", "balance", "lr",
-              "grad_norm", "seconds")
+              "grad_norm", "seconds", "cpu_seconds")
 
 
 class TrainingError(SegMoTEError):
@@ -105,6 +106,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.01
+    fast_lr_multiplier: float = 1.0  # lr factor for the near-zero-initialised gates (see build_optimizer)
     grad_clip: float = 1.0
     amp: str = "auto"  # auto (CUDA only) | on | off
     # losses
@@ -120,6 +122,7 @@ class TrainConfig:
     box_jitter: float = 0.1  # share of the box side each edge may move outwards
     interaction_steps: int = 2
     refine_passes: int = 1
+    auto_classes_per_step: int = 1  # classes decoded automatically per step (0 = all)
     # bookkeeping
     out: str = "runs/segmote"
     cache_dir: str | None = None  # embedding store; default <out>/embeddings
@@ -142,10 +145,10 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"config: {name} must be 1 or more, got {getattr(self, name)}")
-        for name in ("lr", "grad_clip"):
+        for name in ("lr", "grad_clip", "fast_lr_multiplier"):
             if not getattr(self, name) > 0:
                 raise InputError(f"config: {name} must be positive, got {getattr(self, name)}")
-        for name in ("interaction_steps", "refine_passes", "warmup_steps", "eval_every"):
+        for name in ("interaction_steps", "refine_passes", "warmup_steps", "eval_every", "auto_classes_per_step"):
             if getattr(self, name) < 0:
                 raise InputError(f"config: {name} must be 0 or more, got {getattr(self, name)}")
         if not 0.0 <= self.box_probability <= 1.0:
@@ -516,7 +519,7 @@ class Objective(nn.Module):
         return sum(weights[k] * v for k, v in terms.items())
 
     def forward(self, embedding, early, targets, items: list[SliceItem], rng: np.random.Generator,
-                auto_class: int) -> dict[str, torch.Tensor]:
+                auto_classes: list[int]) -> dict[str, torch.Tensor]:
         """embedding (B, 256, h, w), early (B, C, h, w), targets (B, classes, 256, 256) -> named loss terms."""
         c, model, backbone = self.config, self.model, self.model.backbone
         zero = embedding.new_zeros((), dtype=torch.float32)
@@ -562,23 +565,26 @@ class Objective(nn.Module):
                 mask_input = result.logits.detach()
             out["prompted"] = torch.stack(losses).mean()
 
-        # ---- automatic (PPT), one class per step --------------------------------------------------------
+        # ---- automatic (PPT), for the classes drawn for this step ---------------------------------------
         if c.automatic:
-            result = model.auto_decode(embedding, early, auto_class, refine_passes=c.refine_passes)
-            target = targets[:, auto_class : auto_class + 1]
-            present = target.flatten(1).any(dim=1)
-            objectness = F.binary_cross_entropy_with_logits(result.objectness_logit.float(), present.float())
-            parts["objectness"].append(objectness)
-            loss = c.objectness_weight * objectness
-            if present.any():
-                final = self.mask_terms(result.logits[present], target[present], result.iou[present])
-                coarse = self.mask_terms(result.coarse_logits[present], target[present])
-                for terms in (final, coarse):
-                    for k, v in terms.items():
-                        parts[k].append(v)
-                loss = loss + 0.5 * (self.weighted(final) + self.weighted(coarse))
-            out["automatic"] = loss
-            out["balance"] = out["balance"] + result.balance_loss
+            class_losses = []
+            for auto_class in auto_classes:
+                result = model.auto_decode(embedding, early, auto_class, refine_passes=c.refine_passes)
+                target = targets[:, auto_class : auto_class + 1]
+                present = target.flatten(1).any(dim=1)
+                objectness = F.binary_cross_entropy_with_logits(result.objectness_logit.float(), present.float())
+                parts["objectness"].append(objectness)
+                loss = c.objectness_weight * objectness
+                if present.any():
+                    final = self.mask_terms(result.logits[present], target[present], result.iou[present])
+                    coarse = self.mask_terms(result.coarse_logits[present], target[present])
+                    for terms in (final, coarse):
+                        for k, v in terms.items():
+                            parts[k].append(v)
+                    loss = loss + 0.5 * (self.weighted(final) + self.weighted(coarse))
+                class_losses.append(loss)
+                out["balance"] = out["balance"] + result.balance_loss
+            out["automatic"] = torch.stack(class_losses).mean()
 
         out["loss"] = out["prompted"] + out["automatic"] + c.balance_weight * out["balance"]
         for k, values in parts.items():
@@ -586,24 +592,37 @@ class Objective(nn.Module):
         return out
 
 
-def compute_losses(objective, embedding, early, targets, items, rng, auto_class) -> dict[str, torch.Tensor]:
+def compute_losses(objective, embedding, early, targets, items, rng, auto_classes) -> dict[str, torch.Tensor]:
     """One forward pass of the objective (a module-level function, so that tests can make it misbehave)."""
-    return objective(embedding, early, targets, items, rng, auto_class)
+    return objective(embedding, early, targets, items, rng, auto_classes)
 
 
 # =====================================================================================================
 # 6. Optimiser, schedule, checkpoints
 # =====================================================================================================
+FAST_PARAMETERS = ("mote.residual_scale", "ppt.class_tokens")
+
+
 def build_optimizer(model: SegMoTE, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the parameters that require grad; no decay on biases, norms, tokens and scalar scales."""
-    decay, no_decay = [], []
+    """AdamW over the parameters that require grad; no decay on biases, norms, tokens and scalar scales.
+
+    Two tensors gate everything behind them and start at (or near) zero: MoTE's residual scales (zero, they multiply
+    the expert masks) and PPT's class tokens (std 0.02, the only class-specific input of PPT, next to image features
+    of order 1 — until they grow, every class gets nearly the same prompt). With Adam every tensor moves by about lr
+    per step, so these are slow to matter; ``fast_lr_multiplier`` gives them a larger learning rate (useful for
+    short runs, e.g. LiteMedSAM with a click, whose own mask is poor)."""
+    decay, no_decay, scales = [], [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
+        if name in FAST_PARAMETERS:
+            scales.append(parameter)
+            continue
         plain = parameter.dim() < 2 or "norm" in name or "tokens" in name
         (no_decay if plain else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": scales, "weight_decay": 0.0, "lr": config.lr * config.fast_lr_multiplier}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.999))
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -884,13 +903,15 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
                desc="train", dynamic_ncols=True)
     step = start
     for step in bar:
-        tick = time.time()
+        tick, cpu_tick = time.time(), time.process_time()
         rng = step_generators(config.seed, ctx.rank, step)
         items = [data.train[i] for i in sampler.batch(step)]
         embedding, early, targets = to_batch(items, device)
-        auto_class = int(rng.integers(len(data.classes)))
+        count = len(data.classes)
+        per_step = count if config.auto_classes_per_step in (0, None) else min(config.auto_classes_per_step, count)
+        auto_classes = sorted(int(k) for k in rng.choice(count, size=per_step, replace=False))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            terms = compute_losses(objective, embedding, early, targets, items, rng, auto_class)
+            terms = compute_losses(objective, embedding, early, targets, items, rng, auto_classes)
         loss = terms["loss"]
         reported = ctx.all_reduce(torch.stack([terms[k].detach().float() for k in LOG_FIELDS[1:9]])) / ctx.world
         if not torch.isfinite(reported).all():
@@ -921,7 +942,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
         if ctx.main:
             append_rows(out / "log.csv", LOG_FIELDS,
                         [{"step": done, **{k: round(v, 6) for k, v in values.items()}, "lr": f"{lr:.3e}",
-                          "grad_norm": round(float(grad_norm), 5), "seconds": round(time.time() - tick, 3)}])
+                          "grad_norm": round(float(grad_norm), 5), "seconds": round(time.time() - tick, 3),
+                          "cpu_seconds": round(time.process_time() - cpu_tick, 3)}])
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
             val_scores = evaluate(done)
@@ -939,7 +961,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
 
     # ---- what ships -------------------------------------------------------------------------------------------
     chosen = out / (BEST_FILE if config.export_which == "best" and (out / BEST_FILE).exists() else ADAPTER_FILE)
-    if ctx.main and config.split == "slice" and config.final_report:
+    if ctx.main and config.split == "slice" and config.final_report and config.backbone in BACKBONES:
         result.report = heldout_report(config, data, chosen, device, log)
         (out / "report.json").write_text(json.dumps(result.report, indent=1))
     if ctx.main and config.export:

@@ -1,0 +1,118 @@
+"""The benchmark harness runs and writes what docs/benchmarks.md promises. Not a timed test: no speed is checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segmote_core import bench
+from segmote_core.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO_ROWS = {"embed_batch1", "embed_batched", "prompt_cached_p50", "prompt_cached_p95", "prompt_uncached",
+                 "box3d", "auto"}
+
+
+def test_bench_tiny_runs_side_by_side_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    threads_before = torch.get_num_threads()
+    code = main(["bench", "--size", "tiny", "--model", "sam_vit_tiny", "--random-weights", "--device", "cpu",
+                 "--threads", "1", "--quiet", "--json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "embed_batch1" in table and "targets:" in table and "ratio" in table
+
+    result = json.loads(out.read_text())
+    assert result["schema"] == bench.SCHEMA
+    machine = result["machine"]
+    for key in ("date", "cpu_model", "cpu_cores", "torch", "torch_threads", "device", "device_name", "load_average"):
+        assert key in machine
+    assert machine["device"] == "cpu" and machine["torch"] == torch.__version__
+    config = result["config"]
+    assert config["model"] == "sam_vit_tiny" and config["size"] == "tiny" and config["random_weights"] is True
+    assert config["volume_shape_kji"] == list(bench.SIZES["tiny"].shape)
+    assert torch.get_num_threads() == threads_before  # --threads is undone after the run
+    assert "SamPredictor" in config["peer"]
+
+    rows = {row["name"]: row for row in result["results"]}
+    assert set(rows) == SCENARIO_ROWS
+    for name, row in rows.items():
+        assert row["project"] > 0, name
+        if name == "auto":
+            assert row["peer"] is None and row["ratio"] is None
+            assert row["project_memory"]["peak_rss_mb"] > 0
+            assert 0 < row["encoder_s"] <= row["project"]
+        else:
+            assert row["peer"] > 0, name
+            assert row["ratio"] == pytest.approx(row["project"] / row["peer"], rel=1e-2), name
+    # both sides ran the same weights on the same slice: their masks agree
+    assert rows["prompt_cached_p50"]["agreement_dice"] > 0.9
+    assert rows["box3d"]["slices"] == bench.SIZES["tiny"].shape[0]
+    assert rows["box3d"]["project_memory"]["peak_vram_mb"] is None  # CPU run
+
+    targets = {t["name"]: t for t in result["targets"]}
+    assert any("prompt" in name for name in targets)
+    assert targets["peak RAM, automatic on 512x512x300"]["met"] is None  # only judged at --size full
+    # the test-only model does not stay in the public registry
+    from segmote_core.models import BACKBONES
+
+    assert "sam_vit_tiny" not in BACKBONES
+
+
+def test_unknown_model_is_a_one_line_error(capsys):
+    assert main(["bench", "--model", "sam_vit_x", "--size", "tiny", "--quiet"]) == 1
+    assert "unknown model 'sam_vit_x'" in capsys.readouterr().err
+
+
+def test_bench_without_weights_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEGMOTE_CACHE_DIR", str(tmp_path))  # no cached SAM weights here
+    assert main(["bench", "--model", "sam_vit_b", "--size", "tiny", "--device", "cpu", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--random-weights" in err and len(err.splitlines()) == 1
+
+
+def test_synthetic_ct_and_boxes_fit_the_volume():
+    volume = bench.synthetic_ct((5, 40, 48))
+    assert volume.array.shape == (5, 40, 48) and volume.array.dtype == np.int16
+    assert volume.array.min() < -900 and volume.array.max() > 100  # CT-like: air and a bright organ
+    box = np.reshape(bench.organ_box_ijk(volume.array.shape), (2, 3))
+    assert volume.contains_ijk(box).all()
+    boxes = bench.random_boxes((40, 48), 7)
+    assert boxes.shape == (7, 4) and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+
+
+def test_peak_memory_probe():
+    with bench.Probe(torch.device("cpu")) as probe:
+        block = np.ones(32 * 2**20 // 8)  # 32 MiB
+        block += 1
+    assert probe.seconds >= 0 and probe.peak_rss_mb >= (bench.current_rss_mb() or 0) * 0.5
+    assert probe.peak_vram_mb is None
+
+
+def _load_prototype():
+    spec = importlib.util.spec_from_file_location("sdpa_attention", ROOT / "benchmarks" / "sdpa_attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sdpa_attention_prototype_matches_sam_attention_on_a_tiny_vit():
+    """The proposal in benchmarks/proposed_engine_changes.md: rel-pos terms as an additive SDPA bias."""
+    from segmote_core.models.backbones import build_tiny_sam_vit
+
+    sdpa = _load_prototype()
+    torch.manual_seed(0)
+    model = build_tiny_sam_vit().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "rel_pos" in name:  # zero at init; random so that the bias path is exercised
+                param.normal_(0, 0.5)
+    result = sdpa.check(model, torch.randn(2, 3, 256, 256), model.encode)
+    assert result["modules"] == 2  # one windowed, one global block
+    assert result["max_rel"] < 1e-4
+    assert "forward" not in vars(model.image_encoder.blocks[0].attn)  # restored

@@ -1,0 +1,225 @@
+"""Training end to end on a tiny synthetic volume with a random tiny SAM ViT (CPU, seconds per run).
+
+Loss falls; --resume reproduces an uninterrupted run's losses exactly; two-process gloo DDP runs under torchrun;
+a NaN loss stops with its step number and leaves the last good checkpoint; unknown config keys are refused; the
+embedding store detects corrupted entries and recomputes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+
+from segmote_core import train as train_module
+from segmote_core.adapters import load_segmote, read_adapter_header
+from segmote_core.embedding_store import EmbeddingStore
+from segmote_core.errors import InputError
+from segmote_core.models.backbones import build_tiny_sam_vit
+from segmote_core.normalize import window
+from segmote_core.train import TrainingError, load_config, make_config, train
+
+TINY_MODEL = {"expert_rank": 8, "ppt_mlp_dim": 64, "early_hidden_channels": 16}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread():
+    """On a shared 2-core machine, two busy-waiting torch threads run these small ops far slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """An 8-slice 32x32 'CT' with a bright disc (label 1, every slice) and a grey square (label 2, slices 2-7)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    image = np.full((8, 32, 32), -1000.0)
+    labels = np.zeros((8, 32, 32), np.uint8)
+    yy, xx = np.mgrid[:32, :32]
+    for k in range(8):
+        radius = 4 + k % 3
+        disc = (yy - 12) ** 2 + (xx - 10) ** 2 <= radius**2
+        image[k][disc], labels[k][disc] = 200, 1
+        if k >= 2:
+            square = (yy >= 18) & (yy < 26) & (xx >= 18) & (xx < 27)
+            image[k][square], labels[k][square] = -300, 2
+    image += rng.normal(0, 20, image.shape)
+    scan = sitk.GetImageFromArray(image.astype(np.int16))
+    scan.SetSpacing((1.5, 1.5, 3.0))
+    label_image = sitk.GetImageFromArray(labels)
+    label_image.CopyInformation(scan)
+    sitk.WriteImage(scan, str(folder / "scan.nrrd"))
+    sitk.WriteImage(label_image, str(folder / "labels.nrrd"))
+    (folder / "cache").mkdir()
+    return folder
+
+
+def tiny_values(data: Path, out: Path, **overrides) -> dict:
+    values = dict(
+        image=str(data / "scan.nrrd"), segmentation=str(data / "labels.nrrd"), split="slice", holdout_every=4,
+        window=[-500, 1500], backbone="sam_vit_tiny", model=TINY_MODEL, steps=4, batch_size=2, lr=1e-3,
+        warmup_steps=1, interaction_steps=1, out=str(out), cache_dir=str(data / "cache"), save_every=2,
+        eval_every=0, final_report=False, threads=1,
+    )
+    values.update(overrides)
+    return values
+
+
+def tiny_config(data: Path, out: Path, **overrides):
+    return make_config(tiny_values(data, out, **overrides))
+
+
+# ---- config ------------------------------------------------------------------------------------------
+def test_unknown_or_mistyped_config_keys_are_refused(tmp_path, tiny_data):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**tiny_values(tiny_data, tmp_path), "stepz": 3}))
+    with pytest.raises(InputError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "\n" not in message and "'stepz'" in message and "bad.yaml" in message
+    with pytest.raises(InputError, match="steps must be an integer"):
+        make_config(tiny_values(tiny_data, tmp_path, steps="many"))
+    with pytest.raises(InputError, match="unknown fields"):
+        make_config(tiny_values(tiny_data, tmp_path, model={"experts": 4}))
+    with pytest.raises(InputError, match="split must be one of"):
+        make_config(tiny_values(tiny_data, tmp_path, split="random"))
+    # Flags override the file and go through the same checks.
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(tiny_values(tiny_data, tmp_path)))
+    assert load_config(good, {"steps": 7, "lr": 3}).steps == 7
+    with pytest.raises(InputError):
+        load_config(good, {"unknown_flag": 1})
+    # The CLI reports it in one line and a non-zero exit.
+    assert train_module.main(["--config", str(path), "--quiet"]) == 2
+
+
+# ---- training ----------------------------------------------------------------------------------------
+def test_loss_falls_and_checkpoints_are_complete(tmp_path, tiny_data):
+    # One class, box prompts, the whole training set in every batch: the loss is comparable from step to step.
+    config = tiny_config(tiny_data, tmp_path / "run", steps=12, batch_size=6, lr=3e-3, classes=["label 1"],
+                         box_probability=1.0, interaction_steps=0, save_every=12, eval_every=6)
+    result = train(config, quiet=True)
+    losses = result.losses
+    assert len(losses) == 12 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    out = tmp_path / "run"
+    # Adapter-only safetensors with the rule, the classes and the resolved config in the header.
+    header = read_adapter_header(out / "adapter.safetensors")
+    assert header["normalization"] == {"kind": "window", "level": -500.0, "width": 1500.0}
+    assert [c["name"] for c in header["classes"]] == ["label 1"]
+    assert header["extra"]["train_config"]["steps"] == 12 and header["extra"]["step"] == 12
+    assert (out / "best.safetensors").exists() and (out / "val.csv").exists()
+    torch.manual_seed(config.seed)
+    model, _ = load_segmote(out / "adapter.safetensors", build_tiny_sam_vit())
+    assert model.config.expert_rank == 8
+    # The training state is plain tensors and dicts (weights_only), with everything resume needs.
+    state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+    assert {"step", "config", "adapter", "optimizer", "scheduler", "rng"} <= set(state)
+    assert state["step"] == 12 and state["config"]["lr"] == 3e-3
+    rows = (out / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and len(rows) == 13
+    assert json.loads((out / "split.json").read_text())["val"] == [1, 5]
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, tiny_data):
+    whole = train(tiny_config(tiny_data, tmp_path / "whole"), quiet=True)
+    first = train(tiny_config(tiny_data, tmp_path / "paused"), stop_after=2, quiet=True)
+    assert first.stopped and len(first.losses) == 2
+    rest = train(tiny_config(tiny_data, tmp_path / "paused"), resume=True, quiet=True)
+    assert first.losses + rest.losses == whole.losses  # exactly, not approximately
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "whole" / "adapter.safetensors")
+    b = load_file(tmp_path / "paused" / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = (tmp_path / "paused" / "log.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in log[1:]] == ["1", "2", "3", "4"]
+    # A changed config cannot silently resume.
+    with pytest.raises(TrainingError, match="lr"):
+        train(tiny_config(tiny_data, tmp_path / "paused", lr=5e-3), resume=True, quiet=True)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
+    original = train_module.compute_losses
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        terms = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # the third step
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_module, "compute_losses", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError) as error:
+        train(tiny_config(tiny_data, out, steps=4, save_every=2), quiet=True)
+    message = str(error.value)
+    assert "\n" not in message and "step 3" in message and "(step 2)" in message
+    assert read_adapter_header(out / "adapter.safetensors")["extra"]["step"] == 2
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
+
+
+def test_two_process_ddp_under_torchrun(tmp_path, tiny_data):
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(tiny_values(tiny_data, tmp_path / "ddp", steps=2, interaction_steps=0)))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "segmote_core.train", "--config", str(config)]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "2 process(es) on cpu" in finished.stdout
+    rows = (tmp_path / "ddp" / "log.csv").read_text().splitlines()
+    assert len(rows) == 3
+    assert read_adapter_header(tmp_path / "ddp" / "adapter.safetensors")["extra"]["step"] == 2
+
+
+# ---- embedding store ---------------------------------------------------------------------------------
+def test_corrupted_embedding_entries_are_detected_and_recomputed(tmp_path):
+    torch.manual_seed(0)
+    backbone = build_tiny_sam_vit().eval()
+    rng = np.random.default_rng(1)
+    raw = [rng.integers(-1000, 1000, (24, 24)).astype(np.int16) for _ in range(3)]
+    norm = window(0, 2000)
+    to01 = lambda i: np.clip((raw[i].astype(np.float32) + 1000) / 2000, 0, 1)  # noqa: E731
+    store = EmbeddingStore(tmp_path, backbone, norm)
+    first = [(np.array(e), np.array(f)) for e, f in store.get(raw, to01)]
+    assert store.computed == 3 and first[0][0].shape == (256, 16, 16) and first[0][1].shape == (48, 16, 16)
+
+    again = EmbeddingStore(tmp_path, backbone, norm)
+    again.get(raw, lambda i: pytest.fail("nothing should be embedded twice"))
+    assert again.computed == 0
+
+    embedding_path, early_path, meta_path = again.paths(again.key(raw[1]))
+    data = bytearray(embedding_path.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte inside the array
+    embedding_path.write_bytes(bytes(data))
+    with open(early_path, "r+b") as handle:  # and a truncated file
+        handle.truncate(200)
+    (tmp_path / f"{again.key(raw[2])}.json").unlink()  # an entry whose write never finished
+
+    repaired = EmbeddingStore(tmp_path, backbone, norm)
+    values = repaired.get(raw, to01)
+    assert repaired.computed == 2 and repaired.recomputed == 2
+    for (e, f), (e0, f0) in zip(values, first):
+        np.testing.assert_array_equal(e, e0)
+        np.testing.assert_array_equal(f, f0)
+    # Another window or backbone never reuses these entries.
+    assert EmbeddingStore(tmp_path, backbone, window(40, 400)).key(raw[0]) != repaired.key(raw[0])
+    torch.manual_seed(1)
+    assert EmbeddingStore(tmp_path, build_tiny_sam_vit(), norm).key(raw[0]) != repaired.key(raw[0])
