@@ -280,3 +280,22 @@ def test_fuzzed_files_read_correctly_or_fail_cleanly(tmp_path, suffix, data):
         assert "\n" not in str(error)
     else:
         assert volume.array.ndim == 3 and np.all(volume.spacing > 0)
+
+
+def test_out_of_memory_at_batch_one_on_an_accelerator_moves_to_the_cpu(small_ct):
+    """The GPU -> CPU step, exercised on any machine: the 'accelerator' is torch's meta device, whose every
+    encoding fails with out-of-memory, as a full GPU would."""
+    engine = Engine("lite_medsam", device="cpu", batch_size=2)
+    real_preprocess = engine.backbone.preprocess
+
+    def preprocess_out_of_memory_off_cpu(images):
+        if images.device.type != "cpu":
+            raise torch.OutOfMemoryError("simulated")
+        return real_preprocess(images)
+
+    engine.backbone.preprocess = preprocess_out_of_memory_off_cpu
+    engine.device = torch.device("meta")
+    found = engine.embeddings(engine.prepare(small_ct, window=(-700, 600)), [0, 1])
+    assert engine.device.type == "cpu" and len(found) == 2
+    assert found[0][0].device.type == "cpu"
+    assert any("continuing on the CPU" in notice for notice in engine.notices)
