@@ -31,13 +31,7 @@ from segmote_core.train import TrainingError, load_config, make_config, train
 TINY_MODEL = {"expert_rank": 8, "ppt_mlp_dim": 64, "early_hidden_channels": 16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """On a shared 2-core machine, two busy-waiting torch threads run these small ops far slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")
