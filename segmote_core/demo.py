@@ -135,5 +135,5 @@ def run(out_dir: str | Path = "segmote-demo", device: str = "auto", quiet: bool 
 def _held_out_slices(header: dict | None, num_slices: int):
     """Axial slice indices the shipped adapter never saw in training, if its header records the split."""
     split = (header or {}).get("extra", {}).get("split", {})
-    indices = split.get("validation_slices")
+    indices = split.get("val") if split.get("kind") == "slice" else None
     return np.asarray(indices, dtype=int) if indices else None
