@@ -171,8 +171,11 @@ def _refuse_unsafe_or_missing(path: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"adapter path {path} is not a file")
     with open(path, "rb") as file:
-        start = file.read(4)
-    if path.suffix.lower() in PICKLE_SUFFIXES or start.startswith(_PICKLE_MAGICS):
+        start = file.read(9)
+    # A safetensors file opens with an 8-byte little-endian header length and then '{'; that length's first
+    # byte can be 0x80 (like a pickle's), so only a file that is not laid out that way is judged by its magic.
+    looks_like_safetensors = len(start) == 9 and start[8:9] == b"{"
+    if path.suffix.lower() in PICKLE_SUFFIXES or (not looks_like_safetensors and start.startswith(_PICKLE_MAGICS)):
         raise CheckpointError(
             f"refusing {path.name}: it is a pickle-based torch file, which can contain pickled code; "
             f"SegMoTE adapters are {SUFFIX} files"

@@ -223,3 +223,20 @@ def test_state_dict_that_does_not_fit_is_refused():
     del state_dict["mote.residual_scale"]
     with pytest.raises(CheckpointError, match="missing 1"):
         model.load_adapter_state_dict(state_dict)
+
+
+def test_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """About 1 in 256 valid adapters has a header length whose first byte is 0x80, a pickle's first byte."""
+    import struct
+
+    from segmote_core.adapters import _refuse_unsafe_or_missing
+
+    path = tmp_path / "a.safetensors"
+    header = b"{" + b" " * (0x80 - 2) + b"}"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    assert path.read_bytes()[0] == 0x80
+    _refuse_unsafe_or_missing(path)  # no error: the layout is safetensors'
+    pickled = tmp_path / "b.safetensors"
+    pickled.write_bytes(b"\x80\x04\x95" + bytes(20))
+    with pytest.raises(CheckpointError, match="pickle"):
+        _refuse_unsafe_or_missing(pickled)
