@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .devices import default_encoder_batch
 from .normalize import Normalization
 
 FORMAT_VERSION = 1
@@ -69,12 +70,13 @@ class EmbeddingStore:
     slice, computing (batched) only the missing or damaged entries.
     """
 
-    def __init__(self, root: str | Path, backbone, normalization: Normalization, batch_size: int = 4):
+    def __init__(self, root: str | Path, backbone, normalization: Normalization,
+                 batch_size: int | None = None):
         self.root = Path(root).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
         self.backbone = backbone
         self.normalization = normalization
-        self.batch_size = batch_size
+        self.batch_size = batch_size or default_encoder_batch(backbone.device)
         identity = {
             "version": FORMAT_VERSION, "backbone": backbone.name, "input_size": int(backbone.input_size),
             "weights": backbone_checksum(backbone), "rule": normalization.rule_dict(),

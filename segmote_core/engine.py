@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .checkpoints import load_backbone
-from .devices import resolve_device
+from .devices import default_encoder_batch, resolve_device, tune_cpu_allocator
 from .errors import Cancelled, InputError, SegMoTEError
 from .normalize import Normalization, choose_normalization, from_rule, normalize
 from .segmentation_io import Segment
@@ -117,12 +117,28 @@ class Engine:
     """Holds one backbone (and optionally a SegMoTE adapter) and serves prompts on volumes."""
 
     def __init__(self, model: str = "lite_medsam", checkpoint=None, device: str = "auto", adapter=None,
-                 cache_bytes: int = 2 << 30, batch_size: int | None = None):
+                 cache_bytes: int = 2 << 30, batch_size: int | None = None, backbone=None,
+                 precision: str = "fp32"):
+        """backbone: an already built ``Backbone`` (tests, benchmarks, random weights) instead of `model` +
+        `checkpoint`; precision: "fp32", or "bf16" to run the image encoder under bfloat16 autocast (GPUs; CPUs
+        without native bf16 run it ~13x slower, docs/benchmarks.md)."""
         self.device = resolve_device(device)
-        self.backbone = load_backbone(model, checkpoint, self.device)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
+        if precision not in ("fp32", "bf16"):
+            raise InputError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.precision = precision
+        if backbone is not None:
+            backbone.requires_grad_(False)
+            self.backbone = backbone.eval().to(self.device)
+            model = backbone.name
+        else:
+            self.backbone = load_backbone(model, checkpoint, self.device)
         self.model_name = model
+        self._prefetchers: list[threading.Thread] = []
+        self._prefetch_generation = 0
         self.cache = EmbeddingCache(cache_bytes)
-        self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
+        self.batch_size = batch_size or default_encoder_batch(self.device)
         self.segmote = None
         self.adapter_header: dict | None = None
         self.notices: list[str] = []  # things the user should know (shown by the CLI and the Slicer panel)
@@ -134,7 +150,8 @@ class Engine:
         """Use a SegMoTE adapter (MoTE decoder for prompts, PPT for automatic segmentation)."""
         from .adapters import load_segmote
 
-        self.segmote, self.adapter_header = load_segmote(path, self.backbone, self.backbone.weights_sha256)
+        self.segmote, self.adapter_header = load_segmote(path, self.backbone,
+                                                         getattr(self.backbone, "weights_sha256", None))
         self.segmote.to(self.device).eval()
         self.cache.clear()  # entries embedded without early features would be looked up under other keys anyway
 
@@ -159,7 +176,7 @@ class Engine:
                 normalization = choose_normalization(volume.array, window)
         stack = SliceStack.for_axis(volume, axis)
         key = (stack.fingerprint(), normalization.key(), self.model_name,
-               getattr(self.backbone, "weights_sha256", ""))
+               getattr(self.backbone, "weights_sha256", ""), self.precision)
         return Prepared(volume, stack, normalization, key)
 
     # ---- embeddings ------------------------------------------------------------------------------------
@@ -190,10 +207,14 @@ class Engine:
                 raise Cancelled("cancelled while embedding slices; nothing was changed")
             batch = missing[start:start + self.batch_size]
             images = torch.from_numpy(np.stack([normalize(stack[i], prepared.normalization) for i in batch]))
+            if self.device.type == "cuda":  # page-locked source: the copy runs asynchronously, without a staging copy
+                images = images.pin_memory()
             try:
                 with torch.inference_mode():
-                    x = self.backbone.preprocess(images.to(self.device))
-                    embedding, early_feature = self.backbone.encode(x)
+                    x = self.backbone.preprocess(images.to(self.device, non_blocking=True))
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                        embedding, early_feature = self.backbone.encode(x)
+                    embedding, early_feature = embedding.float(), early_feature.float()
             except torch.OutOfMemoryError:
                 self._after_out_of_memory(len(batch))
                 continue  # same start, smaller batch
@@ -228,6 +249,46 @@ class Engine:
             raise _MovedToCpu()
         raise SegMoTEError("out of memory while embedding one slice on the CPU; close other programs or crop "
                            "the image")
+
+    def prefetch(self, prepared: Prepared, centre: int, radius: int = 8) -> None:
+        """Embed the slices around `centre` (nearest first) in a background thread while the user works.
+
+        A new call supersedes the previous one (its remaining slices are dropped); the cache is thread-safe, and a
+        prompt on a slice that is not embedded yet simply embeds it in the foreground (a slice that both threads
+        embed at the same moment is computed twice, harmlessly). Use it where the encoder
+        does not compete with the prompt for the same cores (a GPU, or a CPU with cores to spare): on 2 CPU cores
+        it doubles the latency of concurrent prompts (docs/benchmarks.md)."""
+        order = sorted(range(max(0, centre - radius), min(prepared.num_slices, centre + radius + 1)),
+                       key=lambda i: (abs(i - centre), i))
+        self._prefetch_generation += 1
+        generation = self._prefetch_generation
+
+        def work():
+            for index in order:
+                if generation != self._prefetch_generation:
+                    return
+                self.embeddings(prepared, [index])
+
+        thread = threading.Thread(target=work, name="segmote-prefetch", daemon=True)
+        self._prefetchers = [t for t in self._prefetchers if t.is_alive()] + [thread]
+        thread.start()
+
+    def stop_prefetch(self, wait: bool = True) -> None:
+        """Drop the remaining background work (a slice being embedded finishes; with wait, this waits for it)."""
+        self._prefetch_generation += 1
+        if wait:
+            self.wait_prefetch()
+
+    @property
+    def prefetching(self) -> bool:
+        """Whether background embedding is still running."""
+        return any(thread.is_alive() for thread in self._prefetchers)
+
+    def wait_prefetch(self) -> None:
+        """Block until all background embedding has ended (tests, benchmarks, before closing a volume)."""
+        for thread in self._prefetchers:
+            thread.join()
+        self._prefetchers = []
 
     # ---- one slice -------------------------------------------------------------------------------------
     def predict_slice(self, prepared: Prepared, index: int, points: np.ndarray | None = None,
@@ -379,8 +440,11 @@ class Engine:
         indices = class_indices(self.adapter_header, names)
         prepared = self.prepare(volume, axis, window=window)
         num = prepared.num_slices
-        self.embeddings(prepared, range(num), progress, cancel)
         masks = np.zeros((len(indices),) + prepared.stack.shape, dtype=bool)
+        if progress:
+            progress(0, num)
+        # Embed and decode batch by batch: a volume whose embeddings do not fit the cache is never embedded twice,
+        # and no more than one batch of embeddings must be resident besides the cache.
         for start in range(0, num, self.batch_size):
             if cancel and cancel():
                 raise Cancelled("cancelled during automatic segmentation; nothing was changed")
@@ -394,6 +458,8 @@ class Engine:
                     full = self.backbone.postprocess(out.logits, prepared.slice_shape)[:, 0] > 0
                     present = (out.objectness >= objectness_threshold).cpu().numpy()
                     masks[row, batch] = full.cpu().numpy() & present[:, None, None]
+            if progress:
+                progress(batch[-1] + 1, num)
         segments = []
         for row, class_index in enumerate(indices):
             mask = prepared.stack.from_stack(masks[row])

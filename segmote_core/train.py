@@ -261,9 +261,11 @@ class Dist:
 
 def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; then NCCL on CUDA, gloo on CPU. One process otherwise."""
-    from .devices import resolve_device
+    from .devices import resolve_device, tune_cpu_allocator
 
     device = resolve_device(device_name)
+    if device.type == "cpu":
+        tune_cpu_allocator()  # ~1.8x faster encoder passes on glibc (docs/benchmarks.md)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), device

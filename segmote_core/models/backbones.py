@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything.modeling.image_encoder import Attention as SamAttention
+from segment_anything.modeling.image_encoder import get_rel_pos
 
 PROMPT_DIM = 256
 
@@ -130,6 +132,55 @@ class Backbone(nn.Module):
         return F.interpolate(x, slice_shape, mode="bilinear", align_corners=False)
 
 
+# ---- attention through scaled_dot_product_attention -----------------------------------------------------
+class SDPAAttention(SamAttention):
+    """SAM's attention computed by ``F.scaled_dot_product_attention``, same parameters and state dict.
+
+    SAM builds the full attention matrix, adds the decomposed relative-position terms and runs softmax and the value
+    product as separate kernels: for a global block of ViT-B that is 12 x 4096 x 4096 floats (0.8 GB) per slice.
+    Passing those terms to SDPA as an additive bias still materialises them and rules out the flash kernels. Instead
+    they are folded into the dot product itself, so SDPA's fused kernels run in O(tokens) memory::
+
+        scale*q_i.k_j + q_i.R_h[h_i, h_j] + q_i.R_w[w_i, w_j]  ==  q'_i . k'_j
+        q'_i = [scale*q_i, q_i.R_h[h_i, :], q_i.R_w[w_i, :]]     k'_j = [k_j, onehot(h_j), onehot(w_j)]
+
+    (the relative-position terms use the unscaled q, as in SAM). Equal to the original to float32 rounding
+    (tests/test_backbones_sdpa.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        heads, tokens = self.num_heads, height * width
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        if not self.use_rel_pos:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            rel_h = get_rel_pos(height, height, self.rel_pos_h).to(q.dtype)  # (H, H, C)
+            rel_w = get_rel_pos(width, width, self.rel_pos_w).to(q.dtype)
+            grid_q = q.reshape(batch, heads, height, width, -1)
+            term_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rel_h).reshape(batch, heads, tokens, height)
+            term_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rel_w).reshape(batch, heads, tokens, width)
+            positions = torch.arange(tokens, device=q.device)
+            onehot_h = F.one_hot(positions // width, height).to(q.dtype).expand(batch, heads, tokens, height)
+            onehot_w = F.one_hot(positions % width, width).to(q.dtype).expand(batch, heads, tokens, width)
+            pad = -(q.shape[-1] + height + width) % 8  # fused kernels want head sizes in multiples of 8
+            zeros = q.new_zeros(batch, heads, tokens, pad)
+            q = torch.cat([q * self.scale, term_h, term_w, zeros], dim=-1)
+            k = torch.cat([k, onehot_h, onehot_w, zeros], dim=-1)
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        out = out.view(batch, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
+        return self.proj(out)
+
+
+def use_sdpa(encoder: nn.Module, enabled: bool = True) -> int:
+    """Switch every SAM attention module of `encoder` to (or back from) SDPAAttention; returns how many."""
+    count = 0
+    for module in encoder.modules():
+        if isinstance(module, SamAttention):
+            module.__class__ = SDPAAttention if enabled else SamAttention
+            count += 1
+    return count
+
+
 # ---- encoders that also return their early feature ---------------------------------------------------
 class TinyViTEncoder(nn.Module):
     """LiteMedSAM's TinyViT; the early feature is stage 2's output (160 channels at 64x64).
@@ -221,6 +272,7 @@ def build_sam_vit(
         norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=num_heads, patch_size=patch, qkv_bias=True,
         use_rel_pos=True, global_attn_indexes=global_attn_indexes, window_size=14, out_chans=PROMPT_DIM,
     )
+    use_sdpa(encoder)
     prompt_encoder, mask_decoder = _sam_prompt_parts(input_size // patch, input_size)
     return Backbone(
         name, encoder, prompt_encoder, mask_decoder, input_size=input_size, early_channels=embed_dim,
