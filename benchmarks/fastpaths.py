@@ -10,14 +10,15 @@ Experiments (each prints one block and adds one entry to the JSON):
   threads   encoder and decoder at 1 and N torch threads
   channels  channels-last memory format for the encoder (TinyViT's first stages are convolutions)
   bf16      bfloat16 autocast on CPU: speed and agreement (embedding error, mask Dice against fp32)
-  sdpa      SAM ViT / TinyViT attention through scaled_dot_product_attention with the relative-position terms as an
-            additive bias (benchmarks/sdpa_attention.py): numerical check on a tiny ViT, timing
+  sdpa      segment-anything's ViT attention against the engine's SDPA path (relative-position terms folded into the
+            dot product): agreement, time and peak device memory on a tiny ViT and, with --vit-b, a random ViT-B
   compile   torch.compile of the encoder (inductor; needs a C++ compiler on CPU): compile time, speed, agreement
   prefetch  embedding neighbouring slices in a background thread while the user prompts: the prompt latency
             while it runs, and the latency of the next slice's first prompt with and without it
   pinned    pinned-memory, non-blocking host->device copies (CUDA only; reported as not measured elsewhere)
-  malloc    glibc allocator tuning (no mmap for large blocks, no trimming; segmote_core.bench.tune_malloc): page
-            faults, kernel time, wall time per slice and peak RSS, each mode in a fresh subprocess
+  malloc    glibc allocator tuning (no mmap for large blocks, no trimming; segmote_core.devices.tune_cpu_allocator,
+            on by default in CPU engines): page faults, kernel time, wall time per slice and peak RSS, each mode in a
+            fresh subprocess
 
 Timings are medians of a few runs after a warm-up; the machine's load average is recorded with them.
 """
@@ -28,7 +29,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -42,8 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from segmote_core import bench  # noqa: E402
 from segmote_core.engine import Engine  # noqa: E402
 from segmote_core.normalize import normalize  # noqa: E402
-
-import sdpa_attention  # noqa: E402
 
 EXPERIMENTS = ("stages", "batch", "threads", "channels", "bf16", "sdpa", "compile", "prefetch", "pinned", "malloc")
 
@@ -181,45 +179,55 @@ def exp_bf16(s: Setup, args) -> dict:
             "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()}
 
 
-def exp_sdpa(s: Setup, args) -> dict:
-    from segmote_core.models.backbones import BACKBONES, build_tiny_sam_vit
+def _sdpa_check(backbone, x, device, repeats) -> dict:
+    """SAM's own attention against the engine's SDPA path on one encoder: agreement, time, peak device memory."""
+    from segmote_core.models.backbones import use_sdpa
 
     result = {}
+    outputs = {}
+    for label, enabled in (("original", False), ("sdpa", True)):
+        use_sdpa(backbone.image_encoder, enabled)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.inference_mode():
+            outputs[label] = backbone.encode(x)[0].float()
+            seconds = median_time(lambda: backbone.encode(x), repeats, device=device)
+        result[f"{label}_ms_per_slice"] = round(seconds * 1000 / len(x), 2)
+        if device.type == "cuda":
+            result[f"{label}_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    use_sdpa(backbone.image_encoder, True)  # the engine's default
+    diff = (outputs["sdpa"] - outputs["original"]).abs()
+    result["max_rel_diff"] = float(diff.max() / outputs["original"].abs().max())
+    return result
+
+
+def exp_sdpa(s: Setup, args) -> dict:
+    """segment-anything's attention vs the engine's SDPA path (segmote_core.models.backbones.SDPAAttention), with
+    random relative-position tables so that the folded terms matter. LiteMedSAM's TinyViT is not a SAM ViT and
+    keeps its own attention (49/196-token windows: nothing measurable to gain, docs/benchmarks.md)."""
+    from segmote_core.models.backbones import BACKBONES, build_tiny_sam_vit
+
+    def randomise_rel_pos(backbone):
+        with torch.no_grad():
+            for name, param in backbone.named_parameters():
+                if "rel_pos" in name:  # zero at init
+                    param.normal_(0, 0.5)
+        return backbone
+
     torch.manual_seed(0)
-    tiny = build_tiny_sam_vit().eval()
-    with torch.no_grad():
-        for name, param in tiny.named_parameters():
-            if "rel_pos" in name:
-                param.normal_(0, 0.5)
-    result["tiny_vit_fp32_check"] = sdpa_attention.check(tiny, torch.randn(2, 3, 256, 256), tiny.encode)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        result["tiny_vit_bf16_check"] = sdpa_attention.check(tiny, torch.randn(2, 3, 256, 256), tiny.encode)
-    # LiteMedSAM's TinyViT: small windows (49 / 196 tokens), so little to gain; measured for completeness
-    x = s.input(2)
-    lite = s.backbone
-    with torch.inference_mode():
-        result["lite_medsam_check"] = sdpa_attention.check(lite, x, lite.encode)
-        sdpa_attention.disable_sdpa(lite)
-        plain = median_time(lambda: lite.encode(x), args.repeats)
-        sdpa_attention.enable_sdpa(lite)
-        fast = median_time(lambda: lite.encode(x), args.repeats)
-        sdpa_attention.disable_sdpa(lite)
-    result["lite_medsam_ms_per_slice"] = {"original": round(plain * 500, 1), "sdpa": round(fast * 500, 1)}
+    result = {"tiny_vit_fp32": _sdpa_check(randomise_rel_pos(build_tiny_sam_vit().eval()),
+                                           torch.randn(2, 3, 256, 256), torch.device("cpu"), args.repeats)}
     if args.vit_b:
         torch.manual_seed(0)
-        vit = BACKBONES["sam_vit_b"].build().eval().to(s.device)
-        xb = torch.randn(1, 3, 1024, 1024, device=s.device)
-        kinds = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if s.device.type == "cuda" else [])
-        for label, dtype in kinds:
-            with torch.inference_mode(), torch.autocast(s.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                result[f"vit_b_check_{label}"] = sdpa_attention.check(vit, xb, vit.encode)
-                sdpa_attention.disable_sdpa(vit)
-                plain = median_time(lambda: vit.encode(xb), 1 if s.device.type == "cpu" else 5, device=s.device)
-                sdpa_attention.enable_sdpa(vit)
-                fast = median_time(lambda: vit.encode(xb), 1 if s.device.type == "cpu" else 5, device=s.device)
-                sdpa_attention.disable_sdpa(vit)
-            result[f"vit_b_ms_per_slice_batch1_{label}"] = {"original": round(plain * 1000, 1),
-                                                           "sdpa": round(fast * 1000, 1)}
+        vit = randomise_rel_pos(BACKBONES["sam_vit_b"].build().eval().to(s.device))
+        on_gpu = s.device.type == "cuda"
+        batches = (1, 8) if on_gpu else (1,)
+        for label, dtype in [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if on_gpu else []):
+            for batch in batches:
+                xb = torch.randn(batch, 3, 1024, 1024, device=s.device)
+                with torch.autocast(s.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    result[f"vit_b_{label}_batch{batch}"] = _sdpa_check(vit, xb, s.device, 5 if on_gpu else 1)
         del vit
     return result
 
@@ -248,27 +256,18 @@ def exp_compile(s: Setup, args) -> dict:
 
 
 def exp_prefetch(s: Setup, args) -> dict:
-    """A user prompts slice c; meanwhile a background thread embeds c+1, c+2, ... (the cache is thread-safe)."""
+    """A user prompts slice c while Engine.prefetch embeds c+1, c+2, ... in the background."""
     engine, prepared = s.engine, s.prepared
-    centre = 1
-    neighbours = list(range(centre + 1, min(centre + 1 + args.slices, prepared.num_slices)))
+    centre = 0
     engine.cache.clear()
     engine.embeddings(prepared, [centre])
     idle = [bench._timed(s.device, lambda: engine.predict_slice(prepared, centre, box=b)) for b in s.boxes]
-    done = threading.Event()
-
-    def background():
-        for index in neighbours:
-            engine.embeddings(prepared, [index])
-        done.set()
-
-    worker = threading.Thread(target=background, daemon=True)
-    worker.start()
+    engine.prefetch(prepared, centre, radius=args.slices)
     busy = []
-    while not done.is_set() and len(busy) < 40:
+    while engine.prefetching and len(busy) < 40:
         busy.append(bench._timed(s.device, lambda: engine.predict_slice(prepared, centre, box=s.boxes[len(busy) % 10])))
-    worker.join()
-    next_slice = neighbours[0]
+    engine.wait_prefetch()
+    next_slice = centre + 1
     warm = bench._timed(s.device, lambda: engine.predict_slice(prepared, next_slice, box=s.boxes[0]))
     engine.cache.clear()
     cold = bench._timed(s.device, lambda: engine.predict_slice(prepared, next_slice, box=s.boxes[0]))
@@ -293,7 +292,9 @@ def _malloc_child(mode: str, repeats: int) -> dict:
     """Runs in a fresh process: LiteMedSAM encoder at batch 1 and 4 with the default or the tuned allocator."""
     import resource
 
-    tuned = bench.tune_malloc() if mode == "tuned" else False
+    from segmote_core.devices import tune_cpu_allocator
+
+    tuned = tune_cpu_allocator()  # the parent set SEGMOTE_MALLOC_TUNING for this child
     from segmote_core.models.backbones import build_lite_medsam
 
     backbone = build_lite_medsam().eval()
@@ -323,7 +324,8 @@ def exp_malloc(s: Setup, args) -> dict:
         command = [sys.executable, __file__, "--malloc-child", mode, "--repeats", str(args.repeats)]
         if args.threads:
             command += ["--threads", str(args.threads)]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        environment = dict(os.environ, SEGMOTE_MALLOC_TUNING="1" if mode == "tuned" else "0")
+        done = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
         result[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
