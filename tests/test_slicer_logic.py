@@ -306,6 +306,29 @@ def test_propagation_from_one_slice(logic, scene, chest, chest_scene):
     assert result.any(axis=(1, 2)).sum() >= 4 and score >= 0.85
 
 
+def test_prefetch_embeds_the_neighbouring_slices_for_the_next_prompt(logic, lite_engine, scene, chest):
+    """On a GPU the logic embeds the slices around a prompted one in the background (here forced on the CPU)."""
+    array, ijk_to_ras, truth = chest
+    volume = add_volume(scene, array, ijk_to_ras, window=(-650.0, 700.0))  # its own cache entries
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    boxes = {k: bounding_box_ijk(truth["right lung"][k:k + 1]) for k in (2, 4)}
+    logic.prefetchNeighbours = True
+    try:
+        misses = lite_engine.cache.misses
+        roi = add_roi(scene, ijk_to_ras, [boxes[2][0], boxes[2][1], 2, boxes[2][3], boxes[2][4], 2])
+        logic.segmentWithPrompts(volume, segmentation, roiNode=roi)
+        lite_engine.wait_prefetch()
+        assert lite_engine.cache.misses - misses == array.shape[0]  # the prompted slice + its 4 neighbours
+        logic.prefetchNeighbours = False
+        roi = add_roi(scene, ijk_to_ras, [boxes[4][0], boxes[4][1], 4, boxes[4][3], boxes[4][4], 4], name="next")
+        segment_id = logic.segmentWithPrompts(volume, segmentation, roiNode=roi)
+        assert lite_engine.cache.misses - misses == array.shape[0]  # the next slice was ready
+        assert dice(segment_array(volume, segmentation, segment_id)[4], truth["right lung"][4]) >= 0.8
+    finally:
+        logic.prefetchNeighbours = None
+        lite_engine.stop_prefetch()
+
+
 def test_overwrite_masks_other_segments_and_undo_gives_them_back(logic, scene, chest, chest_scene):
     array, ijk_to_ras, truth = chest
     volume, segmentation, left = chest_scene
