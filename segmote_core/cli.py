@@ -49,6 +49,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="image encoder precision; bf16 for GPUs (on CPUs without native bf16 it is far slower)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the image encoder (GPUs; the first run on a machine compiles for a minute)")
     parser.add_argument("--window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"), help="CT window in HU")
     parser.add_argument("--preset", metavar="NAME", help="CT window preset (lung, lung_parenchyma, soft_tissue, ...)")
     parser.add_argument("--axis", type=int, choices=(0, 1, 2),
@@ -138,14 +140,14 @@ def _normalization_args(args) -> tuple | None:
 _engines: dict[tuple, "object"] = {}
 
 
-def engine_for(model: str, checkpoint, device: str, adapter, precision: str = "fp32"):
+def engine_for(model: str, checkpoint, device: str, adapter, precision: str = "fp32", compile: bool = False):
     """One engine per model setup in this process, so that in-process callers (notebooks, tests, scripts calling
     main() repeatedly) reuse loaded weights and cached embeddings."""
     from .engine import Engine
 
-    key = (model, str(checkpoint), device, str(adapter), precision)
+    key = (model, str(checkpoint), device, str(adapter), precision, compile)
     if key not in _engines:
-        _engines[key] = Engine(model, checkpoint, device, adapter=adapter, precision=precision)
+        _engines[key] = Engine(model, checkpoint, device, adapter=adapter, precision=precision, compile=compile)
     return _engines[key]
 
 
@@ -171,7 +173,7 @@ def run_segment(args) -> int:
     labels = args.point_label
     if labels is not None and (points is None or len(labels) != len(points)):
         raise InputError(f"--point-label given {len(labels)} time(s) for {0 if points is None else len(points)} point(s)")
-    engine = engine_for(args.model, args.checkpoint, args.device, args.adapter, args.precision)
+    engine = engine_for(args.model, args.checkpoint, args.device, args.adapter, args.precision, args.compile)
     with progress_bar("segmenting", args.quiet) as progress:
         mask = engine.segment(volume, box_ijk=box, points_ijk=points, point_labels=labels,
                               propagate=args.propagate, axis=args.axis, window=window, progress=progress)
@@ -189,7 +191,7 @@ def run_auto(args) -> int:
     out = check_output_path(args.out)
     window = _normalization_args(args)
     volume = read_volume(args.image)
-    engine = engine_for(args.model, args.checkpoint, args.device, args.adapter, args.precision)
+    engine = engine_for(args.model, args.checkpoint, args.device, args.adapter, args.precision, args.compile)
     with progress_bar("automatic", args.quiet) as progress:
         segments = engine.auto(volume, classes=args.classes, keep_largest=not args.all_components,
                                axis=args.axis, window=window, progress=progress)

@@ -50,6 +50,12 @@ def default_encoder_batch(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 16
 
 
+def default_cache_bytes(device: torch.device) -> int:
+    """Byte budget of the engine's embedding cache: 1 GiB of RAM on the CPU (~250 LiteMedSAM slices, ~150 with an
+    adapter's early features; keeps a 512x512x300 automatic run under 4 GB), 2 GiB on GPUs."""
+    return (1 << 30) if device.type == "cpu" else (2 << 30)
+
+
 _allocator_tuned = False
 
 

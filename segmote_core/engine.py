@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .checkpoints import load_backbone
-from .devices import default_encoder_batch, resolve_device, tune_cpu_allocator
+from .devices import default_cache_bytes, default_encoder_batch, resolve_device, tune_cpu_allocator
 from .errors import Cancelled, InputError, SegMoTEError
 from .normalize import Normalization, choose_normalization, from_rule, normalize
 from .segmentation_io import Segment
@@ -117,11 +117,12 @@ class Engine:
     """Holds one backbone (and optionally a SegMoTE adapter) and serves prompts on volumes."""
 
     def __init__(self, model: str = "lite_medsam", checkpoint=None, device: str = "auto", adapter=None,
-                 cache_bytes: int = 2 << 30, batch_size: int | None = None, backbone=None,
-                 precision: str = "fp32"):
+                 cache_bytes: int | None = None, batch_size: int | None = None, backbone=None,
+                 precision: str = "fp32", compile: bool = False):
         """backbone: an already built ``Backbone`` (tests, benchmarks, random weights) instead of `model` +
         `checkpoint`; precision: "fp32", or "bf16" to run the image encoder under bfloat16 autocast (GPUs; CPUs
-        without native bf16 run it ~13x slower, docs/benchmarks.md)."""
+        without native bf16 run it ~13x slower, docs/benchmarks.md); compile: torch.compile the image encoder
+        (GPUs: the first run on a machine compiles for a minute or so, later runs load the kernels from disk)."""
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             tune_cpu_allocator()
@@ -137,8 +138,12 @@ class Engine:
         self.model_name = model
         self._prefetchers: list[threading.Thread] = []
         self._prefetch_generation = 0
-        self.cache = EmbeddingCache(cache_bytes)
+        self.cache = EmbeddingCache(cache_bytes or default_cache_bytes(self.device))
         self.batch_size = batch_size or default_encoder_batch(self.device)
+        self.encode = self.backbone.encode  # the image encoder as the engine calls it
+        self.compiled = False
+        if compile:
+            self._compile_encoder()
         self.segmote = None
         self.adapter_header: dict | None = None
         self.notices: list[str] = []  # things the user should know (shown by the CLI and the Slicer panel)
@@ -181,14 +186,21 @@ class Engine:
 
     # ---- embeddings ------------------------------------------------------------------------------------
     def embeddings(self, prepared: Prepared, indices: Sequence[int], progress: ProgressFn | None = None,
-                   cancel: CancelFn | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Embeddings of the given slices, computing the missing ones in batches."""
+                   cancel: CancelFn | None = None, keep: bool = True) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Embeddings of the given slices, computing the missing ones in batches; keep: put them in the cache."""
         try:
-            return self._embeddings(prepared, indices, progress, cancel)
+            return self._embeddings(prepared, indices, progress, cancel, keep)
         except _MovedToCpu:  # out of GPU memory even at batch 1: everything restarts on the CPU
-            return self._embeddings(prepared, indices, progress, cancel)
+            return self._embeddings(prepared, indices, progress, cancel, keep)
 
-    def _embeddings(self, prepared, indices, progress, cancel):
+    def embedding_bytes(self) -> int:
+        """Bytes one slice's cache entry takes (embedding, plus the early feature when an adapter needs it)."""
+        height, width = self.backbone.embedding_size
+        channels = self.backbone.prompt_encoder.embed_dim + (self.backbone.early_channels if self.needs_early_features
+                                                             else 0)
+        return channels * height * width * 4
+
+    def _embeddings(self, prepared, indices, progress, cancel, keep=True):
         early = self.needs_early_features
         found, missing = {}, []
         for index in indices:
@@ -206,14 +218,11 @@ class Engine:
             if cancel and cancel():
                 raise Cancelled("cancelled while embedding slices; nothing was changed")
             batch = missing[start:start + self.batch_size]
-            images = torch.from_numpy(np.stack([normalize(stack[i], prepared.normalization) for i in batch]))
-            if self.device.type == "cuda":  # page-locked source: the copy runs asynchronously, without a staging copy
-                images = images.pin_memory()
             try:
                 with torch.inference_mode():
-                    x = self.backbone.preprocess(images.to(self.device, non_blocking=True))
+                    x = self.backbone.preprocess(self._normalized_batch(stack, batch, prepared.normalization))
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                        embedding, early_feature = self.backbone.encode(x)
+                        embedding, early_feature = self.encode(x)
                     embedding, early_feature = embedding.float(), early_feature.float()
             except torch.OutOfMemoryError:
                 self._after_out_of_memory(len(batch))
@@ -221,7 +230,8 @@ class Engine:
             for offset, index in enumerate(batch):
                 value = (embedding[offset:offset + 1].clone(),
                          early_feature[offset:offset + 1].clone() if early else None)
-                self.cache.put(prepared.key + (index, early), value)
+                if keep:
+                    self.cache.put(prepared.key + (index, early), value)
                 self.cache.misses += 1
                 found[index] = value
             start += len(batch)
@@ -229,6 +239,44 @@ class Engine:
             if progress:
                 progress(done, len(indices))
         return found
+
+    def _compile_encoder(self) -> None:
+        """torch.compile (inductor) the image encoder for two static shapes, batch 1 (interactive) and the engine's
+        batch size (other sizes are padded to it), so it never recompiles mid-volume. Compiled kernels are cached
+        on disk (TORCHINDUCTOR_CACHE_DIR, default <SegMoTE cache>/inductor) and reused by later processes."""
+        import os
+
+        from .weights import user_cache_dir
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(user_cache_dir("inductor")))
+        # SEGMOTE_COMPILE_BACKEND: another torch.compile backend (tests use aot_eager: the same capture, no codegen)
+        compiled = torch.compile(self.backbone.encode, dynamic=False,
+                                 backend=os.environ.get("SEGMOTE_COMPILE_BACKEND", "inductor"))
+
+        def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            count = x.shape[0]
+            if count == 1 or count == self.batch_size:
+                return compiled(x)
+            padding = x.new_zeros((self.batch_size - count,) + tuple(x.shape[1:]))
+            embedding, early = compiled(torch.cat([x, padding]))
+            return embedding[:count], early[:count]
+
+        self.encode = encode
+        self.compiled = True
+
+    def _normalized_batch(self, stack: np.ndarray, batch: Sequence[int], normalization) -> torch.Tensor:
+        """(B, H, W) float slices in [0, 1] on the compute device. The CPU normalises in numpy (bit-identical to
+        training's embedding store); a GPU gets the raw intensities through page-locked memory (asynchronous copy,
+        int16 is half the bytes of float32) and normalises them itself."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(np.stack([normalize(stack[i], normalization) for i in batch]))
+        raw = np.stack([stack[i] for i in batch])
+        if raw.dtype.kind == "u" and raw.dtype.itemsize > 1:  # torch has no arithmetic on uint16/32/64
+            raw = raw.astype(np.int32 if raw.dtype.itemsize == 2 else np.int64)
+        images = torch.from_numpy(raw)
+        if self.device.type == "cuda":
+            images = images.pin_memory()
+        return normalize(images.to(self.device, non_blocking=True), normalization)
 
     def _after_out_of_memory(self, batch: int) -> None:
         """Out of memory: halve the batch; at batch 1 on a GPU, move to the CPU and say so; else give up."""
@@ -443,13 +491,15 @@ class Engine:
         masks = np.zeros((len(indices),) + prepared.stack.shape, dtype=bool)
         if progress:
             progress(0, num)
-        # Embed and decode batch by batch: a volume whose embeddings do not fit the cache is never embedded twice,
-        # and no more than one batch of embeddings must be resident besides the cache.
+        # Embed and decode batch by batch, each slice once. A volume whose embeddings do not all fit the cache is
+        # not cached at all: caching it would only evict, slice after slice, what the cache held, and fill the RAM
+        # (a 512x512x300 CT with an adapter: 2 GB of embeddings and early features).
+        keep = num * self.embedding_bytes() <= self.cache.max_bytes
         for start in range(0, num, self.batch_size):
             if cancel and cancel():
                 raise Cancelled("cancelled during automatic segmentation; nothing was changed")
             batch = list(range(start, min(start + self.batch_size, num)))
-            found = self.embeddings(prepared, batch)
+            found = self.embeddings(prepared, batch, keep=keep)
             embedding = torch.cat([found[i][0] for i in batch])
             early = torch.cat([found[i][1] for i in batch])
             with torch.inference_mode():
@@ -481,8 +531,25 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 26-connected 3-D component of a bool mask (an empty mask stays empty)."""
     from scipy import ndimage
 
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    box = mask_extent(mask)
+    if box is None:
+        return mask
+    crop = mask[box]  # labelling only the mask's bounding box: same answer, a fraction of a 512x512x300 volume
+    labels, count = ndimage.label(crop, structure=np.ones((3, 3, 3), bool))
     if count <= 1:
         return mask
     sizes = np.bincount(labels.reshape(-1))[1:]
-    return labels == (int(np.argmax(sizes)) + 1)
+    result = np.zeros_like(mask)
+    result[box] = labels == (int(np.argmax(sizes)) + 1)
+    return result
+
+
+def mask_extent(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box of a bool mask as slices, or None if it is empty."""
+    bounds = []
+    for axis in range(mask.ndim):
+        occupied = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if occupied.size == 0:
+            return None
+        bounds.append(slice(int(occupied[0]), int(occupied[-1]) + 1))
+    return tuple(bounds)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .errors import InputError
 
@@ -107,9 +108,16 @@ def choose_normalization(array: np.ndarray, window_level_width=None, preset: str
     return percentiles(array)
 
 
-def normalize(array: np.ndarray, norm: Normalization) -> np.ndarray:
-    """Intensities -> float32 in [0, 1]; NaN and Inf voxels map to 0 (never propagate into the model)."""
-    out = (np.asarray(array, dtype=np.float32) - np.float32(norm.low)) / np.float32(norm.high - norm.low)
+def normalize(array, norm: Normalization):
+    """Intensities -> float32 in [0, 1]; NaN voxels map to 0 (never propagate into the model).
+
+    `array` is a numpy array, or a torch tensor already on the compute device (GPU engines copy the raw slices
+    there and normalise them in place: half the bytes of float32 to copy, no host work)."""
+    width = np.float32(norm.high - norm.low)
+    if isinstance(array, torch.Tensor):
+        out = (array.float() - float(np.float32(norm.low))) / float(width)
+        return torch.nan_to_num(out.clamp_(0.0, 1.0), nan=0.0)
+    out = (np.asarray(array, dtype=np.float32) - np.float32(norm.low)) / width
     np.clip(out, 0.0, 1.0, out=out)
     out[~np.isfinite(out)] = 0.0
     return out

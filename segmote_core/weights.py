@@ -96,6 +96,13 @@ def _weights_dir() -> Path:
     return _cache_root() / "weights"
 
 
+def user_cache_dir(name: str) -> Path:
+    """A named folder in the per-user SegMoTE cache (``weights``, ``inductor``, ...), created on demand."""
+    folder = _cache_root() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def cache_dir() -> Path:
     """Folder for downloaded checkpoints, created on demand.
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from segmote_core.adapters import load_adapter, save_adapter
-from segmote_core.engine import Engine
+from segmote_core.engine import Engine, largest_component
 from segmote_core.models.backbones import build_tiny_sam_vit
 from segmote_core.models.segmote import SegMoTE
 from segmote_core.volume import Volume
@@ -45,6 +45,18 @@ def test_auto_embeds_each_slice_once_even_when_the_cache_is_too_small(tmp_path):
     assert len(segments) == 1 and segments[0].mask.shape == (6, 48, 48)
     assert engine.cache.misses == 6  # before: 12 (everything embedded, evicted, embedded again)
     assert seen[0] == (0, 6) and seen[-1] == (6, 6)
+    assert engine.cache._bytes == 0  # a volume that does not fit is not cached: nothing useful was evicted for it
+
+
+def test_auto_caches_a_volume_that_fits_so_prompts_afterwards_need_no_encoder(tmp_path):
+    engine = _engine(batch_size=2)
+    engine.load_adapter(_adapter(engine, tmp_path / "a.safetensors"))
+    volume = _volume()
+    assert 6 * engine.embedding_bytes() <= engine.cache.max_bytes
+    engine.auto(volume)
+    assert engine.cache.misses == 6 and engine.cache._bytes == 6 * engine.embedding_bytes()
+    engine.segment(volume, box_ijk=[14, 10, 1, 33, 37, 4])
+    assert engine.cache.misses == 6
 
 
 def test_prefetch_embeds_the_neighbours_nearest_first_and_can_be_superseded():
@@ -71,3 +83,38 @@ def test_adapter_with_a_header_length_starting_with_0x80_loads(tmp_path):
         pytest.fail("no padding gave a header length starting with 0x80")
     config, header, state = load_adapter(path, "sam_vit_tiny")
     assert header["classes"][0]["name"] == "organ" and state
+
+
+def test_largest_component_keeps_the_biggest_26_connected_piece():
+    mask = np.zeros((8, 30, 30), bool)
+    mask[1:4, 2:10, 2:10] = True  # 192 voxels
+    mask[4, 10, 10] = True  # touches the first block only at a corner: 26-connected to it
+    mask[5:7, 20:25, 20:25] = True  # 50 voxels, separate
+    kept = largest_component(mask)
+    assert kept.sum() == 193 and kept[4, 10, 10] and not kept[5:7, 20:25, 20:25].any()
+    assert not largest_component(np.zeros((3, 4, 5), bool)).any()
+    single = np.zeros((3, 4, 5), bool)
+    single[1, 1:3, 2] = True
+    assert np.array_equal(largest_component(single), single)
+
+
+def test_compiled_encoder_pads_to_two_static_shapes_and_matches_eager(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEGMOTE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SEGMOTE_COMPILE_BACKEND", "aot_eager")  # Dynamo capture without C++ codegen (CPU CI)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager, compiled = _engine(batch_size=4), _engine(batch_size=4, compile=True)
+    assert compiled.compiled and not eager.compiled
+    volume = _volume(depth=6)  # batches of 4 and 2 (padded to 4), then single slices
+    ours, reference = compiled.prepare(volume), eager.prepare(volume)
+    found, expected = compiled.embeddings(ours, range(6)), eager.embeddings(reference, range(6))
+    single = compiled.embeddings(ours, [5])  # cached
+    compiled.cache.clear()
+    alone = compiled.embeddings(ours, [5])
+    for index in range(6):
+        assert found[index][0].shape == expected[index][0].shape == (1, 256, 16, 16)  # tiny ViT: 256 px input
+        assert torch.allclose(found[index][0], expected[index][0], atol=1e-5)
+    assert torch.allclose(alone[5][0], expected[5][0], atol=1e-5) and single[5][0] is found[5][0]
+    assert (tmp_path / "inductor").is_dir()

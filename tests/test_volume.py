@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 import SimpleITK as sitk
 from hypothesis import given, settings
@@ -169,6 +170,10 @@ def test_normalisation_window_and_percentiles():
     array = np.array([-1000, -700, -400, 0, 3000, np.nan], dtype=np.float32)
     out = normalize(array, window(-700, 600))
     assert np.allclose(out, [0.0, 0.5, 1.0, 1.0, 1.0, 0.0])
+    # the same function on a tensor (how GPU engines normalise on the device) gives the same numbers
+    assert np.array_equal(normalize(torch.from_numpy(array), window(-700, 600)).numpy(), out)
+    raw = np.random.default_rng(0).integers(-1024, 3000, (4, 9, 9)).astype(np.int16)
+    assert np.array_equal(normalize(torch.from_numpy(raw), window(40, 400)).numpy(), normalize(raw, window(40, 400)))
     ct = np.linspace(-1000, 2000, 10_000).astype(np.int16)
     norm = choose_normalization(ct)
     assert norm.rule[0] == "percentiles" and -1000 < norm.low < norm.high < 2000
