@@ -1,4 +1,4 @@
-"""Fast-path experiments for issue #6: measure first, then propose (benchmarks/proposed_engine_changes.md).
+"""Fast-path experiments for issue #6: measure before adopting (results quoted in docs/benchmarks.md).
 
     .venv/bin/python benchmarks/fastpaths.py                      # every CPU experiment, LiteMedSAM + tiny ViT
     .venv/bin/python benchmarks/fastpaths.py --only batch threads --json benchmarks/results/fastpaths.json

