@@ -200,21 +200,21 @@ def test_cancel_in_the_middle_of_a_propagation(lite_engine, chest_ct, chest_trut
 
 def test_out_of_memory_halves_the_batch_then_gives_a_clear_error(small_ct):
     engine = Engine("lite_medsam", device="cpu", batch_size=4)
-    real_encode = engine.backbone.encode
+    real_encode = engine.encode  # the image encoder as the engine calls it
 
     def encode_small_batches_only(x):
         if x.shape[0] > 1:
             raise torch.OutOfMemoryError("simulated")
         return real_encode(x)
 
-    engine.backbone.encode = encode_small_batches_only
+    engine.encode = encode_small_batches_only
     found = engine.embeddings(engine.prepare(small_ct, window=(-700, 600)), [0, 1, 2])
     assert len(found) == 3 and engine.batch_size == 1 and "batch reduced" in engine.notices[0]
 
     def always_out_of_memory(x):
         raise torch.OutOfMemoryError("simulated")
 
-    engine.backbone.encode = always_out_of_memory
+    engine.encode = always_out_of_memory
     with pytest.raises(SegMoTEError, match="out of memory"):
         engine.embeddings(engine.prepare(small_ct, window=(40, 400)), [0])
 
