@@ -407,13 +407,21 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return None
         return self.logic.sliceViewOfPoint(slicer.mrmlScene, node.GetNthControlPointPositionWorld(index))
 
-    def runPrompts(self, propagate=False, activeOnly=True):
+    def readyToRun(self):
+        """The parameter node when a job may start (no job running, dependencies present, a volume chosen), with
+        the panel's settings applied to the logic; None otherwise (the panel says why)."""
         p = self._parameterNode
         if p is None or self._job is not None or not self.ensureDependencies():
-            return
+            return None
         self.applySettings()
         if p.inputVolume is None:
             self.showStatus(_("Select an input volume first."))
+            return None
+        return p
+
+    def runPrompts(self, propagate=False, activeOnly=True):
+        p = self.readyToRun()
+        if p is None:
             return
         segmentation = self.ensureSegmentation()
         active = self._activePoint if (activeOnly or propagate) else None
@@ -437,12 +445,8 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.runPrompts(propagate=True, activeOnly=True)
 
     def onAutoSegment(self):
-        p = self._parameterNode
-        if p is None or self._job is not None or not self.ensureDependencies():
-            return
-        self.applySettings()
-        if p.inputVolume is None:
-            self.showStatus(_("Select an input volume first."))
+        p = self.readyToRun()
+        if p is None:
             return
         try:
             job = self.logic.startAutoSegment(p.inputVolume, self.ensureSegmentation(),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -27,6 +26,7 @@ import torch
 
 from . import __version__
 from .errors import CheckpointError, InputError
+from .files import atomic_write
 from .models.backbones import Backbone
 from .models.segmote import SegMoTE, SegMoTEConfig
 
@@ -149,19 +149,9 @@ def save_adapter(
     # Own, contiguous CPU copies: safetensors refuses shared or strided storage.
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in model.adapter_state_dict().items()}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata={HEADER_KEY: json.dumps(header)})
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes 0600; an adapter is meant to be shared
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    # 0644: an adapter is meant to be shared
+    return atomic_write(path, lambda temporary: save_file(tensors, str(temporary),
+                                                          metadata={HEADER_KEY: json.dumps(header)}), mode=0o644)
 
 
 # ---- reading -------------------------------------------------------------------------------------------

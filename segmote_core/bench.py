@@ -22,7 +22,6 @@ below 1.0 the project is faster. Timings are wall-clock and include host<->devic
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as _dt
 import gc
@@ -786,12 +785,9 @@ def _load(load) -> str:
 
 
 def write_json(path: str | os.PathLike, result: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(result, indent=2))
-    os.replace(temporary, path)
-    return path
+    from .files import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(result, indent=2))
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError, SegMoTEError
-from .normalize import Normalization, choose_normalization, from_rule, normalize
+from .files import atomic_write, atomic_write_text
+from .normalize import choose_normalization, from_rule, normalize
 from .volume import SliceStack
 
 HISTOGRAM_BINS = 64
@@ -131,22 +132,18 @@ class CurationResult:
     def write(self, path: str | Path) -> Path:
         """The manifest: JSON (config, normalisation, summary, samples) or, for a .csv path, one row per sample."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
         if path.suffix.lower() == ".csv":
-            with open(temporary, "w", newline="") as handle:
-                names = [f.name for f in dataclasses.fields(Sample)]
-                writer = csv.DictWriter(handle, fieldnames=names)
-                writer.writeheader()
-                for sample in self.samples:
-                    writer.writerow(sample.row())
-        else:
-            document = {"format": "segmote-curation", "version": 1, "axis": self.axis,
-                        "config": dataclasses.asdict(self.config), "normalization": self.normalization,
-                        "summary": self.summary(), "samples": [s.row() for s in self.samples]}
-            temporary.write_text(json.dumps(document, indent=1))
-        temporary.replace(path)
-        return path
+            def write_csv(temporary: Path):
+                with open(temporary, "w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(Sample)])
+                    writer.writeheader()
+                    for sample in self.samples:
+                        writer.writerow(sample.row())
+            return atomic_write(path, write_csv)
+        document = {"format": "segmote-curation", "version": 1, "axis": self.axis,
+                    "config": dataclasses.asdict(self.config), "normalization": self.normalization,
+                    "summary": self.summary(), "samples": [s.row() for s in self.samples]}
+        return atomic_write_text(path, json.dumps(document, indent=1))
 
 
 # ---- scores ----------------------------------------------------------------------------------------------
@@ -409,10 +406,10 @@ def handler(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="segmote")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`python -m segmote_core.curate ARGS` is `segmote curate ARGS` (the same errors and exit codes)."""
+    from .cli import main as segmote
+
+    return segmote(["curate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 
 from .devices import default_encoder_batch
+from .files import atomic_write, atomic_write_text
 from .normalize import Normalization
 
 FORMAT_VERSION = 1
@@ -50,17 +49,6 @@ def _array_checksum(array: np.ndarray) -> str:
     digest.update(str((array.shape, array.dtype.str)).encode())
     digest.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
     return digest.hexdigest()
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class EmbeddingStore:
@@ -174,9 +162,9 @@ class EmbeddingStore:
                     np.save(handle, array)
             return write
 
-        _atomic(embedding_path, save_array(embedding))
-        _atomic(early_path, save_array(early))
+        atomic_write(embedding_path, save_array(embedding))
+        atomic_write(early_path, save_array(early))
         meta = {"version": FORMAT_VERSION, "embedding": _array_checksum(embedding), "early": _array_checksum(early),
                 "embedding_shape": list(embedding.shape), "early_shape": list(early.shape)}
-        _atomic(meta_path, lambda temporary: temporary.write_text(json.dumps(meta)))
+        atomic_write_text(meta_path, json.dumps(meta))
         self.computed += 1

@@ -174,10 +174,10 @@ def handler(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="segmote")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`python -m segmote_core.evaluate ARGS` is `segmote eval ARGS` (the same errors and exit codes)."""
+    from .cli import main as segmote
+
+    return segmote(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

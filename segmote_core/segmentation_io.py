@@ -15,7 +15,8 @@ import SimpleITK as sitk
 import slicerio
 
 from .errors import InputError
-from .volume import Volume, atomic_write, check_output_path, is_segmentation_path, read_volume
+from .files import atomic_write
+from .volume import Volume, check_output_path, is_segmentation_path, read_volume
 
 PALETTE = [  # distinguishable colours (0-1 RGB) for segments without a colour of their own
     (0.90, 0.30, 0.25), (0.25, 0.55, 0.90), (0.30, 0.75, 0.35), (0.95, 0.75, 0.20), (0.65, 0.40, 0.85),

@@ -41,9 +41,7 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 import typing
 from dataclasses import dataclass, field
@@ -59,6 +57,7 @@ from scipy import ndimage
 from torch import nn
 
 from .errors import InputError, SegMoTEError
+from .files import atomic_write
 from .models.segmote import SegMoTE, SegMoTEConfig
 
 STATE_FILE = "train_state.pt"
@@ -662,15 +661,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))
 
 
 def save_checkpoint(out: Path, model: SegMoTE, data: TrainData, config: TrainConfig, step: int, optimizer,
@@ -1116,10 +1107,10 @@ def handler(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = configure_parser(argparse.ArgumentParser(prog="python -m segmote_core.train",
-                                                      description="Train SegMoTE adapters (see docs/training.md)."))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`python -m segmote_core.train ARGS` (what torchrun starts) is `segmote train ARGS`."""
+    from .cli import main as segmote
+
+    return segmote(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -16,15 +16,13 @@ to the file's voxel grid bit for bit.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, SegMoTEError
+from .errors import InputError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 ANATOMICAL_AXES = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}  # index into LPS coordinates
@@ -277,24 +275,6 @@ class SliceStack:
 
 
 # ---- writing -----------------------------------------------------------------------------------------
-def atomic_write(path: Path, write_to) -> None:
-    """Call write_to(temp_path) then move the result over `path` in one step; the old file survives failures."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        write_to(Path(temp_name))
-        os.replace(temp_name, path)
-    except OSError as exc:  # disk full, permissions, ...: the previous file is untouched
-        Path(temp_name).unlink(missing_ok=True)
-        raise SegMoTEError(f"cannot write {path.name}: {exc.strerror or exc}; any previous file is unchanged")
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def is_segmentation_path(path: str | Path) -> bool:
     return str(path).lower().endswith(".seg.nrrd")
 

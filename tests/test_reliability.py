@@ -6,7 +6,6 @@ Each test here backs a row of docs/reliability.md (rows covered elsewhere name t
 from __future__ import annotations
 
 import errno
-import gzip
 import hashlib
 import pickle
 import shutil
@@ -19,12 +18,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import CHEST_CT, CHEST_SEG
+from conftest import CHEST_SEG
 from segmote_core.checkpoints import safe_torch_load
 from segmote_core.engine import Engine
 from segmote_core.errors import Cancelled, CheckpointError, InputError, SegMoTEError
 from segmote_core.normalize import choose_normalization, normalize
-from segmote_core.segmentation_io import Segment, read_segments, save_segments
+from segmote_core.segmentation_io import Segment, save_segments
 from segmote_core.volume import SliceStack, Volume, read_volume
 
 
@@ -184,14 +183,13 @@ def test_truncated_backbone_checkpoint(tmp_path):
 
 
 # ---- faults -----------------------------------------------------------------------------------------
-def test_cancel_in_the_middle_of_a_propagation(lite_engine, chest_ct, chest_truth):
+def test_cancel_in_the_middle_of_a_propagation(lite_engine, chest_ct):
     calls = {"n": 0}
 
     def cancel_after_a_few():
         calls["n"] += 1
         return calls["n"] > 3
 
-    truth = chest_truth["left lung"]
     with pytest.raises(Cancelled):
         lite_engine.segment(chest_ct, box_ijk=[70, 30, 18, 115, 100, 18], propagate=True, window=(-700, 600),
                             cancel=cancel_after_a_few)

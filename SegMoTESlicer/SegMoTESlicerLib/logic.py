@@ -641,8 +641,9 @@ class SegMoTESlicerLogic:
         window = self._engineWindow(engine, request)
         start = time.perf_counter()
         pieces, slices = [], 0
+        prepared = engine.prepare(request.volume, request.axis, window=window)  # once: it hashes the voxels
         for task in request.tasks:
-            mask = engine.segment(request.volume, axis=request.axis, window=window, progress=job.reportProgress,
+            mask = engine.segment(request.volume, prepared=prepared, progress=job.reportProgress,
                                   cancel=job.cancelRequested, **task.engineArgs)
             if job.cancelRequested():
                 raise Cancelled("AI segmentation cancelled; nothing was changed")
@@ -653,7 +654,6 @@ class SegMoTESlicerLogic:
         if prefetch is None:
             prefetch = engine.device.type != "cpu"
         if prefetch and request.tasks and request.tasks[-1].kind == "2d":
-            prepared = engine.prepare(request.volume, request.axis, window=window)
             voxel = np.zeros((1, 3))
             voxel[0, request.axis] = request.tasks[-1].slice
             engine.prefetch(prepared, int(round(prepared.stack.ijk_to_stack(voxel)[0, 0])))
