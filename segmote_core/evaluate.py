@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, SegMoTEError
+from .files import atomic_write_text
 
 DEFAULT_TOLERANCE_MM = 2.0
 
@@ -167,9 +168,7 @@ def handler(args) -> int:
     else:
         print(format_table(report))
         if args.json:
-            path = Path(args.json)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(report, indent=1))
+            atomic_write_text(args.json, json.dumps(report, indent=1))
     return 0
 
 

@@ -57,7 +57,7 @@ from scipy import ndimage
 from torch import nn
 
 from .errors import InputError, SegMoTEError
-from .files import atomic_write
+from .files import atomic_write, atomic_write_text
 from .models.segmote import SegMoTE, SegMoTEConfig
 
 STATE_FILE = "train_state.pt"
@@ -788,10 +788,13 @@ def truncate_log(path: Path, step: int) -> None:
         fields = rows[0].keys() if rows else None
     if fields is None:
         return
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(fields))
-        writer.writeheader()
-        writer.writerows(r for r in rows if int(r["step"]) <= step)
+    def write_kept_rows(temporary: Path):
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(fields))
+            writer.writeheader()
+            writer.writerows(r for r in rows if int(r["step"]) <= step)
+
+    atomic_write(path, write_kept_rows)
 
 
 def train(config: TrainConfig, resume: bool = False, stop_after: int | None = None, quiet: bool = False) -> TrainResult:
@@ -856,8 +859,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     elif ctx.main:
         for name in ("log.csv", "val.csv", BEST_FILE, "report.json"):
             (out / name).unlink(missing_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        (out / "split.json").write_text(json.dumps(data.split, indent=1))
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        atomic_write_text(out / "split.json", json.dumps(data.split, indent=1))
     sampler = StepSampler(len(data.train), config.batch_size, ctx, config.seed)
     last_saved = start
 
@@ -956,7 +959,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     chosen = out / (BEST_FILE if config.export_which == "best" and (out / BEST_FILE).exists() else ADAPTER_FILE)
     if ctx.main and config.split == "slice" and config.final_report and config.backbone in BACKBONES:
         result.report = heldout_report(config, data, chosen, device, log)
-        (out / "report.json").write_text(json.dumps(result.report, indent=1))
+        atomic_write_text(out / "report.json", json.dumps(result.report, indent=1))
     if ctx.main and config.export:
         export(chosen, Path(config.export), backbone, result.report, time.time() - started)
         log(f"adapter written to {config.export}")
