@@ -98,6 +98,7 @@ class Request:
     tasks: list = field(default_factory=list)
     classes: list | None = None
     newSegmentName: str | None = None
+    beforeApply: object = None  # called on the main thread right before the scene is written
 
 
 @dataclass
@@ -299,30 +300,37 @@ class SegMoTESlicerLogic:
     # ---- public API: prompts -----------------------------------------------------------------------------
     def segmentWithPrompts(self, volumeNode, segmentationNode, segmentId=None, roiNode=None,
                            positivePointsNode=None, negativePointsNode=None, propagate=False, axis=None, *,
-                           activePoint=None, overwrite=None, progress=None, cancel=None, timeout=None) -> str:
+                           activePoint=None, boxView=None, overwrite=None, progress=None, cancel=None,
+                           timeout=None) -> str:
         """Segment from a box ROI and/or positive and negative points; blocks; returns the segment ID.
 
         segmentId None creates a new segment. activePoint (markupsNode, controlPointIndex): only the prompts on
         that point's slice are run (what the panel does after each click); without it every prompted slice is run.
+        boxView: the slice view (node or name) the box was drawn in: it is then a 2-D box on the slice through its
+        centre, whatever its thickness (Slicer pads a drawn box along the view's normal), and prompts only that
+        view's slices; None: a box thinner than 1.5 voxels along some axis is 2-D, any other box is 3-D.
         progress(done, total) and cancel() -> bool are called on the engine thread. Raises SegMoTEError (one line)
         and then the scene is exactly as before.
         """
         return self.startSegmentWithPrompts(
             volumeNode, segmentationNode, segmentId, roiNode, positivePointsNode, negativePointsNode, propagate,
-            axis, activePoint=activePoint, overwrite=overwrite, progress=progress, cancel=cancel).wait(timeout)
+            axis, activePoint=activePoint, boxView=boxView, overwrite=overwrite, progress=progress,
+            cancel=cancel).wait(timeout)
 
     def startSegmentWithPrompts(self, volumeNode, segmentationNode, segmentId=None, roiNode=None,
                                 positivePointsNode=None, negativePointsNode=None, propagate=False, axis=None, *,
-                                activePoint=None, overwrite=None, progress=None, cancel=None, onDone=None,
-                                onError=None) -> Job:
+                                activePoint=None, boxView=None, overwrite=None, progress=None, cancel=None,
+                                onDone=None, onError=None, beforeApply=None) -> Job:
         """The same, without blocking: returns a running Job; call ``job.poll()`` from the main thread (a timer)
         until it returns True; the segment is written during that poll and onDone(segmentId) / onError(error) run.
-        Input errors raise SegMoTEError at once."""
+        beforeApply() runs on the main thread right before the scene is written (the panel saves the Segment
+        Editor's undo state there). Input errors raise SegMoTEError at once."""
         try:
             request = self._prepareSegment(volumeNode, segmentationNode, segmentId, roiNode, positivePointsNode,
-                                           negativePointsNode, propagate, axis, activePoint, overwrite)
+                                           negativePointsNode, propagate, axis, activePoint, overwrite, boxView)
         except Exception as error:
             raise asSegMoTEError(error, "reading the prompts") from error
+        request.beforeApply = beforeApply
         job = Job("AI segmentation", lambda job: self._computeSegment(request, job),
                   lambda pieces: self._applySegment(request, pieces), progress=progress, cancel=cancel,
                   onDone=onDone, onError=onError)
@@ -352,6 +360,10 @@ class SegMoTESlicerLogic:
     # ---- public API: undo ---------------------------------------------------------------------------------------
     def canUndo(self, segmentationNode) -> bool:
         return segmentationNode is not None and bool(self._undo.get(segmentationNode))
+
+    def undoSteps(self, segmentationNode) -> int:
+        """How many AI edits of this segmentation can be undone."""
+        return len(self._undo.get(segmentationNode, ())) if segmentationNode is not None else 0
 
     def undo(self, segmentationNode) -> bool:
         """Restore the segments as they were before the last AI edit on this segmentation; False if none.
@@ -499,7 +511,7 @@ class SegMoTESlicerLogic:
         return np.clip(low, 0, upper), np.clip(high, 0, upper)
 
     def _prepareSegment(self, volumeNode, segmentationNode, segmentId, roiNode, positiveNode, negativeNode,
-                        propagate, axis, activePoint, overwrite) -> Request:
+                        propagate, axis, activePoint, overwrite, boxView=None) -> Request:
         self._checkVolume(volumeNode)
         if positiveNode is not None and positiveNode is negativeNode:
             raise InputError("positive and negative points must be two different point lists")
@@ -510,12 +522,21 @@ class SegMoTESlicerLogic:
                   + self._definedPoints(negativeNode, 0, worldToIjk, dims, name))
         roi = self._roiBounds(roiNode, worldToIjk, dims, name)
         if not points and roi is None:
-            raise InputError("no prompt yet: place a positive point (P) or a box (B) on the image first")
+            raise InputError("no prompt yet: place a positive point (P) or a box (Shift+B) on the image first")
+        boxAxis = None
+        if roi is not None and boxView is not None:
+            boxAxis = self.resolveAxis(volumeNode, boxView)
+            centre = int(np.round((roi[0][boxAxis] + roi[1][boxAxis]) / 2))
+            roi[0][boxAxis] = roi[1][boxAxis] = centre  # drawn in that view: a 2-D box on its slice
         if axis is None and roi is not None:
             thin = np.flatnonzero(roi[1] - roi[0] < THIN_BOX_VOXELS)
             if len(thin) == 1:
                 axis = int(thin[0])  # a flat box was drawn in the view that slices along that axis
         request = self._prepareCommon(volumeNode, segmentationNode, segmentId, overwrite, axis)
+        if boxAxis is not None and boxAxis != request.axis:
+            roi = None  # a 2-D box drawn in another view says nothing about this view's slices
+            if not points:
+                raise InputError("the box was drawn in another view; place a point in this view")
         request.tasks = self._promptTasks(request.axis, points, roi, bool(propagate), activePoint, roiNode)
         if not request.tasks:
             raise InputError("no prompt on the active slice")
@@ -783,6 +804,8 @@ class SegMoTESlicerLogic:
         if request.segmentId is None and not any(piece.mask.any() for piece in pieces):
             raise SegMoTEError("the model found nothing at these prompts; draw a box around the object or "
                                "move the point inside it")
+        if request.beforeApply is not None:
+            request.beforeApply()
         changes: list[SegmentChange] = []
         restoreGeometry = lambda: None  # noqa: E731
         wasModifying = node.StartModify()

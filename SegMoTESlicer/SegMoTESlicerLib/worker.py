@@ -172,11 +172,19 @@ class Job:
             raise
 
     # ---- main-thread side -------------------------------------------------------------------------------
-    def poll(self) -> bool:
-        """True once the job has finished (result applied or error set); call from the main thread."""
+    def poll(self, wait: float = 0.0) -> bool:
+        """True once the job has finished (result applied or error set); call from the main thread.
+
+        wait: seconds to wait for the computation first. Waiting releases the GIL, which the engine thread needs:
+        inside Slicer, PythonQt holds the GIL while Qt's event loop idles, so a poll that returned at once would
+        leave the engine thread almost no time to run."""
         if self._finished:
             return True
-        if self._future is None or not self._future.done():
+        if self._future is None:
+            return False
+        if wait > 0:
+            concurrent.futures.wait([self._future], timeout=wait)
+        if not self._future.done():
             return False
         self._finish()
         return True

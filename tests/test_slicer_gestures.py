@@ -1,0 +1,267 @@
+"""The module as a clinician uses it: mouse gestures in Slicer's own Red, Yellow and Green slice views.
+
+Every prompt here is placed by Slicer's real interaction code (slice-view interactor style -> markups displayable
+manager -> ROI / point widgets) from synthetic mouse events, on the real chest CT that slicerio ships; the module's
+PromptController reacts to the node events exactly as inside Slicer, and the Logic writes the segment.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+
+from conftest import LUNG_WINDOW, dice  # noqa: E402
+from slicer_views import SliceViews  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SegMoTESlicer"))
+
+from SegMoTESlicerLib import segments as mrml  # noqa: E402
+from SegMoTESlicerLib.logic import SegMoTESlicerLogic  # noqa: E402
+from SegMoTESlicerLib.prompts import PromptController  # noqa: E402
+
+AXIAL_K = 17  # an axial slice through both lungs
+SHIPPED_ADAPTER = Path(__file__).resolve().parents[1] / "resources" / "chest_ct_lungs.safetensors"
+
+
+class Session:
+    """Slicer's views with the CT loaded, the Logic, and the module's prompt controller (what enter() sets up)."""
+
+    def __init__(self, chest_ct, engine):
+        self.views = SliceViews()
+        scene = self.views.scene
+        self.volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "chest")
+        slicer.util.updateVolumeFromArray(self.volume, chest_ct.array)
+        self.volume.SetIJKToRASMatrix(mrml.matrixFromArray(chest_ct.ijk_to_ras))
+        self.volume.CreateDefaultDisplayNodes()
+        display = self.volume.GetDisplayNode()
+        display.AutoWindowLevelOff()
+        display.SetWindowLevel(LUNG_WINDOW[1], LUNG_WINDOW[0])
+        self.segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "chest segmentation")
+        self.views.show(self.volume, self.segmentation)
+        self.ijkToRas = chest_ct.ijk_to_ras
+        self.logic = SegMoTESlicerLogic(engine=engine)
+        self.controller = PromptController(
+            self.logic, scene, self.views.markupsLogic, self.views.interactionNode, self.views.selectionNode,
+            target=lambda: (self.volume, self.segmentation))
+        self.controller.activate()
+
+    def ras(self, ijk) -> np.ndarray:
+        return mrml.transformPoints(self.ijkToRas, np.asarray(ijk, float))[0]
+
+    def showSlice(self, viewName: str, ijk) -> None:
+        self.views[viewName].jumpTo(self.ras(ijk))
+
+    def xy(self, viewName: str, ijk) -> tuple[int, int]:
+        return self.views[viewName].xyOf(self.ras(ijk))
+
+    def drawBox(self, viewName: str, corner1_ijk, corner2_ijk, moves: int = 6) -> None:
+        """Press the box button, then click - move - click in the view."""
+        view = self.views[viewName]
+        self.controller.startPlacing("box")
+        a, b = self.xy(viewName, corner1_ijk), self.xy(viewName, corner2_ijk)
+        view.move(*a)
+        view.click(*a)
+        view.moveAlong(a, b, moves)
+        view.click(*b)
+
+    def segment(self) -> np.ndarray:
+        """The target segment as a (K, J, I) bool array (empty if none yet)."""
+        segmentId = self.controller.segmentId
+        if segmentId is None:
+            return np.zeros(self.volume.GetImageData().GetDimensions()[::-1], bool)
+        grid = mrml.VolumeGrid.fromNodes(self.volume, self.segmentation)
+        return grid.readSegment(self.segmentation, segmentId, grid.fullExtent)
+
+    def roiNodes(self) -> list:
+        scene = self.views.scene
+        return [scene.GetNthNodeByClass(i, "vtkMRMLMarkupsROINode")
+                for i in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode"))]
+
+    def close(self) -> None:
+        self.controller.deactivate()
+        self.logic.shutdown()
+        self.views.close()
+
+
+@pytest.fixture
+def session(chest_ct, lite_engine):
+    lite_engine.unload_adapter()
+    s = Session(chest_ct, lite_engine)
+    yield s
+    s.close()
+    lite_engine.unload_adapter()
+
+
+def lung_box_ijk(truth, name, k):
+    j, i = np.nonzero(truth[name][k])
+    return (i.min() - 0.5, j.min() - 0.5, k), (i.max() + 0.5, j.max() + 0.5, k)
+
+
+def test_box_drawn_in_red_is_a_2d_box_on_that_slice(session, chest_truth):
+    session.showSlice("Red", (64, 64, AXIAL_K))
+    c1, c2 = lung_box_ijk(chest_truth, "right lung", AXIAL_K)
+    view = session.views["Red"]
+    session.controller.startPlacing("box")
+    a, b = session.xy("Red", c1), session.xy("Red", c2)
+    view.move(*a)
+    view.click(*a)
+    assert session.controller.runsStarted == 0, "a run started on the first corner"
+    view.moveAlong(a, b, 8)
+    assert session.controller.runsStarted == 0, "a run started while the box was being drawn"
+    box = session.controller.nodes["box"]
+    assert box.GetSize()[2] > 10.0, "Slicer no longer pads a drawn box: this test's premise changed"
+    view.click(*b)
+    assert session.controller.runsStarted == 1
+    session.controller.waitIdle()
+    assert session.controller.lastError is None, session.controller.lastError
+
+    mask = session.segment()
+    assert np.flatnonzero(mask.any(axis=(1, 2))).tolist() == [AXIAL_K], "the result left the drawn slice"
+    score = dice(mask[AXIAL_K], chest_truth["right lung"][AXIAL_K])
+    assert score >= 0.90, f"Dice {score:.3f} on the drawn slice"
+    assert session.logic.undoSteps(session.segmentation) == 1
+
+
+def test_second_box_replaces_the_first_and_box_works_again(session, chest_truth):
+    session.showSlice("Red", (64, 64, AXIAL_K))
+    session.drawBox("Red", *lung_box_ijk(chest_truth, "right lung", AXIAL_K))
+    session.controller.waitIdle()
+    first = session.controller.nodes["box"]
+    first_centre = np.array(first.GetCenterWorld())
+
+    # The box button again: the new box goes into the same node, replacing the old one.
+    session.drawBox("Red", *lung_box_ijk(chest_truth, "left lung", AXIAL_K))
+    session.controller.waitIdle()
+    assert session.roiNodes() == [first]
+    assert not np.allclose(first.GetCenterWorld(), first_centre)
+    assert session.controller.runsStarted == 2
+
+    # Slicer's own place button with the finished box still active: Slicer makes a new ROI node; it becomes the
+    # prompt box and the old one goes.
+    k = AXIAL_K + 2
+    session.showSlice("Red", (64, 64, k))
+    view = session.views["Red"]
+    session.views.markupsLogic.SetActiveList(first)
+    session.views.interactionNode.SetCurrentInteractionMode(session.views.interactionNode.Place)
+    c1, c2 = lung_box_ijk(chest_truth, "left lung", k)
+    a, b = session.xy("Red", c1), session.xy("Red", c2)
+    view.move(*a)
+    view.click(*a)
+    view.moveAlong(a, b)
+    view.click(*b)
+    session.controller.waitIdle()
+    rois = session.roiNodes()
+    assert len(rois) == 1 and rois[0] is not first and session.controller.nodes["box"] is rois[0]
+    assert session.controller.runsStarted == 3
+    mask = session.segment()
+    assert dice(mask[k], chest_truth["left lung"][k]) >= 0.85
+    assert session.logic.undoSteps(session.segmentation) == 3
+
+
+def test_box_made_thick_in_yellow_segments_every_slice_inside_it(session, chest_truth):
+    session.showSlice("Red", (64, 64, AXIAL_K))
+    c1, c2 = lung_box_ijk(chest_truth, "right lung", AXIAL_K)
+    session.drawBox("Red", c1, c2)
+    session.controller.waitIdle()
+    assert session.controller.boxIsFlat
+
+    # In Yellow, through the box, drag the box's top face handle up by three slices.
+    box = session.controller.nodes["box"]
+    centre = np.array(box.GetCenterWorld())
+    size = np.array(box.GetSize())
+    yellow = session.views["Yellow"]
+    yellow.jumpTo(centre)
+    top = centre + np.array([0.0, 0.0, size[2] / 2])
+    start = yellow.xyOf(top)
+    target = yellow.xyOf(top + np.array([0.0, 0.0, 30.0]))
+    before = session.controller.runsStarted
+    yellow.drag(start, target, steps=8)
+    assert box.GetSize()[2] > size[2] + 20.0, "the handle drag did not reach the box"
+    assert session.controller.runsStarted == before + 1, "a drag must run once, when it ends"
+    session.controller.waitIdle()
+    assert not session.controller.boxIsFlat
+
+    mask = session.segment()
+    low = mrml.transformPoints(np.linalg.inv(session.ijkToRas), centre - size / 2)[0]
+    high = mrml.transformPoints(np.linalg.inv(session.ijkToRas), np.array(box.GetCenterWorld())
+                                + np.array(box.GetSize()) / 2)[0]
+    slices = range(int(np.ceil(min(low[2], high[2]))), int(np.floor(max(low[2], high[2]))) + 1)
+    present = [k for k in slices if chest_truth["right lung"][k].any()]
+    assert len(present) >= 4
+    empty = [k for k in present if not mask[k].any()]
+    assert not empty, f"slices inside the 3-D box left empty: {empty}"
+
+
+def test_prompts_in_yellow_and_green_segment_in_that_view_plane(session, chest_truth):
+    truth = chest_truth["right lung"]
+    # A box drawn in Green (coronal): a 2-D box on that coronal plane.
+    j = 60
+    k_rows, i_cols = np.nonzero(truth[:, j, :])
+    session.showSlice("Green", (64, j, 17))
+    session.drawBox("Green", (i_cols.min() - 0.5, j, k_rows.min() - 0.5), (i_cols.max() + 0.5, j, k_rows.max() + 0.5))
+    session.controller.waitIdle()
+    assert session.controller.lastError is None, session.controller.lastError
+    mask = session.segment()
+    assert np.flatnonzero(mask.any(axis=(0, 2))).tolist() == [j], "a box drawn in Green left its coronal plane"
+    score = dice(mask[:, j, :], truth[:, j, :])
+    assert score >= 0.80, f"coronal box Dice {score:.3f}"
+
+    # Two positive clicks in Yellow (sagittal), persistent place mode: two runs, each placed exactly where
+    # clicked, and the result stays on that sagittal slice.
+    i = 85
+    k_rows, j_cols = np.nonzero(truth[:, :, i])
+    points = [(i, int(np.percentile(j_cols, p)), int(np.median(k_rows))) for p in (40, 60)]
+    session.showSlice("Yellow", points[0])
+    yellow = session.views["Yellow"]
+    session.controller.startPlacing("positive")
+    before = session.segment()
+    for point in points:
+        yellow.click(*session.xy("Yellow", point))
+    assert session.controller.promptsCompleted == 3
+    node = session.controller.nodes["positive"]
+    placed = [mrml.transformPoints(np.linalg.inv(session.ijkToRas), node.GetNthControlPointPositionWorld(n))[0]
+              for n in range(node.GetNumberOfDefinedControlPoints())]
+    assert np.allclose(placed, points, atol=0.2), placed
+    session.controller.waitIdle()
+    assert session.controller.lastError is None, session.controller.lastError
+    assert session.controller.runsStarted == 3
+    after = session.segment()
+    changed = np.flatnonzero((after != before).any(axis=(0, 1)))
+    assert set(changed.tolist()) <= {i}, f"clicks in Yellow changed sagittal slices {changed.tolist()}"
+    assert np.array_equal(np.delete(after, i, axis=2), np.delete(before, i, axis=2))
+    assert session.logic.undoSteps(session.segmentation) == 3
+
+    # Dragging a placed point: one run when the drag ends, not one per mouse move.
+    session.controller.stopPlacing()
+    start = yellow.xyOf(node.GetNthControlPointPositionWorld(1))
+    yellow.drag(start, (start[0] + 12, start[1] - 6), steps=10)
+    assert session.controller.runsStarted == 4
+    session.controller.waitIdle()
+    assert session.logic.undoSteps(session.segmentation) == 4
+
+    # Undo steps back one completed prompt at a time.
+    for remaining in (3, 2):
+        assert session.logic.undo(session.segmentation)
+        assert session.logic.undoSteps(session.segmentation) == remaining
+
+
+def test_leaving_the_module_stops_reacting_and_esc_cancels(session, chest_truth):
+    session.showSlice("Red", (64, 64, AXIAL_K))
+    session.controller.deactivate()
+    assert not session.controller.observing
+    session.controller.startPlacing("positive")
+    session.views["Red"].click(*session.xy("Red", (85, 60, AXIAL_K)))
+    assert session.controller.runsStarted == 0, "a prompt ran while the module was not shown"
+    session.controller.activate()
+    session.views["Red"].click(*session.xy("Red", (86, 62, AXIAL_K)))
+    assert session.controller.runsStarted == 1
+    session.controller.cancel()  # Esc
+    assert session.views.interactionNode.GetCurrentInteractionMode() != session.views.interactionNode.Place
+    session.controller.waitIdle()
+    assert session.logic.undoSteps(session.segmentation) == 0, "a cancelled run wrote the segment"
+    assert session.segmentation.GetSegmentation().GetNumberOfSegments() == 0
