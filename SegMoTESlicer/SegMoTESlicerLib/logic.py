@@ -128,9 +128,11 @@ def _digest(mask: np.ndarray) -> bytes:
 class SegMoTESlicerLogic:
     """Segment with the SegMoTE engine in a Slicer scene. All public methods are called from the main thread."""
 
-    def __init__(self, engine=None, undoDepth: int = UNDO_DEPTH):
+    def __init__(self, engine=None, undoDepth: int = UNDO_DEPTH, tuneAllocator: bool = False):
         """engine: an already built ``segmote_core.engine.Engine`` to use (tests share one); None builds one lazily
-        at the first request, from ``model``/``checkpoint``/``device``."""
+        at the first request, from ``model``/``checkpoint``/``device``. tuneAllocator: let the engine tune glibc's
+        allocator for the whole process (off by default: inside Slicer it would keep VTK's and ITK's memory)."""
+        self.tuneAllocator = tuneAllocator
         self.model = "lite_medsam"
         self.checkpoint: str | None = None
         self.device = "auto"
@@ -205,8 +207,8 @@ class SegMoTESlicerLogic:
         part = destination.with_name(destination.name + weights.PART_SUFFIX)
         total = int(info.size_bytes or 0)
 
-        def compute(job: Job):
-            return weights.download_weights(model, progress=False)
+        def compute(job: Job):  # Cancel, or closing Slicer (shutdown), stops it between chunks
+            return weights.download_weights(model, progress=False, cancel=job.cancelRequested)
 
         job = Job(f"downloading {model}", compute, lambda path: str(path), onDone=onDone, onError=onError)
 
@@ -215,6 +217,7 @@ class SegMoTESlicerLogic:
             return (done, total)
 
         job.progressProvider = poll_progress
+        self._jobs = [j for j in self._jobs if j.running] + [job]  # shutdown() cancels it: Slicer exits at once
         return job.start(self._downloadWorker)
 
     # ---- geometry helpers (also used by the panel) ---------------------------------------------------------
@@ -347,17 +350,24 @@ class SegMoTESlicerLogic:
                                      progress=progress, cancel=cancel).wait(timeout)
 
     def startAutoSegment(self, volumeNode, segmentationNode, adapterPath=None, classes=None, *, overwrite=None,
-                         progress=None, cancel=None, onDone=None, onError=None) -> Job:
+                         progress=None, cancel=None, onDone=None, onError=None, beforeApply=None) -> Job:
         try:
             request = self._prepareAuto(volumeNode, segmentationNode, adapterPath, classes, overwrite)
         except Exception as error:
             raise asSegMoTEError(error, "reading the inputs") from error
+        request.beforeApply = beforeApply
         job = Job("automatic segmentation", lambda job: self._computeAuto(request, job),
                   lambda found: self._applyAuto(request, found), progress=progress, cancel=cancel,
                   onDone=onDone, onError=onError)
         return self._start(job)
 
     # ---- public API: undo ---------------------------------------------------------------------------------------
+    @property
+    def engineNotice(self) -> str:
+        """The engine's latest notice for the user (e.g. it moved to the CPU after running out of GPU memory)."""
+        notices = getattr(self._engine, "notices", None)
+        return notices[-1] if notices else ""
+
     def canUndo(self, segmentationNode) -> bool:
         return segmentationNode is not None and bool(self._undo.get(segmentationNode))
 
@@ -638,7 +648,8 @@ class SegMoTESlicerLogic:
                                       "press Download or choose a checkpoint file")
             from segmote_core.engine import Engine
 
-            self._engine = Engine(settings.model, checkpoint=settings.checkpoint, device=settings.device)
+            self._engine = Engine(settings.model, checkpoint=settings.checkpoint, device=settings.device,
+                                  tune_allocator=self.tuneAllocator)
             self._engineKey, self._engineAdapter = key, None
         engine = self._engine
         if settings.adapter != self._engineAdapter:
@@ -831,6 +842,8 @@ class SegMoTESlicerLogic:
         node, grid = request.segmentationNode, request.grid
         if not found:
             raise SegMoTEError("the adapter found none of its classes in this volume")
+        if request.beforeApply is not None:
+            request.beforeApply()
         segmentation = node.GetSegmentation()
         full = grid.fullExtent
         changes: list[SegmentChange] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -18,6 +19,11 @@ from typing import Any, Callable
 from segmote_core.errors import Cancelled, SegMoTEError
 
 ProgressFn = Callable[[int, int], None]
+# The panel's timer while a job runs: fire every POLL_INTERVAL_MS, then wait up to POLL_WAIT_S for the job. Inside
+# Slicer the engine thread only gets the GIL while the main thread waits, so the wait is most of each cycle; Qt
+# still handles the user's events between waits (about 15 times a second).
+POLL_INTERVAL_MS = 10
+POLL_WAIT_S = 0.06
 
 
 def oneLine(text: object, limit: int = 300) -> str:
@@ -45,23 +51,19 @@ def asSegMoTEError(error: BaseException, doing: str = "running the model") -> Se
 
 
 def _isOutOfMemory(error: BaseException) -> bool:
-    try:
-        import torch
-
-        if isinstance(error, torch.cuda.OutOfMemoryError):
-            return True
-    except (ImportError, AttributeError):
-        pass
+    torch = sys.modules.get("torch")  # never imported: the error cannot be torch's (and importing takes seconds)
+    cudaOutOfMemory = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if cudaOutOfMemory is not None and isinstance(error, cudaOutOfMemory):
+        return True
     if isinstance(error, MemoryError):
         return False  # host memory: reported as unexpected, with its type
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
 def _releaseAcceleratorMemory() -> None:
+    torch = sys.modules.get("torch")
     try:
-        import torch
-
-        if torch.cuda.is_available():
+        if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
     except Exception:  # best effort only
         pass
