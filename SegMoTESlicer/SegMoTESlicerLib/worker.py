@@ -21,9 +21,9 @@ from segmote_core.errors import Cancelled, SegMoTEError
 ProgressFn = Callable[[int, int], None]
 # The panel's timer while a job runs: fire every POLL_INTERVAL_MS, then wait up to POLL_WAIT_S for the job. Inside
 # Slicer the engine thread only gets the GIL while the main thread waits, so the wait is most of each cycle; Qt
-# still handles the user's events between waits (about 15 times a second).
+# still handles the user's events between waits (about 11 times a second).
 POLL_INTERVAL_MS = 10
-POLL_WAIT_S = 0.06
+POLL_WAIT_S = 0.08
 
 
 def oneLine(text: object, limit: int = 300) -> str:
