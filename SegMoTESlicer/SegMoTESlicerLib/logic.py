@@ -279,8 +279,7 @@ class SegMoTESlicerLogic:
         if normal is None:
             if not hasattr(axis, "GetSliceToRAS"):
                 raise InputError(f"cannot slice along {axis!r}")
-            normal = mrml.arrayFromMatrix(axis.GetSliceToRAS())[:3, 2]
-            normal = normal / max(np.linalg.norm(normal), 1e-12)
+            normal = mrml.sliceNormal(axis)
         return int(np.argmax(np.abs(normal @ columns)))
 
     def sliceViewOfPoint(self, scene, pointWorld, tolerance: float = 0.5):
@@ -290,9 +289,8 @@ class SegMoTESlicerLogic:
         try:
             for index in range(nodes.GetNumberOfItems()):
                 node = nodes.GetItemAsObject(index)
-                sliceToRas = mrml.arrayFromMatrix(node.GetSliceToRAS())
-                normal = sliceToRas[:3, 2] / max(np.linalg.norm(sliceToRas[:3, 2]), 1e-12)
-                distance = abs(float((np.asarray(pointWorld, float) - sliceToRas[:3, 3]) @ normal))
+                origin = mrml.arrayFromMatrix(node.GetSliceToRAS())[:3, 3]
+                distance = abs(float((np.asarray(pointWorld, float) - origin) @ mrml.sliceNormal(node)))
                 if distance <= bestDistance:
                     best, bestDistance = node, distance
         finally:

@@ -299,7 +299,7 @@ class PromptController:
 
     def _thicknessAlong(self, sliceNode) -> float | None:
         """The box's size along the view's normal, if one of the box's axes is that normal."""
-        normal = _planeNormal(sliceNode)
+        normal = mrml.sliceNormal(sliceNode)
         axes = self._boxAxes()
         axes = axes / np.maximum(np.linalg.norm(axes, axis=0), 1e-12)
         alignment = np.abs(normal @ axes)
@@ -320,15 +320,7 @@ class PromptController:
 
     def viewOfPoint(self, pointWorld):
         """The slice view whose plane holds a placed point (markups lie on the plane they were placed in)."""
-        best, bestDistance = None, PLANE_TOLERANCE_MM
-        nodes = self.scene.GetNodesByClass("vtkMRMLSliceNode")
-        for index in range(nodes.GetNumberOfItems()):
-            node = nodes.GetItemAsObject(index)
-            sliceToRas = mrml.arrayFromMatrix(node.GetSliceToRAS())
-            distance = abs(float((np.asarray(pointWorld, float) - sliceToRas[:3, 3]) @ _planeNormal(node)))
-            if distance <= bestDistance:
-                best, bestDistance = node, distance
-        return best
+        return self.logic.sliceViewOfPoint(self.scene, pointWorld, tolerance=PLANE_TOLERANCE_MM)
 
     # ---- running -------------------------------------------------------------------------------------------
     def _promptCompleted(self, trigger: Trigger) -> None:
@@ -410,8 +402,3 @@ class PromptController:
         while self.poll(0.05):
             if time.monotonic() > deadline:
                 raise SegMoTEError(f"prompts still running after {timeout:g} s")
-
-
-def _planeNormal(sliceNode) -> np.ndarray:
-    normal = mrml.arrayFromMatrix(sliceNode.GetSliceToRAS())[:3, 2]
-    return normal / max(float(np.linalg.norm(normal)), 1e-12)

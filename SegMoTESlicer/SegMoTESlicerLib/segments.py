@@ -28,6 +28,12 @@ def arrayFromMatrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
 
 
+def sliceNormal(sliceNode) -> np.ndarray:
+    """Unit normal of a slice view's plane, in world coordinates."""
+    normal = arrayFromMatrix(sliceNode.GetSliceToRAS())[:3, 2]
+    return normal / max(float(np.linalg.norm(normal)), 1e-12)
+
+
 def matrixFromArray(array: np.ndarray) -> vtk.vtkMatrix4x4:
     matrix = vtk.vtkMatrix4x4()
     for r in range(4):
