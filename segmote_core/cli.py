@@ -153,10 +153,14 @@ def engine_for(model: str, checkpoint, device: str, adapter, precision: str = "f
 
 def run_segment(args) -> int:
     from .errors import InputError
-    from .segmentation_io import Segment, save_segments
+    from .segmentation_io import Segment, check_header_text, save_segments
     from .volume import check_output_path, read_volume
 
+    from .files import refuse_input_as_output
+
     out = check_output_path(args.out)
+    refuse_input_as_output(out, args.image, args.adapter, args.checkpoint)
+    check_header_text(args.name)  # before the model runs
     window = _normalization_args(args)
     volume = read_volume(args.image)
     box = points = None
@@ -178,17 +182,19 @@ def run_segment(args) -> int:
         mask = engine.segment(volume, box_ijk=box, points_ijk=points, point_labels=labels,
                               propagate=args.propagate, axis=args.axis, window=window, progress=progress)
     _print_notices(engine)
-    save_segments(out, volume, [Segment(args.name, mask)], replace_same_name=args.overwrite)
+    [stored] = save_segments(out, volume, [Segment(args.name, mask)], replace_same_name=args.overwrite)
     if not args.quiet:
-        print(f"{args.name}: {int(mask.sum())} voxels, {mask.sum() * np.prod(volume.spacing) / 1000:.1f} ml -> {out}")
+        print(f"{args.name}: {stored} voxels, {stored * np.prod(volume.spacing) / 1000:.1f} ml -> {out}")
     return 0
 
 
 def run_auto(args) -> int:
+    from .files import refuse_input_as_output
     from .segmentation_io import save_segments
     from .volume import check_output_path, read_volume
 
     out = check_output_path(args.out)
+    refuse_input_as_output(out, args.image, args.adapter, args.checkpoint)
     window = _normalization_args(args)
     volume = read_volume(args.image)
     engine = engine_for(args.model, args.checkpoint, args.device, args.adapter, args.precision, args.compile)
@@ -196,10 +202,10 @@ def run_auto(args) -> int:
         segments = engine.auto(volume, classes=args.classes, keep_largest=not args.all_components,
                                axis=args.axis, window=window, progress=progress)
     _print_notices(engine)
-    save_segments(out, volume, segments, replace_same_name=args.overwrite)
+    stored = save_segments(out, volume, segments, replace_same_name=args.overwrite)
     if not args.quiet:
-        for segment in segments:
-            print(f"{segment.name}: {int(segment.mask.sum())} voxels")
+        for segment, count in zip(segments, stored):
+            print(f"{segment.name}: {count} voxels")
         print(f"-> {out}")
     return 0
 
