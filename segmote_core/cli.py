@@ -58,6 +58,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a segment of the same name in OUT (other segments are always kept)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--series", metavar="UID", help="the DICOM series to read when the folder holds several")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +163,7 @@ def run_segment(args) -> int:
     refuse_input_as_output(out, args.image, args.adapter, args.checkpoint)
     check_header_text(args.name)  # before the model runs
     window = _normalization_args(args)
-    volume = read_volume(args.image)
+    volume = read_volume(args.image, args.series)
     box = points = None
     if args.box_ras is not None:
         box = volume.ras_to_ijk(np.reshape(args.box_ras, (2, 3))).reshape(-1)
@@ -196,7 +197,7 @@ def run_auto(args) -> int:
     out = check_output_path(args.out)
     refuse_input_as_output(out, args.image, args.adapter, args.checkpoint)
     window = _normalization_args(args)
-    volume = read_volume(args.image)
+    volume = read_volume(args.image, args.series)
     engine = engine_for(args.model, args.checkpoint, args.device, args.adapter, args.precision, args.compile)
     with progress_bar("automatic", args.quiet) as progress:
         segments = engine.auto(volume, classes=args.classes, keep_largest=not args.all_components,

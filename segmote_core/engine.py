@@ -23,7 +23,7 @@ from .devices import default_cache_bytes, default_encoder_batch, resolve_device,
 from .errors import Cancelled, InputError, SegMoTEError
 from .normalize import Normalization, choose_normalization, from_rule, normalize
 from .segmentation_io import Segment
-from .volume import SliceStack, Volume
+from .volume import SliceStack, Volume, check_contrast
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -174,6 +174,7 @@ class Engine:
         """axis: voxel axis to slice along (None: closest to superior-inferior); window: (level, width)."""
         if min(volume.shape_ijk) < 1:
             raise InputError(f"the image is empty: {volume.shape_ijk}")
+        check_contrast(volume)
         if normalization is None:
             if self.adapter_header and window is None and self.adapter_header.get("normalization"):
                 normalization = from_rule(volume.array, self.adapter_header["normalization"])
