@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from contextlib import contextmanager
 
@@ -40,13 +41,13 @@ def progress_bar(description: str, quiet: bool):
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .devices import DEVICE_CHOICES
+    from .devices import DEVICE_HELP
     from .models import BACKBONES
 
     parser.add_argument("--model", default="lite_medsam", metavar="NAME",
                         help=f"backbone: {', '.join(BACKBONES)} (default lite_medsam)")
     parser.add_argument("--checkpoint", metavar="PATH", help="backbone weights file (default: shipped/cached)")
-    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)  # checked by devices.resolve_device
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="image encoder precision; bf16 for GPUs (on CPUs without native bf16 it is far slower)")
     parser.add_argument("--compile", action="store_true",
@@ -61,8 +62,16 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--series", metavar="UID", help="the DICOM series to read when the folder holds several")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that takes "-1e2" for a number, not an option (its own test only knows "-100" and "-.5")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$|^-nan$")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segmote", description="SegMoTE: prompt or automatic segmentation of "
+    parser = _Parser(prog="segmote", description="SegMoTE: prompt or automatic segmentation of "
                                      "CT/MRI volumes with Segment Anything + token-level mixture of experts.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -224,6 +233,9 @@ def run_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .files import exit_cleanly_on_sigterm
+
+    exit_cleanly_on_sigterm()  # a SIGTERM mid-write removes the temporary file
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

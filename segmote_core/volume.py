@@ -464,6 +464,12 @@ class SliceStack:
                 view = np.flip(view, axis=dim)
         return np.ascontiguousarray(np.transpose(view, np.argsort(self.numpy_dims)))
 
+    def nearest_index(self, points_stack) -> np.ndarray:
+        """(N, 3) continuous (slice, row, col) -> the nearest voxel's integer indices, kept inside the stack (a
+        point on the outer half-voxel border, e.g. -0.5 or n - 0.5, belongs to the border voxel)."""
+        rounded = np.round(np.atleast_2d(points_stack)).astype(int)
+        return np.clip(rounded, 0, np.asarray(self.shape) - 1)
+
     def ijk_to_stack(self, points_ijk) -> np.ndarray:
         """(N, 3) continuous voxel (i, j, k) -> (N, 3) continuous (slice, row, col)."""
         points = np.atleast_2d(np.asarray(points_ijk, dtype=float))
@@ -484,9 +490,35 @@ LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def check_output_path(path: str | Path) -> Path:
+    """An output path that can be written: the right suffix, not a folder, its folder writable (checked before
+    any model runs, so a long run does not end in a write error)."""
+    import os
+
     path = Path(path)
     if not (is_segmentation_path(path) or str(path).lower().endswith(LABELMAP_SUFFIXES)):
         raise InputError(f"output {path.name} must end in .seg.nrrd or a label-map format ({', '.join(LABELMAP_SUFFIXES)})")
     if path.exists() and path.is_dir():
         raise InputError(f"output {path} is a folder")
+    if path.exists() and not path.is_file():
+        raise InputError(f"output {path} is not a regular file")
+    folder = next((parent for parent in path.parents if parent.exists()), Path("."))
+    if not folder.is_dir():
+        raise InputError(f"cannot write {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: the folder {folder} is not writable")
     return path
+
+
+def prompt_array(values, columns: int, what: str, single: bool = False) -> np.ndarray:
+    """A prompt given through the Python API as an (N, columns) array of finite numbers (single: N = 1), or a
+    one-line error."""
+    try:
+        array = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be numbers, got {type(values).__name__}: {str(values)[:60]}") from None
+    if (array.size == 0 or array.size % columns or array.ndim > 2 or (array.ndim == 2 and array.shape[1] != columns)
+            or (single and array.size != columns)):
+        raise InputError(f"{what} must be {columns} numbers per entry, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{what} holds NaN or infinite values: {np.round(array.reshape(-1), 2).tolist()[:6]}")
+    return array.reshape(-1, columns)

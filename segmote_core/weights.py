@@ -103,8 +103,15 @@ def _weights_dir() -> Path:
 
 def user_cache_dir(name: str) -> Path:
     """A named folder in the per-user SegMoTE cache (``weights``, ``inductor``, ...), created on demand."""
-    folder = _cache_root() / name
-    folder.mkdir(parents=True, exist_ok=True)
+    return _make_cache_folder(_cache_root() / name)
+
+
+def _make_cache_folder(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SegMoTEError(f"cannot create the cache folder {folder}: {error.strerror or error}; set "
+                           "SEGMOTE_CACHE_DIR to a writable folder") from None
     return folder
 
 
@@ -114,9 +121,7 @@ def cache_dir() -> Path:
     ``$SEGMOTE_CACHE_DIR/weights`` if set, else ``$XDG_CACHE_HOME/segmote/weights``, else
     ``~/.cache/segmote/weights`` (``%LOCALAPPDATA%\\segmote\\weights`` on Windows).
     """
-    folder = _weights_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return _make_cache_folder(_weights_dir())
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -211,10 +216,10 @@ def download_file(
     if destination.is_file() and sha256_file(destination) == expected:
         return destination
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
     part = _part_path(destination)
     http = session if session is not None else requests.Session()
     try:
+        _make_cache_folder(destination.parent)
         # At most two rounds: a resume the server cannot honour falls back to one download from zero.
         for _ in range(2):
             outcome = _download_round(
@@ -225,6 +230,9 @@ def download_file(
                 return _finalize(part, destination, expected)
             # outcome == "restart": the .part was unusable and has been removed.
         raise SegMoTEError(f"download of {url} failed: the server answered a resume request inconsistently")
+    except OSError as error:  # the cache folder is read-only or full
+        raise SegMoTEError(f"cannot write {part}: {error.strerror or error}; set SEGMOTE_CACHE_DIR to a writable "
+                           "folder") from None
     finally:
         if session is None:
             http.close()
