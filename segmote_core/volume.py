@@ -45,10 +45,19 @@ class Volume:
     _stack_fingerprints: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
-        self.spacing = np.asarray(self.spacing, dtype=float).reshape(3)
-        self.origin = np.asarray(self.origin, dtype=float).reshape(3)
-        self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
-        self.array = np.asarray(self.array)
+        for name, shape in (("spacing", (3,)), ("origin", (3,)), ("direction", (3, 3))):
+            try:
+                setattr(self, name, np.asarray(getattr(self, name), dtype=float).reshape(shape))
+            except (TypeError, ValueError):
+                given = " ".join(repr(getattr(self, name)).split())
+                raise InputError(f"{name} must be {int(np.prod(shape))} numbers, got {given:.80}") from None
+        if not isinstance(self.array, np.ndarray):
+            try:
+                self.array = np.asarray(self.array)
+            except (TypeError, ValueError):
+                raise InputError(f"the image must be a 3-D numeric array, got {type(self.array).__name__}") from None
+        if not np.issubdtype(self.array.dtype, np.number) and self.array.dtype != bool:
+            raise InputError(f"the image must be numeric, got {self.array.dtype} voxels")
         if self.array.ndim != 3:
             raise InputError(f"expected a 3-D image, got {self.array.ndim}-D with shape {self.array.shape}")
         if np.iscomplexobj(self.array):
@@ -426,8 +435,8 @@ class SliceStack:
         self.voxel_axis = 2 - self.numpy_dims[0]
 
     def fingerprint(self) -> str:
-        """Hash of the voxels in stack order, computed once per volume and axis (arrays are treated as
-        immutable). Slices depend only on it, so the same scan stored in another axis order or flipped shares
+        """Hash of the voxels in stack order, computed once per volume and axis (a Volume's array is
+        read-only). Slices depend only on it, so the same scan stored in another axis order or flipped shares
         its embeddings: it keys the engine's cache."""
         found = self.volume._stack_fingerprints
         if self.anatomical_axis not in found:

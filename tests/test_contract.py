@@ -246,3 +246,16 @@ def test_no_dependency_warning_precedes_the_error_line(tmp_path):
                             capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "2 DICOM series" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (("abc", (1, 1, 1), (0, 0, 0), np.eye(3)), "numeric|3-D"),
+    ((np.zeros((2, 2, 2)), (1, 1), (0, 0, 0), np.eye(3)), "spacing must be 3 numbers"),
+    ((np.zeros((2, 2, 2)), (1, 1, 1), "origin", np.eye(3)), "origin must be 3 numbers"),
+    ((np.zeros((2, 2, 2)), (1, 1, 1), (0, 0, 0), np.eye(2)), "direction must be 9 numbers"),
+    ((np.zeros((2, 2, 2), dtype=object), (1, 1, 1), (0, 0, 0), np.eye(3)), "numeric"),
+])
+def test_a_volume_built_from_wrong_arguments_is_a_one_line_error(arguments, message):
+    with pytest.raises(InputError, match=message) as error:
+        Volume(*arguments)
+    assert "\n" not in str(error.value)
