@@ -101,7 +101,7 @@ def refuse_input_as_output(output: str | os.PathLike, *inputs: str | os.PathLike
             continue
         source = Path(given)
         try:
-            same = source.exists() and (os.path.samefile(out, source) or (source.is_dir() and source in out.resolve().parents))
+            same = source.exists() and os.path.samefile(out, source)
         except OSError:
             same = False
         if same:
@@ -113,7 +113,7 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock for a read-modify-write of `path` (another process adding to the same file waits).
 
     The lock is an flock on the file's folder, so no lock file is left behind; where flock does not exist
-    (Windows) writes are atomic but not serialised."""
+    (Windows, some network file systems) writes are atomic but not serialised."""
     try:
         import fcntl
     except ImportError:  # Windows
@@ -126,7 +126,10 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
     except OSError as error:
         raise SegMoTEError(f"cannot write {Path(path).name}: {_reason(error, Path(path))}") from None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): atomic, not serialised
+            pass
         yield
     finally:
         os.close(handle)  # closing releases the lock
