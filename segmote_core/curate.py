@@ -398,7 +398,7 @@ def handler(args) -> int:
         path = result.write(args.out)
     except SegMoTEError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return 1  # a user error, as in every command
     summary = result.summary()
     removed = ", ".join(f"{k} {v}" for k, v in summary["removed_by"].items()) or "none"
     print(f"kept {summary['kept']} of {summary['samples']} samples (removed: {removed}); manifest {path}")

@@ -10,6 +10,7 @@ import torch
 from .errors import DeviceError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (default auto)"
 
 
 def available_devices() -> list[str]:
@@ -30,7 +31,7 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     if name == "auto":
         return torch.device(available_devices()[0])
     kind = name.split(":")[0]
-    if kind not in DEVICE_CHOICES:
+    if kind not in DEVICE_CHOICES or (":" in name and (kind != "cuda" or not name.split(":", 1)[1].isdigit())):
         raise DeviceError(f"unknown device '{name}'; choose one of {', '.join(DEVICE_CHOICES)}")
     if kind != "cpu" and kind not in available_devices():
         raise DeviceError(

@@ -23,7 +23,7 @@ from .devices import default_cache_bytes, default_encoder_batch, resolve_device,
 from .errors import Cancelled, InputError, SegMoTEError
 from .normalize import Normalization, choose_normalization, from_rule, normalize
 from .segmentation_io import Segment
-from .volume import SliceStack, Volume
+from .volume import SliceStack, Volume, check_contrast, prompt_array
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -176,6 +176,7 @@ class Engine:
         """axis: voxel axis to slice along (None: closest to superior-inferior); window: (level, width)."""
         if min(volume.shape_ijk) < 1:
             raise InputError(f"the image is empty: {volume.shape_ijk}")
+        check_contrast(volume)
         if normalization is None:
             if self.adapter_header and window is None and self.adapter_header.get("normalization"):
                 normalization = from_rule(volume.array, self.adapter_header["normalization"])
@@ -383,25 +384,27 @@ class Engine:
         points_xy = labels = box_xy = None
         slices: list[int] = []
         if points_ijk is not None:
-            points_ijk = np.atleast_2d(np.asarray(points_ijk, dtype=float))
-            labels = np.ones(len(points_ijk), int) if point_labels is None else np.asarray(point_labels, int)
+            points_ijk = prompt_array(points_ijk, 3, "points")
+            labels = (np.ones(len(points_ijk), int) if point_labels is None
+                      else prompt_array(point_labels, 1, "point labels").reshape(-1))
             if len(labels) != len(points_ijk):
                 raise InputError(f"{len(points_ijk)} points but {len(labels)} point labels")
             if not set(np.unique(labels)) <= {0, 1}:
                 raise InputError("point labels must be 1 (positive) or 0 (negative)")
+            labels = labels.astype(int)
             self._check_inside(volume, points_ijk, "point")
             in_stack = stack.ijk_to_stack(points_ijk)
-            point_slices = np.unique(np.round(in_stack[:, 0]).astype(int))
+            point_slices = np.unique(stack.nearest_index(in_stack)[:, 0])
             if len(point_slices) > 1:
                 raise InputError(f"points lie on different slices {point_slices.tolist()} along the "
                                  f"{'IJK'[stack.voxel_axis]} axis; place them on one slice")
             slices = [int(point_slices[0])]
             points_xy = in_stack[:, [2, 1]]
         if box_ijk is not None:
-            corners = np.asarray(box_ijk, dtype=float).reshape(2, 3)
+            corners = prompt_array(box_ijk, 6, "the box", single=True).reshape(2, 3)
             self._check_inside(volume, corners, "box corner")
             in_stack = stack.ijk_to_stack(corners)
-            low, high = np.round(in_stack.min(axis=0)).astype(int), np.round(in_stack.max(axis=0)).astype(int)
+            low, high = stack.nearest_index(in_stack.min(axis=0))[0], stack.nearest_index(in_stack.max(axis=0))[0]
             if high[1] <= low[1] or high[2] <= low[2]:
                 raise InputError("the box is empty: it has no extent in the slice plane")
             box_xy = np.array([low[2], low[1], high[2], high[1]], dtype=float)

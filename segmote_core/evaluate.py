@@ -24,8 +24,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import InputError, SegMoTEError
-from .files import atomic_write_text
+from .errors import InputError
+from .files import atomic_write_text, refuse_input_as_output
 
 DEFAULT_TOLERANCE_MM = 2.0
 
@@ -158,11 +158,10 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 
 def handler(args) -> int:
-    try:
-        report = evaluate_files(args.pred, args.gt, args.tolerance_mm)
-    except SegMoTEError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    """Errors go up to the CLI's one policy (a user error: one `error:` line, exit 1)."""
+    if args.json and args.json != "-":
+        refuse_input_as_output(args.json, args.pred, args.gt, option="--json")
+    report = evaluate_files(args.pred, args.gt, args.tolerance_mm)
     if args.json == "-":
         print(json.dumps(report, indent=1))
     else:

@@ -9,11 +9,15 @@ under the real name and an existing file survives any failure.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from .errors import SegMoTEError
+from .errors import InputError, SegMoTEError
 
 
 def _umask() -> int:
@@ -28,34 +32,118 @@ def _umask() -> int:
     return 0o022
 
 
+# Formats whose header names a separate data file (ITK writes both, naming the data file after the header).
+DETACHED_SUFFIXES = (".mhd", ".nhdr")
+
+
 def atomic_write(path: str | os.PathLike, write_to: Callable[[Path], object], mode: int | None = None) -> Path:
     """Call write_to(temporary_path), then move the result over `path`; returns `path`.
 
     The temporary file keeps the target's suffixes (writers that choose the format by extension, e.g. SimpleITK,
-    see the right one). mode: permission bits for the result; by default an overwritten file keeps its mode and a
-    new one gets what open() would give it (0666 minus the umask), not the temporary file's owner-only 0600. An
-    OSError (disk full, permissions) becomes a one-line SegMoTEError; the previous file, if any, is untouched."""
+    see the right one). A header + data pair (.mhd, .nhdr) is written under its real names in a temporary folder
+    beside the target, so the header names the real data file; the data file moves into place first, the header
+    last. mode: permission bits for the result; by default an overwritten file keeps its mode and a new one gets
+    what open() would give it (0666 minus the umask), not the temporary file's owner-only 0600. An OSError (disk
+    full, permissions, a parent that is a file) becomes a one-line SegMoTEError; the previous file is untouched."""
     path = Path(path)
-    if mode is None:
-        mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    handle, name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
+    temporary = folder = None
     try:
-        write_to(temporary)
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
+        if mode is None:
+            mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.name.lower().endswith(DETACHED_SUFFIXES):
+            folder = Path(tempfile.mkdtemp(prefix=f".{path.name.split('.')[0]}-", suffix=".tmp", dir=path.parent))
+            write_to(folder / path.name)
+            written = sorted(folder.iterdir(), key=lambda p: p.name == path.name)  # the header last
+            for part in written:
+                _sync_and_chmod(part, mode)
+            for part in written:
+                os.replace(part, path.parent / part.name)
+        else:
+            suffix = "".join(path.suffixes) or ".tmp"
+            handle, name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+            os.close(handle)
+            temporary = Path(name)
+            write_to(temporary)
+            _sync_and_chmod(temporary, mode)
+            os.replace(temporary, path)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise SegMoTEError(f"cannot write {path.name}: {error.strerror or error}; any previous file is unchanged")
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+        raise SegMoTEError(f"cannot write {path.name}: {_reason(error, path)}; any previous file is unchanged") from None
+    finally:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     return path
+
+
+def _sync_and_chmod(path: Path, mode: int) -> None:
+    with open(path, "rb+") as written:
+        os.fsync(written.fileno())
+    os.chmod(path, mode)
+
+
+def _reason(error: OSError, path: Path) -> str:
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            break
+    return error.strerror or str(error)
+
+
+def refuse_input_as_output(output: str | os.PathLike, *inputs: str | os.PathLike | None,
+                           option: str = "--out") -> None:
+    """An output that names one of the command's inputs (the image, the ground truth...) would destroy it."""
+    out = Path(output)
+    for given in inputs:
+        if given is None or not out.exists():
+            continue
+        source = Path(given)
+        try:
+            same = source.exists() and os.path.samefile(out, source)
+        except OSError:
+            same = False
+        if same:
+            raise InputError(f"{option} {out.name} is one of the inputs ({source}); choose another file")
+
+
+@contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock for a read-modify-write of `path` (another process adding to the same file waits).
+
+    The lock is an flock on the file's folder, so no lock file is left behind; where flock does not exist
+    (Windows, some network file systems) writes are atomic but not serialised."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError as error:
+        raise SegMoTEError(f"cannot write {Path(path).name}: {_reason(error, Path(path))}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): atomic, not serialised
+            pass
+        yield
+    finally:
+        os.close(handle)  # closing releases the lock
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so that atomic writes in progress remove their temporary files (the default
+    action ends the process on the spot). Only from the main thread, and only where nobody set a handler."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> Path:

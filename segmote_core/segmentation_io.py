@@ -2,11 +2,20 @@
 
 Adding to an existing file never changes its other segments: .seg.nrrd segments that would overlap go to a new
 layer (as Slicer stores overlapping segments); in a label map the existing labels keep their voxels. Every write is
-atomic (temp file + rename), so a failure leaves the previous file exactly as it was.
+atomic (temp file + rename), so a failure leaves the previous file exactly as it was, and a read-modify-write holds
+an exclusive lock (files.output_lock), so two processes adding to one file keep both their segments.
+
+An existing output must hold a segmentation (judged by content, not by name): a .seg.nrrd with segments (or an
+empty one), or a label map (whole, non-negative voxel values, at most MAX_LABELS of them). Anything else (an image,
+a probability map) is refused unless the caller asks to replace the file.
+
+Label maps store their segment names in the file's header (key ``SegMoTE_LabelNames``, JSON {value: name}; NIfTI:
+in its 80-character description while they fit). Every name and header string is checked by ``check_header_text``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +24,7 @@ import SimpleITK as sitk
 import slicerio
 
 from .errors import InputError
-from .files import atomic_write
+from .files import atomic_write, output_lock
 from .volume import Volume, check_output_path, is_segmentation_path, read_volume
 
 PALETTE = [  # distinguishable colours (0-1 RGB) for segments without a colour of their own
@@ -40,16 +49,46 @@ def _grid_mismatch(volume: Volume, shape_ijk, ijk_to_lps) -> str | None:
             f"vs the image's {volume.describe_grid()}")
 
 
+MAX_LABELS = 1000  # more distinct values than this: an image, not a label map
+MAX_NAME_LENGTH = 200
+LABEL_NAMES_KEY = "SegMoTE_LabelNames"
+NIFTI_NOTES_KEY, NIFTI_NOTES_PREFIX, NIFTI_NOTES_LENGTH = "ITK_FileNotes", "segmote-labels:", 79
+
+
+def check_header_text(value: object, what: str = "segment name") -> str:
+    """The one check for text that goes into a file header (segment and class names): printable ASCII, no
+    leading or trailing spaces, at most MAX_NAME_LENGTH characters. A newline would end the header field and
+    start another (header injection), and NRRD headers are ASCII; such a name is refused, never altered."""
+    if not isinstance(value, str) or not value:
+        raise InputError(f"{what} must be a non-empty string, got {value!r}")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InputError(f"{what} is {len(value)} characters long; at most {MAX_NAME_LENGTH} can be stored")
+    bad = next((c for c in value if not " " <= c <= "~"), None)
+    if bad is not None:
+        raise InputError(f"{what} {value!r} contains {bad!r}; file headers hold printable ASCII only "
+                         "(no newlines, tabs or accents)")
+    if value != value.strip():
+        raise InputError(f"{what} {value!r} starts or ends with a space, which file headers do not keep")
+    return value
+
+
+def _check_color(color, name: str) -> tuple[float, float, float]:
+    try:
+        rgb = tuple(float(c) for c in color)
+    except (TypeError, ValueError):
+        rgb = ()
+    if len(rgb) != 3 or not all(0.0 <= c <= 1.0 for c in rgb):  # also refuses NaN
+        raise InputError(f"segment {name!r}: colour must be three numbers in [0, 1], got {color!r}")
+    return rgb
+
+
 def read_segments(path: str | Path) -> tuple[Volume, list[Segment]]:
     """Read segments (bool masks in (K, J, I) order) and the grid they live on."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"segmentation not found: {path}")
     if is_segmentation_path(path):
-        try:
-            seg = slicerio.read_segmentation(str(path))
-        except Exception as exc:  # slicerio raises many types on bad files
-            raise InputError(f"cannot read segmentation {path.name}: {type(exc).__name__}: {str(exc)[:120]}")
+        seg = _read_seg_nrrd(path, "segmentation")
         voxels = seg["voxels"]
         shape = voxels.shape[-3:]
         matrix = np.asarray(seg["ijkToLPS"], dtype=float)
@@ -60,34 +99,99 @@ def read_segments(path: str | Path) -> tuple[Volume, list[Segment]]:
             for s in seg["segments"]
         ]
         return grid, segments
-    labels = read_volume(path)
+    labels, names = _read_labelmap(path)
     values = [int(v) for v in np.unique(labels.array) if v != 0]
-    return labels, [Segment(f"label {v}", labels.array == v, PALETTE[(v - 1) % len(PALETTE)]) for v in values]
+    return labels, [Segment(names.get(v, f"label {v}"), labels.array == v, PALETTE[(v - 1) % len(PALETTE)])
+                    for v in values]
 
 
-def save_segments(path: str | Path, volume: Volume, segments: list[Segment], replace_same_name: bool = False) -> None:
-    """Add segments to the file at `path` (created if absent) on `volume`'s grid, atomically.
+def _read_seg_nrrd(path: Path, what: str) -> dict:
+    try:
+        return slicerio.read_segmentation(str(path))
+    except Exception as exc:  # slicerio raises many types on bad files
+        raise InputError(f"cannot read {what} {path.name}: {type(exc).__name__}: {str(exc)[:120]}") from None
+
+
+def _read_labelmap(path: Path) -> tuple[Volume, dict[int, str]]:
+    labels = read_volume(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    text = None
+    if reader.HasMetaDataKey(LABEL_NAMES_KEY):
+        text = reader.GetMetaData(LABEL_NAMES_KEY)
+    elif reader.HasMetaDataKey(NIFTI_NOTES_KEY) and reader.GetMetaData(NIFTI_NOTES_KEY).startswith(NIFTI_NOTES_PREFIX):
+        text = reader.GetMetaData(NIFTI_NOTES_KEY)[len(NIFTI_NOTES_PREFIX):]
+    names = {}
+    if text:
+        try:
+            names = {int(value): str(name) for value, name in json.loads(text).items()}
+        except (ValueError, AttributeError, TypeError):
+            names = {}  # foreign or damaged notes: labels keep their "label N" names
+    return labels, names
+
+
+def labelmap_problem(array: np.ndarray) -> str | None:
+    """Why an array is not a label map (None if it is one): labels are whole, non-negative and few."""
+    if array.dtype.kind not in "iub" and not (array.dtype.kind == "f" and np.all(np.isfinite(array))
+                                              and np.array_equal(array, np.round(array))):
+        return f"it holds {array.dtype} values that are not whole numbers (an image or a probability map?)"
+    if array.size and array.min() < 0:
+        return f"it holds negative values (down to {array.min()}): an image, not labels"
+    values = np.unique(array)
+    # Labels are few, and each covers many voxels; an image's values are many, each on a few voxels.
+    if len(values) > MAX_LABELS or (len(values) > 64 and len(values) > np.count_nonzero(array) / 4):
+        return f"it holds {len(values)} distinct values: an image, not labels"
+    return None
+
+
+def save_segments(path: str | Path, volume: Volume, segments: list[Segment], replace_same_name: bool = False,
+                  replace_other_file: bool | None = None) -> list[int]:
+    """Add segments to the file at `path` (created if absent) on `volume`'s grid, atomically; returns the number
+    of voxels stored per segment (in a label map a new label only takes voxels no other label holds).
 
     replace_same_name: an existing segment with the same name as a new one is replaced (the CLI's --overwrite);
     otherwise a name clash is an error. Other existing segments are always kept bit-identical.
+    replace_other_file: an existing file that holds no segmentation (an image...) is replaced instead of refused
+    (default: replace_same_name, as the CLI's --overwrite means both).
     """
     path = check_output_path(path)
+    if replace_other_file is None:
+        replace_other_file = replace_same_name
+    names = []
     for segment in segments:
+        check_header_text(segment.name)
+        if segment.color is not None:
+            segment.color = _check_color(segment.color, segment.name)
         if segment.mask.shape != volume.array.shape:
             raise InputError(f"segment '{segment.name}' has shape {segment.mask.shape}, image {volume.array.shape}")
-    if is_segmentation_path(path):
-        _save_seg_nrrd(path, volume, segments, replace_same_name)
-    else:
-        _save_labelmap(path, volume, segments, replace_same_name)
+        if segment.name in names:
+            raise InputError(f"two new segments are both named '{segment.name}'")
+        names.append(segment.name)
+    with output_lock(path):
+        if is_segmentation_path(path):
+            return _save_seg_nrrd(path, volume, segments, replace_same_name, replace_other_file)
+        return _save_labelmap(path, volume, segments, replace_same_name, replace_other_file)
 
 
-def _save_seg_nrrd(path: Path, volume: Volume, segments: list[Segment], replace_same_name: bool) -> None:
+def _not_a_segmentation(path: Path, reason: str) -> InputError:
+    return InputError(f"existing output {path.name} is not a segmentation ({reason}); choose another --out, "
+                      "or pass --overwrite to replace the file")
+
+
+def _save_seg_nrrd(path: Path, volume: Volume, segments: list[Segment], replace_same_name: bool,
+                   replace_other_file: bool) -> list[int]:
+    seg = None
     if path.exists():
         try:
             seg = slicerio.read_segmentation(str(path))
+            if not seg["segments"] and np.any(seg["voxels"]):
+                raise _not_a_segmentation(path, "an image without segments")
         except Exception as exc:
-            raise InputError(f"existing output {path.name} is not a readable segmentation ({type(exc).__name__}); "
-                             "choose another --out")
+            if not replace_other_file:
+                raise exc if isinstance(exc, InputError) else _not_a_segmentation(path, f"unreadable: {type(exc).__name__}")
+            seg = None
+    if seg is not None:
         problem = _grid_mismatch(volume, seg["voxels"].shape[-3:], seg["ijkToLPS"])
         if problem:
             raise InputError(f"existing output {path.name} lies on another grid: {problem}")
@@ -106,6 +210,7 @@ def _save_seg_nrrd(path: Path, volume: Volume, segments: list[Segment], replace_
         slicerio.add_segment(seg, np.transpose(segment.mask.astype(bool), (2, 1, 0)),
                              {"name": segment.name, "color": [float(c) for c in color]})
     atomic_write(path, lambda temp: slicerio.write_segmentation(str(temp), seg))
+    return [int(np.count_nonzero(segment.mask)) for segment in segments]
 
 
 def _remove_segment(seg: dict, segment: dict) -> None:
@@ -115,19 +220,48 @@ def _remove_segment(seg: dict, segment: dict) -> None:
     seg["segments"] = [s for s in seg["segments"] if s is not segment]
 
 
-def _save_labelmap(path: Path, volume: Volume, segments: list[Segment], replace_same_name: bool) -> None:
+def _save_labelmap(path: Path, volume: Volume, segments: list[Segment], replace_same_name: bool,
+                   replace_other_file: bool) -> list[int]:
+    labels, names = np.zeros(volume.array.shape, np.int64), {}
     if path.exists():
-        labels = read_volume(path)
-        problem = _grid_mismatch(volume, labels.shape_ijk, labels.ijk_to_lps)
-        if problem:
-            raise InputError(f"existing output {path.name} lies on another grid: {problem}")
-        labels = labels.array.astype(np.uint16)
-    else:
-        labels = np.zeros(volume.array.shape, np.uint16)
+        try:
+            existing, names = _read_labelmap(path)
+            problem = labelmap_problem(existing.array)
+        except InputError as error:
+            existing, problem = None, f"unreadable: {error}"
+        if problem and not replace_other_file:
+            raise _not_a_segmentation(path, problem)
+        if not problem:
+            mismatch = _grid_mismatch(volume, existing.shape_ijk, existing.ijk_to_lps)
+            if mismatch:
+                raise InputError(f"existing output {path.name} lies on another grid: {mismatch}")
+            labels = existing.array.astype(np.int64)
+            present = {int(v) for v in np.unique(labels) if v != 0}
+            names = {value: names.get(value, f"label {value}") for value in present}
+        else:
+            names = {}
+    stored = []
     for segment in segments:
-        value = int(labels.max()) + 1
-        free = segment.mask.astype(bool) if replace_same_name else (segment.mask.astype(bool) & (labels == 0))
+        value = next((v for v, name in names.items() if name == segment.name), None)
+        if value is not None:
+            if not replace_same_name:
+                raise InputError(f"{path.name} already has a segment named '{segment.name}' (label {value}); "
+                                 "give another --name or pass --overwrite to replace it")
+            labels[labels == value] = 0  # only the replaced label gives up its voxels
+        else:
+            value = max([int(labels.max(initial=0)), *names]) + 1
+        free = segment.mask.astype(bool) & (labels == 0)
         labels[free] = value
-    dtype = np.uint8 if labels.max() <= 255 else np.uint16
+        names[value] = segment.name
+        stored.append(int(np.count_nonzero(free)))
+    top = int(labels.max(initial=0))
+    dtype = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if top <= np.iinfo(t).max)
     image = volume.to_sitk(labels.astype(dtype))
+    text = json.dumps({str(v): names[v] for v in sorted(names)}, separators=(",", ":"))
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        if len(NIFTI_NOTES_PREFIX) + len(text) <= NIFTI_NOTES_LENGTH:
+            image.SetMetaData(NIFTI_NOTES_KEY, NIFTI_NOTES_PREFIX + text)
+    else:
+        image.SetMetaData(LABEL_NAMES_KEY, text)
     atomic_write(path, lambda temp: sitk.WriteImage(image, str(temp), useCompression=True))
+    return stored

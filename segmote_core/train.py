@@ -1102,7 +1102,7 @@ def handler(args) -> int:
         result = train(config, resume=args.resume, stop_after=args.stop_after, quiet=args.quiet)
     except SegMoTEError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return 1  # a user error, as in every command
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -31,7 +31,12 @@ AXIS_NAMES = {0: "sagittal (L-R)", 1: "coronal (A-P)", 2: "axial (S-I)"}
 
 @dataclass
 class Volume:
-    """A scalar 3-D image: array (K, J, I) and its LPS geometry (see module docstring)."""
+    """A scalar 3-D image: array (K, J, I) and its LPS geometry (see module docstring).
+
+    Volumes are immutable: the array is made read-only on construction (an in-place change raises ValueError), so
+    the engine's embedding cache, keyed by content hashed once per volume, can never serve a stale embedding. To
+    change voxels, build a new Volume from a changed copy: ``Volume(new_array, v.spacing, v.origin, v.direction)``.
+    """
 
     array: np.ndarray
     spacing: np.ndarray
@@ -40,16 +45,36 @@ class Volume:
     _stack_fingerprints: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
-        self.spacing = np.asarray(self.spacing, dtype=float).reshape(3)
-        self.origin = np.asarray(self.origin, dtype=float).reshape(3)
-        self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        for name, shape in (("spacing", (3,)), ("origin", (3,)), ("direction", (3, 3))):
+            try:
+                setattr(self, name, np.asarray(getattr(self, name), dtype=float).reshape(shape))
+            except (TypeError, ValueError):
+                given = " ".join(repr(getattr(self, name)).split())
+                raise InputError(f"{name} must be {int(np.prod(shape))} numbers, got {given:.80}") from None
+        if not isinstance(self.array, np.ndarray):
+            try:
+                self.array = np.asarray(self.array)
+            except (TypeError, ValueError):
+                raise InputError(f"the image must be a 3-D numeric array, got {type(self.array).__name__}") from None
+        if not np.issubdtype(self.array.dtype, np.number) and self.array.dtype != bool:
+            raise InputError(f"the image must be numeric, got {self.array.dtype} voxels")
         if self.array.ndim != 3:
             raise InputError(f"expected a 3-D image, got {self.array.ndim}-D with shape {self.array.shape}")
+        if np.iscomplexobj(self.array):
+            raise InputError("the image has complex voxels; SegMoTE reads real-valued (magnitude) images only")
+        if self.array.flags.writeable:
+            self.array.flags.writeable = False  # see the class docstring
+        if not np.all(np.isfinite(self.origin)):
+            raise InputError(f"invalid image origin {self.origin.tolist()} (must be finite numbers)")
         if not np.all(np.isfinite(self.spacing)) or np.any(self.spacing <= 0):
             raise InputError(f"invalid voxel spacing {self.spacing.tolist()} (must be positive; flips belong in "
                              "the direction matrix)")
         if not np.all(np.isfinite(self.direction)) or abs(np.linalg.det(self.direction)) < 1e-6:
             raise InputError("the image's direction matrix is singular: its axes do not span 3-D space")
+        lengths = np.linalg.norm(self.direction, axis=0)
+        if not np.allclose(lengths, 1.0, atol=1e-3):
+            raise InputError(f"the image's direction matrix has axes of length {np.round(lengths, 4).tolist()}, not 1 "
+                             "(a scaled TransformMatrix?); voxel size belongs in the spacing")
 
     # ---- geometry ----------------------------------------------------------------------------------
     @property
@@ -141,6 +166,19 @@ class Volume:
         return image
 
 
+def check_contrast(volume: Volume) -> None:
+    """Refuse an image with nothing to segment: all NaN/Inf, or one constant value (all zero, say)."""
+    found = volume._stack_fingerprints
+    if "contrast" not in found:
+        finite = volume.array[np.isfinite(volume.array)] if volume.array.dtype.kind == "f" else volume.array
+        if finite.size == 0:
+            raise InputError("the image has no contrast: every voxel is NaN or infinite")
+        low, high = finite.min(), finite.max()
+        if low == high:
+            raise InputError(f"the image has no contrast: every voxel is {low.item()}")
+        found["contrast"] = True
+
+
 def content_hash(array: np.ndarray) -> str:
     digest = hashlib.blake2b(digest_size=16)
     digest.update(str((array.shape, array.dtype.str)).encode())
@@ -149,15 +187,22 @@ def content_hash(array: np.ndarray) -> str:
 
 
 # ---- reading -----------------------------------------------------------------------------------------
-def read_volume(path: str | Path) -> Volume:
-    """Read NIfTI, NRRD, MHA/MHD (any format SimpleITK reads) or a DICOM series folder."""
+def read_volume(path: str | Path, series: str | None = None) -> Volume:
+    """Read NIfTI, NRRD, MHA/MHD (any format SimpleITK reads) or a DICOM series folder.
+
+    series: the SeriesInstanceUID to read from a folder holding several series (they are listed if it is not
+    given). Before anything is allocated, the size a header declares is checked against the bytes the file holds."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"image not found: {path}")
+    if not path.is_dir() and not path.is_file():
+        raise InputError(f"image {path} is not a regular file or a folder (a pipe or a device?)")
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's warnings would precede our one-line error
     try:
         if path.is_dir():
-            image = _read_dicom_series(path)
+            image = _read_dicom_series(path, series)
         else:
+            check_declared_size(path)
             if path.name.lower().endswith(".gz"):
                 _check_gzip_complete(path)
             image = sitk.ReadImage(str(path))
@@ -173,6 +218,137 @@ def read_volume(path: str | Path) -> Volume:
     return volume
 
 
+# ---- declared sizes, checked before a reader allocates them --------------------------------------------------
+_NRRD_TYPES = {
+    1: ("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"),
+    2: ("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort", "unsigned short",
+        "unsigned short int", "uint16", "uint16_t"),
+    4: ("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t", "float"),
+    8: ("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64", "int64_t",
+        "ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t", "double"),
+}
+_NRRD_BYTES = {name: size for size, names in _NRRD_TYPES.items() for name in names}
+_META_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+               "MET_LONG": 8, "MET_ULONG": 8, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+               "MET_DOUBLE": 8}
+_NIFTI_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
+                1536: 16, 1792: 16, 2048: 32, 2304: 4}
+MAX_COMPRESSION_RATIO = 1100  # deflate and bzip2 cannot shrink data further than ~1:1032
+
+
+def check_declared_size(path: Path) -> None:
+    """A header declaring more voxels than its file can hold is refused before a reader allocates them (a 1 KB
+    NRRD can declare 1000^3 voxels)."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".nrrd", ".nhdr")):
+            declared, available, compressed = _nrrd_sizes(path)
+        elif name.endswith((".mha", ".mhd")):
+            declared, available, compressed = _meta_sizes(path)
+        elif name.endswith((".nii", ".nii.gz")):
+            _check_nifti_magic(path)
+            if name.endswith(".gz"):
+                return  # _check_gzip_complete streams the whole member and compares it with the header
+            declared, available, compressed = _nifti_sizes(path)
+        else:
+            return
+    except (ValueError, KeyError, IndexError, OSError):
+        return  # a header we cannot parse is left to the reader, which refuses it
+    limit = available * MAX_COMPRESSION_RATIO if compressed else available
+    if declared > limit:
+        raise InputError(f"cannot read image {path.name}: its header declares {declared:,} bytes of voxels but the "
+                         f"file holds {available:,}{' compressed' if compressed else ''}: truncated or corrupt")
+
+
+def _header_lines(path: Path, limit: int = 1 << 16) -> tuple[list[str], int]:
+    with open(path, "rb") as stream:
+        head = stream.read(limit)
+    end = head.find(b"\n\n")
+    text = head[: end if end >= 0 else len(head)].decode("latin-1")
+    return text.splitlines(), (end + 2 if end >= 0 else len(head))
+
+
+def _nrrd_sizes(path: Path) -> tuple[int, int, bool]:
+    lines, header_bytes = _header_lines(path)
+    fields = {}
+    for line in lines[1:]:
+        if ":" in line and ":=" not in line and not line.startswith("#"):
+            key, value = line.split(":", 1)
+            fields[key.strip().lower()] = value.strip()
+    count = int(np.prod([int(v) for v in fields["sizes"].split()], dtype=object))
+    item = _NRRD_BYTES[fields["type"].lower()]
+    encoding = fields.get("encoding", "raw").lower()
+    data_file = fields.get("data file") or fields.get("datafile")
+    if data_file:
+        available = (path.parent / data_file).stat().st_size  # a list or pattern of files raises: not checked
+    else:
+        available = path.stat().st_size - header_bytes
+    if encoding in ("raw",):
+        return count * item, available, False
+    if encoding in ("gzip", "gz", "bzip2", "bz2"):
+        return count * item, available, True
+    return count, available, False  # text encodings: at least one character per value
+
+
+def _meta_sizes(path: Path) -> tuple[int, int, bool]:
+    with open(path, "rb") as stream:
+        head = stream.read(1 << 16)
+    fields, header_bytes = {}, 0
+    for raw in head.split(b"\n"):
+        header_bytes += len(raw) + 1
+        key, _, value = raw.decode("latin-1").partition("=")
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break
+    for key in ("Offset", "Origin", "Position", "ElementSpacing", "TransformMatrix", "Rotation", "Orientation"):
+        if key in fields:  # MetaIO reads "nan" or a typo as 0 without a word
+            try:
+                values = [float(v) for v in fields[key].split()]
+            except ValueError:
+                values = [float("nan")]
+            if not np.all(np.isfinite(values)):
+                raise InputError(f"cannot read image {path.name}: invalid image origin or geometry "
+                                 f"({key} = {fields[key][:60]})")
+    count = int(np.prod([int(v) for v in fields["DimSize"].split()], dtype=object))
+    count *= int(fields.get("ElementNumberOfChannels", "1"))
+    item = _META_BYTES[fields["ElementType"]]
+    compressed = fields.get("CompressedData", "False").lower() == "true"
+    data_file = fields["ElementDataFile"]
+    if data_file == "LOCAL":
+        available = path.stat().st_size - header_bytes
+    else:
+        available = (path.parent / data_file).stat().st_size
+    return count * item, available, compressed
+
+
+def _nifti_header(path: Path) -> bytes:
+    import gzip
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as stream:
+        return stream.read(540)
+
+
+def _check_nifti_magic(path: Path) -> None:
+    """A .nii whose magic is damaged would be read as Analyze 7.5 (no orientation, origin 0): refuse it."""
+    header = _nifti_header(path)
+    if len(header) >= 12 and header[4:12] == b"n+2\0\r\n\x1a\n":
+        return
+    if len(header) < 348 or header[344:348] not in (b"n+1\0", b"ni1\0"):
+        raise InputError(f"cannot read image {path.name}: not a NIfTI file (its magic is "
+                         f"{header[344:348]!r}, not 'n+1'); it would be read as Analyze, without its orientation")
+
+
+def _nifti_sizes(path: Path) -> tuple[int, int, bool]:
+    header = _nifti_header(path)
+    order = "<" if int.from_bytes(header[0:4], "little") == 348 else ">"
+    dims = np.frombuffer(header[40:56], dtype=f"{order}i2")
+    datatype = int(np.frombuffer(header[70:72], dtype=f"{order}i2")[0])
+    offset = int(np.frombuffer(header[108:112], dtype=f"{order}f4")[0])
+    count = int(np.prod([max(int(d), 1) for d in dims[1: 1 + min(max(int(dims[0]), 1), 7)]], dtype=object))
+    return count * _NIFTI_BYTES[datatype], path.stat().st_size - offset, False
+
+
 def _check_gzip_complete(path: Path) -> None:
     """ITK's NIfTI reader fills a truncated .gz with zeros without a word; refuse such a file instead."""
     import gzip
@@ -186,15 +362,49 @@ def _check_gzip_complete(path: Path) -> None:
         raise InputError(f"cannot read image {path.name}: truncated or corrupt compressed file ({type(exc).__name__})")
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+def _read_dicom_series(folder: Path, series: str | None = None) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
+    found = reader.GetGDCMSeriesIDs(str(folder))
+    if not found:
         raise InputError(f"no DICOM series found in folder {folder}")
-    # Several series in one folder: take the one with the most slices (the main scan, not a scout).
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series), key=len)
-    reader.SetFileNames(files)
+    files = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in found}
+    if series is None and len(found) > 1:
+        listing = "; ".join(f"{uid} ({len(files[uid])} slices)" for uid in found)
+        raise InputError(f"folder {folder.name} holds {len(found)} DICOM series: {listing}; choose one with --series UID")
+    uid = series or found[0]
+    if uid not in files:
+        raise InputError(f"folder {folder.name} has no DICOM series {uid}; it has: {', '.join(found)}")
+    _check_even_slices(files[uid], uid)
+    reader.SetFileNames(files[uid])
     return reader.Execute()
+
+
+def _check_even_slices(files: tuple[str, ...], uid: str) -> None:
+    """ITK reads a series as evenly spaced: a missing or unreadable slice would shift every later one."""
+    positions, normal = [], None
+    for name in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(name)
+        try:
+            header.ReadImageInformation()
+            position = [float(v) for v in header.GetMetaData("0020|0032").split("\\")]
+            if normal is None:
+                cosines = [float(v) for v in header.GetMetaData("0020|0037").split("\\")]
+                normal = np.cross(cosines[:3], cosines[3:])
+        except (RuntimeError, ValueError):
+            raise InputError(f"DICOM series {uid}: slice {Path(name).name} is unreadable or has no position; "
+                             "the series is incomplete") from None
+        positions.append(float(np.dot(position, normal)))
+    if len(positions) < 3:
+        return
+    gaps = np.diff(np.sort(positions))
+    typical = float(np.median(gaps))
+    uneven = np.flatnonzero(np.abs(gaps - typical) > max(0.01, 0.05 * abs(typical)))
+    if typical <= 0 or uneven.size:
+        where = int(uneven[0]) + 1 if uneven.size else 0
+        raise InputError(f"DICOM series {uid} has uneven slice spacing: {gaps[where - 1 if where else 0]:.3g} mm "
+                         f"after slice {where} vs {typical:.3g} mm elsewhere (a missing slice?); it would be read "
+                         "with later slices misplaced")
 
 
 # ---- slicing along anatomy ------------------------------------------------------------------------------
@@ -225,8 +435,8 @@ class SliceStack:
         self.voxel_axis = 2 - self.numpy_dims[0]
 
     def fingerprint(self) -> str:
-        """Hash of the voxels in stack order, computed once per volume and axis (arrays are treated as
-        immutable). Slices depend only on it, so the same scan stored in another axis order or flipped shares
+        """Hash of the voxels in stack order, computed once per volume and axis (a Volume's array is
+        read-only). Slices depend only on it, so the same scan stored in another axis order or flipped shares
         its embeddings: it keys the engine's cache."""
         found = self.volume._stack_fingerprints
         if self.anatomical_axis not in found:
@@ -263,6 +473,12 @@ class SliceStack:
                 view = np.flip(view, axis=dim)
         return np.ascontiguousarray(np.transpose(view, np.argsort(self.numpy_dims)))
 
+    def nearest_index(self, points_stack) -> np.ndarray:
+        """(N, 3) continuous (slice, row, col) -> the nearest voxel's integer indices, kept inside the stack (a
+        point on the outer half-voxel border, e.g. -0.5 or n - 0.5, belongs to the border voxel)."""
+        rounded = np.round(np.atleast_2d(points_stack)).astype(int)
+        return np.clip(rounded, 0, np.asarray(self.shape) - 1)
+
     def ijk_to_stack(self, points_ijk) -> np.ndarray:
         """(N, 3) continuous voxel (i, j, k) -> (N, 3) continuous (slice, row, col)."""
         points = np.atleast_2d(np.asarray(points_ijk, dtype=float))
@@ -283,9 +499,35 @@ LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def check_output_path(path: str | Path) -> Path:
+    """An output path that can be written: the right suffix, not a folder, its folder writable (checked before
+    any model runs, so a long run does not end in a write error)."""
+    import os
+
     path = Path(path)
     if not (is_segmentation_path(path) or str(path).lower().endswith(LABELMAP_SUFFIXES)):
         raise InputError(f"output {path.name} must end in .seg.nrrd or a label-map format ({', '.join(LABELMAP_SUFFIXES)})")
     if path.exists() and path.is_dir():
         raise InputError(f"output {path} is a folder")
+    if path.exists() and not path.is_file():
+        raise InputError(f"output {path} is not a regular file")
+    folder = next((parent for parent in path.parents if parent.exists()), Path("."))
+    if not folder.is_dir():
+        raise InputError(f"cannot write {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: the folder {folder} is not writable")
     return path
+
+
+def prompt_array(values, columns: int, what: str, single: bool = False) -> np.ndarray:
+    """A prompt given through the Python API as an (N, columns) array of finite numbers (single: N = 1), or a
+    one-line error."""
+    try:
+        array = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be numbers, got {type(values).__name__}: {str(values)[:60]}") from None
+    if (array.size == 0 or array.size % columns or array.ndim > 2 or (array.ndim == 2 and array.shape[1] != columns)
+            or (single and array.size != columns)):
+        raise InputError(f"{what} must be {columns} numbers per entry, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{what} holds NaN or infinite values: {np.round(array.reshape(-1), 2).tolist()[:6]}")
+    return array.reshape(-1, columns)

@@ -12,10 +12,12 @@ import hashlib
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+import urllib3
 from tqdm import tqdm
 
 from .errors import Cancelled, CheckpointError, InputError, SegMoTEError
@@ -24,6 +26,9 @@ HASH_CHUNK_BYTES = 1 << 20
 PART_SUFFIX = ".part"
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE_START = re.compile(r"bytes\s+(\d+)-")
+# A download that brings fewer bytes than this within `timeout` seconds is stalled (a server trickling a byte
+# every few seconds never trips a per-read socket timeout).
+STALL_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -98,8 +103,15 @@ def _weights_dir() -> Path:
 
 def user_cache_dir(name: str) -> Path:
     """A named folder in the per-user SegMoTE cache (``weights``, ``inductor``, ...), created on demand."""
-    folder = _cache_root() / name
-    folder.mkdir(parents=True, exist_ok=True)
+    return _make_cache_folder(_cache_root() / name)
+
+
+def _make_cache_folder(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SegMoTEError(f"cannot create the cache folder {folder}: {error.strerror or error}; set "
+                           "SEGMOTE_CACHE_DIR to a writable folder") from None
     return folder
 
 
@@ -109,9 +121,7 @@ def cache_dir() -> Path:
     ``$SEGMOTE_CACHE_DIR/weights`` if set, else ``$XDG_CACHE_HOME/segmote/weights``, else
     ``~/.cache/segmote/weights`` (``%LOCALAPPDATA%\\segmote\\weights`` on Windows).
     """
-    folder = _weights_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return _make_cache_folder(_weights_dir())
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -186,6 +196,7 @@ def download_file(
     timeout: float = 30,
     chunk_size: int = 1 << 20,
     session: requests.Session | None = None,
+    size_bytes: int | None = None,
     cancel=None,
 ) -> Path:
     """Download `url` to `destination`, resuming a previous ``.part`` and accepting only the pinned SHA-256.
@@ -196,27 +207,35 @@ def download_file(
     a partial or corrupt file never sits under the final name. If `destination` already matches, it is
     returned without touching the network.
 
-    Raises CheckpointError on a checksum mismatch (the .part is deleted), SegMoTEError on an HTTP error
-    status or a dropped connection (the .part is kept so the same call resumes it).
+    timeout: seconds without a response, and the window in which at least STALL_BYTES must arrive.
+    size_bytes: the file's known size; a server sending more (or announcing another size) is cut off, so an
+    endless body cannot fill the disk.
+
+    Raises CheckpointError on a checksum mismatch or a wrong size (the .part is deleted), SegMoTEError on an HTTP
+    error status, a stall or a dropped connection (the .part is kept so the same call resumes it).
     """
     destination = Path(destination)
     expected = _pinned_sha256(sha256, destination.name)
     if destination.is_file() and sha256_file(destination) == expected:
         return destination
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
     part = _part_path(destination)
     http = session if session is not None else requests.Session()
     try:
+        _make_cache_folder(destination.parent)
         # At most two rounds: a resume the server cannot honour falls back to one download from zero.
         for _ in range(2):
             outcome = _download_round(
-                http, url, part, expected, progress, timeout, chunk_size, label=destination.name, cancel=cancel
+                http, url, part, expected, progress, timeout, chunk_size, label=destination.name,
+                size_bytes=size_bytes, cancel=cancel,
             )
             if outcome == "complete":
                 return _finalize(part, destination, expected)
             # outcome == "restart": the .part was unusable and has been removed.
         raise SegMoTEError(f"download of {url} failed: the server answered a resume request inconsistently")
+    except OSError as error:  # the cache folder is read-only or full
+        raise SegMoTEError(f"cannot write {part}: {error.strerror or error}; set SEGMOTE_CACHE_DIR to a writable "
+                           "folder") from None
     finally:
         if session is None:
             http.close()
@@ -231,6 +250,7 @@ def _download_round(
     timeout: float,
     chunk_size: int,
     label: str,
+    size_bytes: int | None = None,
     cancel=None,
 ) -> str:
     """One HTTP request into `part`; returns "complete" or "restart" (the .part was discarded)."""
@@ -268,6 +288,11 @@ def _download_round(
 
         body_length = response.headers.get("Content-Length")
         total = offset + int(body_length) if body_length and body_length.isdigit() else None
+        if size_bytes is not None and total is not None and total != size_bytes:
+            part.unlink(missing_ok=True)
+            raise CheckpointError(f"download of {url} refused: the server announces {total} bytes, "
+                                  f"the file has {size_bytes}")
+        limit = size_bytes if size_bytes is not None else total
         received = offset
         with open(part, mode) as sink, tqdm(
             total=total,
@@ -278,14 +303,25 @@ def _download_round(
             desc=label,
             disable=not progress,
         ) as bar:
+            window_start, window_bytes = time.monotonic(), 0
             try:
-                for chunk in response.iter_content(chunk_size=chunk_size):
+                for chunk in _body_chunks(response, chunk_size):
                     if cancel is not None and cancel():
                         raise Cancelled(f"download of {label} cancelled; the next download resumes it")
+                    if limit is not None and received + len(chunk) > limit:
+                        part.unlink(missing_ok=True)  # not the file: nothing worth resuming
+                        raise CheckpointError(f"download of {url} cut off: the server sent more than the "
+                                              f"{limit} bytes the file has")
                     sink.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
-            except requests.RequestException:
+                    window_bytes += len(chunk)
+                    if time.monotonic() - window_start >= timeout:
+                        if window_bytes < STALL_BYTES:
+                            raise _interrupted(url, part, received, total,
+                                               f"stalled: under {STALL_BYTES} bytes in {timeout:g} s")
+                        window_start, window_bytes = time.monotonic(), 0
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
                 # Dropped connection or read timeout mid-body; either way the .part is resumable.
                 raise _interrupted(url, part, received, total, "connection lost") from None
             finally:
@@ -297,6 +333,20 @@ def _download_round(
             # Some stacks end a short body silently instead of raising; treat it as a dropped connection.
             raise _interrupted(url, part, received, total, "connection closed early")
         return "complete"
+
+
+def _body_chunks(response: requests.Response, chunk_size: int):
+    """The body as it arrives: each read returns as soon as some bytes are there (read1), so the caller sees a
+    trickle as it happens instead of blocking until a whole chunk has come."""
+    raw = response.raw
+    if not hasattr(raw, "read1"):
+        yield from response.iter_content(chunk_size=chunk_size)
+        return
+    while True:
+        chunk = raw.read1(chunk_size)
+        if not chunk:
+            return
+        yield chunk
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,9 +369,8 @@ def download_weights(name: str, *, url: str | None = None, progress: bool = True
     info = _lookup(name)
     if info.sha256 is None:
         raise CheckpointError(f"refusing to download {name}: no SHA-256 is pinned for it")
-    # With a cancel callback, smaller reads: a read blocks until its chunk is full, and cancel is checked between.
     return download_file(url or info.url, cache_dir() / info.filename, info.sha256, progress=progress,
-                         cancel=cancel, chunk_size=(1 << 16) if cancel is not None else (1 << 20))
+                         size_bytes=info.size_bytes, cancel=cancel)
 
 
 def cached_weights(name: str) -> Path | None:

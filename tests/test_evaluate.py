@@ -96,9 +96,8 @@ def test_prediction_on_another_grid_is_one_line_error(tmp_path, capsys):
         evaluate_files(tmp_path / "pred.seg.nrrd", tmp_path / "gt.seg.nrrd")
     message = str(error.value)
     assert "\n" not in message and "different grids" in message and "0.7" in message
-    parser = argparse.ArgumentParser()
-    evaluate.add_cli(parser.add_subparsers())
-    args = parser.parse_args(["eval", "--pred", str(tmp_path / "pred.seg.nrrd"), "--gt", str(tmp_path / "gt.seg.nrrd")])
-    assert args.func(args) == 2
+    from segmote_core.cli import main
+
+    assert main(["eval", "--pred", str(tmp_path / "pred.seg.nrrd"), "--gt", str(tmp_path / "gt.seg.nrrd")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err

@@ -96,7 +96,7 @@ def test_unknown_or_mistyped_config_keys_are_refused(tmp_path, tiny_data):
     with pytest.raises(InputError):
         load_config(good, {"unknown_flag": 1})
     # The CLI reports it in one line and a non-zero exit.
-    assert train_module.main(["--config", str(path), "--quiet"]) == 2
+    assert train_module.main(["--config", str(path), "--quiet"]) == 1
 
 
 # ---- training ----------------------------------------------------------------------------------------

@@ -320,3 +320,73 @@ def test_cli_download_list_and_path(test_model, payload, cache, capsys):
     assert listed[TEST_MODEL].endswith(str(cache / TEST_FILENAME))
     assert listed["sam_vit_b"].endswith("not downloaded")
     assert "358 MiB" in listed["sam_vit_b"]
+
+
+# ---- hostile servers: a trickle, an endless body, a size that is not the file's ----------------------------
+class HostileHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        mode = self.server.mode
+        self.send_response(200)
+        if mode == "wrong length":
+            self.send_header("Content-Length", "10")
+        self.end_headers()
+        try:
+            if mode == "trickle":  # one byte every 0.2 s, forever: never a socket timeout
+                while not self.server.stop.wait(0.2):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+            elif mode == "endless":
+                while not self.server.stop.is_set():
+                    self.wfile.write(bytes(64 * 1024))
+            else:
+                self.wfile.write(bytes(10))
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def hostile():
+    servers = []
+
+    def start(mode: str) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), HostileHandler)
+        server.mode, server.stop, server.daemon_threads = mode, threading.Event(), True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/w.pth"
+
+    yield start
+    for server in servers:
+        server.stop.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_trickling_server_trips_the_stall_deadline(hostile, tmp_path):
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(SegMoTEError, match="stalled") as error:
+        weights.download_file(hostile("trickle"), tmp_path / "w.pth", "ab" * 32, progress=False, timeout=1)
+    assert time.monotonic() - started < 5 and "\n" not in str(error.value)
+    assert (tmp_path / "w.pth.part").is_file() and not (tmp_path / "w.pth").exists()  # resumable
+
+
+def test_an_endless_body_is_cut_off_at_the_known_size(hostile, tmp_path):
+    with pytest.raises(CheckpointError, match="more than the 1000000 bytes"):
+        weights.download_file(hostile("endless"), tmp_path / "w.pth", "ab" * 32, progress=False,
+                              size_bytes=1_000_000)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_server_announcing_another_size_is_refused(hostile, tmp_path):
+    with pytest.raises(CheckpointError, match="announces 10 bytes, the file has 2000"):
+        weights.download_file(hostile("wrong length"), tmp_path / "w.pth", "ab" * 32, progress=False,
+                              size_bytes=2000)
+    assert os.listdir(tmp_path) == []
