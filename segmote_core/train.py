@@ -16,6 +16,11 @@
    - *prompted*: one class present in each slice, a box (jittered) or a positive click sampled from its label, then
      ``interaction_steps`` more passes, each adding one click at the centre of the larger error region (positive on
      a miss, negative on a false alarm) and the previous logits as mask prompt;
+   - *label-free clicks* (``distill_clicks`` per slice): random boxes anywhere in the slice go to the frozen model;
+     where it is confident (predicted IoU) and its mask is not mostly a trained class, a click inside that mask is a
+     prompt whose target is the mask (self-distillation: clicks learn the base model's box answers on any
+     structure, without labels). A box alone is answered by the frozen decoder (``SegMoTEConfig.boxes_to_base``), so
+     a box as first prompt trains MoTE only through the clicks that follow it;
    - *automatic*: PPT tokens for ``auto_classes_per_step`` classes drawn at random (0 = all), coarse pass +
      ``refine_passes`` box/mask passes, on every slice of the batch (slices without the class teach objectness);
    - loss per mask pass: ``20·focal + Dice + MSE(predicted IoU, actual IoU)``; automatic mode adds
@@ -29,7 +34,8 @@
    resumed run reproduces an uninterrupted one's losses exactly.
 6. **Logs**: tqdm, ``<out>/log.csv`` (one row per step) and ``<out>/val.csv`` (per-class validation Dice).
 7. **Held-out report** (slice split): the shipped adapter through ``Engine.auto`` on the whole volume, scored on the
-   held-out slices only, and single-positive-click Dice before (base backbone) and after (MoTE decoder).
+   held-out slices only; single-positive-click and tight-box Dice, base backbone vs adapter, for the trained classes
+   and for every other labelled structure of the volume (the adapter must not make those worse).
 """
 
 from __future__ import annotations
@@ -120,6 +126,10 @@ class TrainConfig:
     box_probability: float = 0.5
     box_jitter: float = 0.1  # share of the box side each edge may move outwards
     interaction_steps: int = 2
+    # label-free clicks: per slice and step, a click inside the base model's mask for a random box, with that mask
+    # as the target (self-distillation; teaches clicks on any structure, see distillation_prompts)
+    distill_clicks: int = 0
+    distill_weight: float = 1.0
     refine_passes: int = 1
     auto_classes_per_step: int = 1  # classes decoded automatically per step (0 = all)
     # bookkeeping
@@ -147,9 +157,12 @@ class TrainConfig:
         for name in ("lr", "grad_clip", "fast_lr_multiplier"):
             if not getattr(self, name) > 0:
                 raise InputError(f"config: {name} must be positive, got {getattr(self, name)}")
-        for name in ("interaction_steps", "refine_passes", "warmup_steps", "eval_every", "auto_classes_per_step"):
+        for name in ("interaction_steps", "refine_passes", "warmup_steps", "eval_every", "auto_classes_per_step",
+                     "distill_clicks"):
             if getattr(self, name) < 0:
                 raise InputError(f"config: {name} must be 0 or more, got {getattr(self, name)}")
+        if self.distill_weight < 0:
+            raise InputError(f"config: distill_weight must be 0 or more, got {self.distill_weight}")
         if not 0.0 <= self.box_probability <= 1.0:
             raise InputError(f"config: box_probability must be in [0, 1], got {self.box_probability}")
         if self.window is not None and len(self.window) != 2:
@@ -471,6 +484,65 @@ def error_click(prediction: np.ndarray, target: np.ndarray) -> tuple[np.ndarray,
     return centre_point(region), label
 
 
+# Label-free click targets: random boxes (sides 8-50 % of the slice) anywhere in the slice; the base model's mask
+# for a box becomes the target of a click inside it when the base model is confident (predicted IoU) and the mask
+# is a real object (area) that is not mostly one of the trained classes (those have their own labelled targets).
+DISTILL_BOX_SIDES = (0.08, 0.5)
+DISTILL_MIN_IOU = 0.7
+DISTILL_MIN_AREA = 16  # low-res (256x256) pixels
+DISTILL_MAX_CLASS_OVERLAP = 0.5
+DISTILL_CANDIDATES = 2  # boxes drawn per wanted click (each costs a base decoder pass)
+
+
+def random_box(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A box (x0, y0, x1, y1) on a (H, W) slice grid, each side a random share of the slice, placed anywhere."""
+    h, w = shape
+    bw, bh = rng.uniform(*DISTILL_BOX_SIDES, 2) * np.array([w, h])
+    x0, y0 = rng.uniform(0, w - 1 - bw), rng.uniform(0, h - 1 - bh)
+    return np.array([x0, y0, x0 + bw, y0 + bh])
+
+
+@torch.no_grad()
+def distillation_prompts(backbone, embedding: torch.Tensor, items: list[SliceItem], targets: torch.Tensor,
+                         count: int, rng: np.random.Generator):
+    """Self-distilled click prompts: up to ``count`` per slice, from the base model's answers to random boxes.
+
+    embedding (B, 256, h, w); targets (B, classes, 256, 256) the trained classes' low-res labels. Returns
+    (rows (n,) long, clicks (n, 1, 2) model-input xy, targets (n, 1, 256, 256) float) or None if no box passed.
+    """
+    device = embedding.device
+    shape = items[0].masks.shape[1:]
+    candidates = count * DISTILL_CANDIDATES
+    rows = torch.arange(len(items), device=device).repeat_interleave(candidates)
+    boxes = np.stack([random_box(shape, rng) for _ in range(len(rows))])
+    boxes = backbone.slice_to_model_xy(torch.as_tensor(boxes, dtype=torch.float32, device=device).view(-1, 2, 2),
+                                       shape).view(-1, 4)
+    # SAM's decoder takes one image with many prompts: one call per slice.
+    answers = [backbone.decode(embedding[row : row + 1], boxes=boxes[row * candidates : (row + 1) * candidates],
+                               multimask=False) for row in range(len(items))]
+    logits, iou = torch.cat([a[0] for a in answers]), torch.cat([a[1] for a in answers])
+    masks = logits[:, 0] > 0  # (n, 256, 256)
+    area = masks.flatten(1).sum(1)
+    trained = targets.bool().any(dim=1)[rows]  # (n, 256, 256)
+    overlap = (masks & trained).flatten(1).sum(1) / area.clamp(min=1)
+    usable = ((iou[:, 0] >= DISTILL_MIN_IOU) & (area >= DISTILL_MIN_AREA)
+              & (overlap <= DISTILL_MAX_CLASS_OVERLAP)).cpu().numpy()
+    low_to_model = backbone.input_size / masks.shape[-1]
+    keep, clicks = [], []
+    for row in range(len(items)):
+        chosen = [i for i in range(row * candidates, (row + 1) * candidates) if usable[i]][:count]
+        for i in chosen:
+            mask = masks[i].cpu().numpy()
+            inner = ndimage.binary_erosion(mask, iterations=2)
+            keep.append(i)
+            clicks.append((sample_point(inner if inner.any() else mask, rng) + 0.5) * low_to_model - 0.5)
+    if not keep:
+        return None
+    keep_index = torch.tensor(keep, device=device)
+    clicks = torch.tensor(np.stack(clicks), dtype=torch.float32, device=device)[:, None]
+    return rows[keep_index], clicks, masks[keep_index].unsqueeze(1).float()
+
+
 # =====================================================================================================
 # 5. Losses, and the objective that DDP wraps
 # =====================================================================================================
@@ -565,6 +637,19 @@ class Objective(nn.Module):
                 labels = new_labels if labels is None else torch.cat([labels, new_labels], dim=1)
                 mask_input = result.logits.detach()
             out["prompted"] = torch.stack(losses).mean()
+
+        # ---- label-free clicks: the base model's box answers anywhere in the slice as click targets -----------
+        distilled = (distillation_prompts(backbone, embedding, items, targets, c.distill_clicks, rng)
+                     if c.prompted and c.distill_clicks else None)
+        if distilled is not None:
+            rows, clicks, target = distilled
+            labels = torch.ones(len(rows), 1, dtype=torch.int64, device=embedding.device)
+            result = model.decode(embedding[rows], early[rows], clicks, labels)
+            terms = self.mask_terms(result.logits, target, result.iou)
+            for k, v in terms.items():
+                parts[k].append(v)
+            out["prompted"] = out["prompted"] + c.distill_weight * self.weighted(terms)
+            out["balance"] = out["balance"] + result.balance_loss
 
         # ---- automatic (PPT), for the classes drawn for this step ---------------------------------------
         if c.automatic:
@@ -1020,32 +1105,41 @@ def heldout_report(config: TrainConfig, data: TrainData, adapter: Path, device, 
         total = sum(p.sum() + t.sum() for p, t in pairs)
         return float(2 * inter / total) if total else float("nan")
 
-    report = {"case": case, "heldout_slices": held, "classes": {}, "auto_seconds": round(auto_seconds, 1)}
-    for name in data.classes:
+    def prompted(name: str) -> dict:
+        """Single-click and tight-box Dice, base vs adapter, over the held-out slices where ``name`` is present."""
         truth = stack.to_stack(labels[name])
         present = [i for i in held if truth[i].any()]
-        clicks = {"base": [], "tuned": []}
-        boxes = []
+        scores = {key: [] for key in ("click_base", "click_tuned", "box_base", "box_tuned")}
         for i in present:
             x, y = centre_point(truth[i])
             point_ijk = volume_ijk(stack, i, x, y)
+            rows, cols = np.flatnonzero(truth[i].any(1)), np.flatnonzero(truth[i].any(0))
+            box = np.array([cols[0], rows[0], cols[-1], rows[-1]], float)
             for label, engine, prepared in (("base", base, base_prep), ("tuned", tuned, tuned_prep)):
                 mask = stack.to_stack(engine.segment(volume, points_ijk=[point_ijk], point_labels=[1],
                                                      prepared=prepared))
-                clicks[label].append((mask[i], truth[i]))
-            rows, cols = np.flatnonzero(truth[i].any(1)), np.flatnonzero(truth[i].any(0))
-            box = base.predict_slice(base_prep, i, box=np.array([cols[0], rows[0], cols[-1], rows[-1]], float))
-            boxes.append((box.mask, truth[i]))
-        report["classes"][name] = {
-            "automatic_dice": dice_of([(automatic[name][i], truth[i]) for i in held]),
-            "single_click_dice_base": dice_of(clicks["base"]),
-            "single_click_dice_tuned": dice_of(clicks["tuned"]),
-            "box_dice_base": dice_of(boxes),
-            "slices_with_class": len(present),
-        }
-        r = report["classes"][name]
+                scores[f"click_{label}"].append((mask[i], truth[i]))
+                scores[f"box_{label}"].append((engine.predict_slice(prepared, i, box=box).mask, truth[i]))
+        return {"single_click_dice_base": dice_of(scores["click_base"]),
+                "single_click_dice_tuned": dice_of(scores["click_tuned"]),
+                "box_dice_base": dice_of(scores["box_base"]), "box_dice_tuned": dice_of(scores["box_tuned"]),
+                "slices_with_class": len(present)}
+
+    report = {"case": case, "heldout_slices": held, "classes": {}, "other_structures": {},
+              "auto_seconds": round(auto_seconds, 1)}
+    for name in data.classes:
+        truth = stack.to_stack(labels[name])
+        report["classes"][name] = r = {"automatic_dice": dice_of([(automatic[name][i], truth[i]) for i in held]),
+                                       **prompted(name)}
         log(f"held-out {name}: automatic Dice {r['automatic_dice']:.4f}; single click {r['single_click_dice_base']:.4f}"
-            f" (base) -> {r['single_click_dice_tuned']:.4f} (MoTE); box (base) {r['box_dice_base']:.4f}")
+            f" (base) -> {r['single_click_dice_tuned']:.4f} (adapter); box {r['box_dice_base']:.4f} (base) -> "
+            f"{r['box_dice_tuned']:.4f} (adapter)")
+    # The labelled structures the adapter was not trained for: it must not make them worse (docs/training.md).
+    for name in (n for n in labels if n not in data.classes):
+        report["other_structures"][name] = r = prompted(name)
+        log(f"held-out {name} (not trained): single click {r['single_click_dice_base']:.4f} (base) -> "
+            f"{r['single_click_dice_tuned']:.4f} (adapter); box {r['box_dice_base']:.4f} (base) -> "
+            f"{r['box_dice_tuned']:.4f} (adapter)")
     return report
 
 

@@ -105,14 +105,48 @@ def test_base_path_ignores_trained_adapters_and_batch_matches_single_images():
     perturb_zero_inits(model)
     embedding, early = tiny_features(model, batch=2)
     boxes = torch.tensor([[10.0, 20.0, 200.0, 150.0], [50.0, 40.0, 120.0, 220.0]])
+    points, labels = torch.tensor([[[100.0, 90.0]], [[80.0, 130.0]]]), torch.tensor([[1], [1]])
     with torch.no_grad():
-        batched = model.decode(embedding, early, boxes=boxes)
+        batched = model.decode(embedding, early, points, labels, boxes=boxes)
         for i in range(2):
-            single = model.decode(embedding[i : i + 1], early[i : i + 1], boxes=boxes[i : i + 1])
-            base_logits, _ = model.backbone.decode(embedding[i : i + 1], boxes=boxes[i : i + 1])
+            prompt = {"points": points[i : i + 1], "point_labels": labels[i : i + 1], "boxes": boxes[i : i + 1]}
+            single = model.decode(embedding[i : i + 1], early[i : i + 1], **prompt)
+            base_logits, _ = model.backbone.decode(embedding[i : i + 1], **prompt)
             assert torch.allclose(batched.logits[i], single.logits[0], atol=1e-5)
             assert torch.allclose(batched.base_logits[i], base_logits[0], atol=1e-5)
             assert not torch.allclose(single.logits, base_logits, atol=1e-3)  # the adapter does act
+
+
+def test_a_box_alone_gets_the_frozen_answer_and_clicks_get_the_adapter():
+    """After 'training', a box prompt (with or without a mask prompt) still returns the base mask and IoU exactly,
+    per row of a batch; a box with a click, or a click alone, goes through MoTE; boxes_to_base=False turns it off."""
+    model = tiny_model()
+    perturb_zero_inits(model)
+    embedding, early = tiny_features(model)  # one image, three prompt sets
+    boxes = torch.tensor([[10.0, 20.0, 200.0, 150.0], [50.0, 40.0, 120.0, 220.0], [30.0, 30.0, 90.0, 90.0]])
+    # Row 0: box alone (padding label -1); row 1: box + positive click; row 2: box + negative click.
+    points = torch.tensor([[[0.0, 0.0]], [[80.0, 130.0]], [[60.0, 60.0]]])
+    labels = torch.tensor([[-1], [1], [0]])
+    previous = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        out = model.decode(embedding, early, points, labels, boxes)
+        assert torch.equal(out.logits[0], out.base_logits[0]) and torch.equal(out.iou[0], out.base_iou[0])
+        for row in (1, 2):
+            assert not torch.allclose(out.logits[row], out.base_logits[row], atol=1e-3)
+        for prompt in ({"boxes": boxes}, {"boxes": boxes, "mask_input": previous}):
+            alone = model.decode(embedding, early, **prompt)
+            base_logits, base_iou = model.backbone.decode(embedding, multimask=False, **prompt)
+            assert torch.allclose(alone.logits, base_logits, atol=1e-5)
+            assert torch.allclose(alone.iou, base_iou, atol=1e-5)
+        click = model.decode(embedding, early, points[1:2], labels[1:2])
+        assert not torch.allclose(click.logits, click.base_logits, atol=1e-3)
+    unrouted = tiny_model(boxes_to_base=False)
+    unrouted.load_adapter_state_dict(model.adapter_state_dict())
+    with torch.no_grad():
+        alone = unrouted.decode(embedding, early, boxes=boxes)
+    assert not torch.allclose(alone.logits, alone.base_logits, atol=1e-3)
+    with pytest.raises(InputError, match="boxes_to_base"):
+        SegMoTEConfig(boxes_to_base="yes")
 
 
 # ---- routing and the balance loss -------------------------------------------------------------------------

@@ -101,9 +101,11 @@ def test_unknown_or_mistyped_config_keys_are_refused(tmp_path, tiny_data):
 
 # ---- training ----------------------------------------------------------------------------------------
 def test_loss_falls_and_checkpoints_are_complete(tmp_path, tiny_data):
-    # One class, box prompts, the whole training set in every batch: the loss is comparable from step to step.
+    # One class, box prompts (through MoTE: boxes_to_base off), the whole training set in every batch: the loss is
+    # comparable from step to step.
     config = tiny_config(tiny_data, tmp_path / "run", steps=12, batch_size=6, lr=3e-3, classes=["label 1"],
-                         box_probability=1.0, interaction_steps=0, save_every=12, eval_every=6)
+                         box_probability=1.0, interaction_steps=0, save_every=12, eval_every=6,
+                         model={**TINY_MODEL, "boxes_to_base": False})
     result = train(config, quiet=True)
     losses = result.losses
     assert len(losses) == 12 and all(np.isfinite(losses))
@@ -125,6 +127,54 @@ def test_loss_falls_and_checkpoints_are_complete(tmp_path, tiny_data):
     rows = (out / "log.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss") and len(rows) == 13
     assert json.loads((out / "split.json").read_text())["val"] == [1, 5]
+
+
+def test_distilled_clicks_take_the_base_models_box_answers_outside_the_trained_classes(monkeypatch):
+    """Label-free click prompts: each target is the frozen model's mask for a random box, the click lies inside it,
+    and masks that are mostly a trained class are left to the labelled prompts."""
+    torch.manual_seed(0)
+    backbone = build_tiny_sam_vit().eval()
+    generator = torch.Generator().manual_seed(1)
+    embedding = torch.randn(2, 256, *backbone.embedding_size, generator=generator)
+    items = [train_module.SliceItem("case", i, None, None, np.zeros((1, 40, 40), bool), None, []) for i in range(2)]
+    low = 4 * backbone.embedding_size[0]  # the decoder's logit grid
+    no_class = torch.zeros(2, 1, low, low)
+    # A random tiny model is not confident; accept every box with some area to check the bookkeeping.
+    monkeypatch.setattr(train_module, "DISTILL_MIN_IOU", -1e9)
+    monkeypatch.setattr(train_module, "DISTILL_MIN_AREA", 1)
+    rng = np.random.default_rng(0)
+    rows, clicks, targets = train_module.distillation_prompts(backbone, embedding, items, no_class, 3, rng)
+    assert len(rows) >= 2 and set(rows.tolist()) <= {0, 1}
+    assert clicks.shape == (len(rows), 1, 2) and targets.shape == (len(rows), 1, low, low)
+    on_grid = (clicks[:, 0] + 0.5) * low / backbone.input_size - 0.5
+    for n in range(len(rows)):
+        x, y = (int(round(float(v))) for v in on_grid[n])
+        assert targets[n, 0, y, x] == 1  # the click lies inside its target
+    # The same draws reproduce the same boxes: the targets are exactly the base model's box answers.
+    rng, per_slice = np.random.default_rng(0), 3 * train_module.DISTILL_CANDIDATES
+    boxes = torch.as_tensor(np.stack([train_module.random_box((40, 40), rng) for _ in range(2 * per_slice)]),
+                            dtype=torch.float32)
+    with torch.no_grad():
+        model_boxes = backbone.slice_to_model_xy(boxes[:per_slice].view(-1, 2, 2), (40, 40)).view(-1, 4)
+        base, _ = backbone.decode(embedding[:1], boxes=model_boxes)
+    assert any(torch.equal(targets[0, 0], (base[i, 0] > 0).float()) for i in range(per_slice))
+    # Where a trained class covers everything, nothing is distilled.
+    everything = torch.ones(2, 1, low, low)
+    assert train_module.distillation_prompts(backbone, embedding, items, everything, 3,
+                                             np.random.default_rng(0)) is None
+
+
+def test_training_with_distilled_clicks_runs_and_moves_the_click_path(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.setattr(train_module, "DISTILL_MIN_IOU", -1e9)
+    config = tiny_config(tiny_data, tmp_path / "run", steps=3, distill_clicks=2, interaction_steps=0,
+                         box_probability=0.0, automatic=False, save_every=3)
+    result = train(config, quiet=True)
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    # Only click prompts trained MoTE here (no labelled boxes, no automatic pass): its residual gate moved.
+    model, _ = load_segmote(tmp_path / "run" / "adapter.safetensors", build_tiny_sam_vit())
+    assert model.mote.residual_scale.abs().max() > 0
+    with pytest.raises(InputError, match="distill_weight"):
+        tiny_config(tiny_data, tmp_path, distill_weight=-1)
 
 
 def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, tiny_data):
