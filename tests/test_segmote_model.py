@@ -222,7 +222,9 @@ def test_router_gets_gradient_from_the_mask_loss_alone():
     perturb_zero_inits(model)
     model.train()
     embedding, early = tiny_features(model)
-    out = model.decode(embedding, early, boxes=torch.tensor([[10.0, 20.0, 200.0, 150.0]]))
+    # A box with a click goes through MoTE (a box alone would take the frozen decoder's answer).
+    out = model.decode(embedding, early, torch.tensor([[[100.0, 90.0]]]), torch.tensor([[1]]),
+                       boxes=torch.tensor([[10.0, 20.0, 200.0, 150.0]]))
     target = (torch.rand_like(out.logits) > 0.5).float()
     F.binary_cross_entropy_with_logits(out.logits, target).backward()  # no balance loss in this loss
     for moe in model.mote.moe_layers:
@@ -235,7 +237,7 @@ def _training_loss(model: SegMoTE, embedding, early) -> torch.Tensor:
     box = torch.tensor([[10.0, 20.0, 200.0, 150.0]])
     target = torch.zeros(1, 1, 64, 64)
     target[..., 5:40, 3:50] = 1.0
-    prompted = model.decode(embedding, early, boxes=box)
+    prompted = model.decode(embedding, early, torch.tensor([[[100.0, 90.0]]]), torch.tensor([[1]]), boxes=box)
     auto = model.auto_decode(embedding, early, class_index=1)
     return (
         F.binary_cross_entropy_with_logits(prompted.logits, target)
