@@ -6,7 +6,9 @@ import json
 import os
 import pickle
 import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -240,3 +242,28 @@ def test_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(
     pickled.write_bytes(b"\x80\x04\x95" + bytes(20))
     with pytest.raises(CheckpointError, match="pickle"):
         _refuse_unsafe_or_missing(pickled)
+
+
+# ---- the shipped adapter: never worse than the base model outside its classes ---------------------------------
+SHIPPED = Path(__file__).resolve().parents[1] / "resources" / "chest_ct_lungs.safetensors"
+
+
+def test_shipped_lung_adapter_leaves_a_box_on_the_spine_as_good_as_the_base_model(chest_ct, chest_truth,
+                                                                                    lite_engine):
+    """The lung adapter once turned a box on the thoracic spine from Dice 0.55 into 0.003; now the same box with
+    the adapter loaded scores within 0.02 of the base model (held-out slices 16 and 22, the adapter's window)."""
+    from conftest import dice
+    from segmote_core.engine import Engine
+
+    tuned = Engine("lite_medsam", device="cpu", adapter=SHIPPED)
+    tuned_prep = tuned.prepare(chest_ct)
+    base_prep = lite_engine.prepare(chest_ct, normalization=tuned_prep.normalization)
+    spine = tuned_prep.stack.to_stack(chest_truth["thoracic vertebral column"])
+    for index in (16, 22):
+        truth = spine[index]
+        rows, cols = np.flatnonzero(truth.any(1)), np.flatnonzero(truth.any(0))
+        box = np.array([cols[0], rows[0], cols[-1], rows[-1]], float)
+        with_adapter = dice(tuned.predict_slice(tuned_prep, index, box=box).mask, truth)
+        base = dice(lite_engine.predict_slice(base_prep, index, box=box).mask, truth)
+        assert base > 0.3  # the base model does find the vertebra
+        assert with_adapter >= base - 0.02, (index, with_adapter, base)
