@@ -10,6 +10,7 @@ prompt on a slice runs only the decoder, and a changed volume or window never re
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -118,11 +119,13 @@ class Engine:
 
     def __init__(self, model: str = "lite_medsam", checkpoint=None, device: str = "auto", adapter=None,
                  cache_bytes: int | None = None, batch_size: int | None = None, backbone=None,
-                 precision: str = "fp32", compile: bool = False):
+                 precision: str = "fp32", compile: bool = False, runtime: str | None = None):
         """backbone: an already built ``Backbone`` (tests, benchmarks, random weights) instead of `model` +
         `checkpoint`; precision: "fp32", or "bf16" to run the image encoder under bfloat16 autocast (GPUs; CPUs
         without native bf16 run it ~13x slower, docs/benchmarks.md); compile: torch.compile the image encoder
-        (GPUs: the first run on a machine compiles for a minute or so, later runs load the kernels from disk)."""
+        (GPUs: the first run on a machine compiles for a minute or so, later runs load the kernels from disk);
+        runtime: "torch", "onnx" (ONNX Runtime), "openvino", or "auto" (CPUs: the fastest installed one; GPUs,
+        bf16 and compile: torch), see segmote_core/runtime.py; None: $SEGMOTE_RUNTIME, else "auto"."""
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             tune_cpu_allocator()
@@ -147,8 +150,48 @@ class Engine:
         self.segmote = None
         self.adapter_header: dict | None = None
         self.notices: list[str] = []  # things the user should know (shown by the CLI and the Slicer panel)
+        self.runtime, self._fast, self._fast_decoder = "torch", None, False
         if adapter is not None:
             self.load_adapter(adapter)
+        self._use_runtime(runtime or os.environ.get("SEGMOTE_RUNTIME", "auto"))
+
+    # ---- CPU runtimes (ONNX Runtime / OpenVINO) ------------------------------------------------------
+    def _use_runtime(self, runtime: str) -> None:
+        """Run the encoder and the prompt decoder on an exported graph; anything missing or failing: PyTorch and
+        one notice."""
+        from . import runtime as runtimes
+
+        chosen = runtimes.choose(runtime, self.device)
+        if chosen == "torch":
+            return
+        if self.precision != "fp32" or self.compiled:
+            if runtime != "auto":
+                self.notices.append(f"--runtime {runtime} runs fp32 without torch.compile: using PyTorch")
+            return
+        if not runtimes.installed(chosen):
+            self.notices.append(f"{runtimes._RUNTIME_PACKAGES[chosen]} is not installed: using PyTorch "
+                                "(pip install 'segmote[cpu]' for the faster CPU runtimes)")
+            return
+        try:
+            self._fast = runtimes.FastPaths(chosen, self.backbone)
+        except Exception as error:  # noqa: BLE001 - any export/runtime failure: PyTorch still works
+            self.notices.append(f"could not export the image encoder for {chosen} ({_first_line(error)}): "
+                                "using PyTorch")
+            return
+        self.encode, self.runtime = self._fast.encode, chosen
+        self._use_fast_decoder()
+
+    def _use_fast_decoder(self) -> None:
+        """The exported prompt decoder for the current adapter (or none), exported on first use."""
+        self._fast_decoder = False
+        if self._fast is None:
+            return
+        try:
+            self._fast.use_decoder(self.segmote)
+            self._fast_decoder = True
+        except Exception as error:  # noqa: BLE001
+            self.notices.append(f"could not export the prompt decoder for {self.runtime} ({_first_line(error)}): "
+                                "using PyTorch for prompts")
 
     # ---- adapters ----------------------------------------------------------------------------------
     def load_adapter(self, path) -> None:
@@ -159,10 +202,12 @@ class Engine:
                                                          getattr(self.backbone, "weights_sha256", None))
         self.segmote.to(self.device).eval()
         self.cache.clear()  # entries embedded without early features would be looked up under other keys anyway
+        self._use_fast_decoder()
 
     def unload_adapter(self) -> None:
         """Back to the plain backbone decoder (cached embeddings stay valid)."""
         self.segmote, self.adapter_header = None, None
+        self._use_fast_decoder()
 
     @property
     def needs_early_features(self) -> bool:
@@ -356,7 +401,9 @@ class Engine:
             if box is not None:
                 corners = torch.as_tensor(box, dtype=torch.float32, device=self.device).view(1, 2, 2)
                 bx = to_model(corners, shape).view(1, 4)
-            if self.segmote is not None:
+            if self._fast_decoder:
+                logits, iou = self._fast.decode(embedding, early, pts, lbl, bx, mask_input)
+            elif self.segmote is not None:
                 out = self.segmote.decode(embedding, early, pts, lbl, bx, mask_input)
                 logits, iou = out.logits, out.iou
             else:
@@ -525,6 +572,11 @@ class Engine:
         if not inside.all():
             bad = np.round(points_ijk[~inside][0], 2).tolist()
             raise InputError(f"{what} at voxel {bad} lies outside the image ({'x'.join(map(str, volume.shape_ijk))} voxels)")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:160]}" if text else type(error).__name__
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
