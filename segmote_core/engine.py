@@ -28,6 +28,7 @@ from .volume import SliceStack, Volume
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
+SliceFn = Callable[[int, np.ndarray], None]  # (slice index along the slicing axis, the (K, J, I) mask so far)
 PROPAGATION_MARGIN = (3.0, 0.05)  # pixels, share of the box's longer side: the margin is the larger
 MIN_SCORE = 0.3  # predicted IoU under which propagation stops
 MIN_OVERLAP = 0.6  # share of a new slice's mask that must lie over the previous slice's mask
@@ -414,17 +415,24 @@ class Engine:
     # ---- volumes -------------------------------------------------------------------------------------
     def segment(self, volume: Volume, box_ijk=None, points_ijk=None, point_labels=None, propagate: bool = False,
                 axis: int | None = None, window=None, prepared: Prepared | None = None,
-                progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> np.ndarray:
+                progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                on_slice: SliceFn | None = None) -> np.ndarray:
         """Segment one object; returns a bool (K, J, I) mask on the volume's grid.
 
         box_ijk: (i0, j0, k0, i1, j1, k1) voxel corners. If it spans one slice along the slicing axis it is a 2-D
         box on that slice, otherwise a 3-D box (every slice in its range prompted by its projection).
         points_ijk: (N, 3) voxel positions with point_labels (N,) 1 positive / 0 negative; all on one slice.
         propagate: carry a 2-D result up and down the axis until the object ends.
+        on_slice: streaming; called with (slice index, mask so far) as soon as the prompted slice's mask is known
+        (the central slice of a 3-D box: one embedding and one decode after the call), then after each further
+        slice. The mask is the one this call fills and returns (copy it to keep a snapshot). Cancelling raises
+        Cancelled; what on_slice has seen stays the caller's to keep or drop.
         """
         prepared = prepared or self.prepare(volume, axis, window=window)
         stack = prepared.stack
-        result = np.zeros(stack.shape, dtype=bool)
+        volume_mask = np.zeros(volume.array.shape, dtype=bool)
+        result = stack.to_stack(volume_mask)  # a writable view: slices written here land in volume_mask
+        notify = (lambda index: on_slice(index, volume_mask)) if on_slice else None
         points_xy = labels = box_xy = None
         slices: list[int] = []
         if points_ijk is not None:
@@ -459,24 +467,32 @@ class Engine:
         if len(slices) > 1:
             # A 3-D box: prompt its central slice with the box's projection, then follow the object slice by
             # slice inside the box (prompting each slice with the whole projection over-segments the object's
-            # narrow ends).
-            self.embeddings(prepared, slices, progress, cancel)
+            # narrow ends). The central slice is embedded and shown first; on a CPU the others are embedded as the
+            # propagation reaches them (none past the object's ends), on a GPU in batches.
             centre = slices[len(slices) // 2]
             first = self.predict_slice(prepared, centre, box=box_xy)
             result[centre] = first.mask
+            if notify:
+                notify(centre)
             if first.mask.any():
-                self._propagate(prepared, centre, first, result, (slices[0], slices[-1]), box_xy, progress, cancel)
+                if self.batch_size > 1:
+                    self.embeddings(prepared, slices, progress, cancel)
+                self._propagate(prepared, centre, first, result, (slices[0], slices[-1]), box_xy, progress, cancel,
+                                notify)
         else:
             first = self.predict_slice(prepared, slices[0], points_xy, labels, box_xy)
             result[slices[0]] = first.mask
+            if notify:
+                notify(slices[0])
             if propagate and first.mask.any():
                 self._propagate(prepared, slices[0], first, result, (0, prepared.num_slices - 1), None,
-                                progress, cancel)
-        return stack.from_stack(result)
+                                progress, cancel, notify)
+        return volume_mask
 
     def _propagate(self, prepared: Prepared, start: int, first: SlicePrediction, result: np.ndarray,
                    slice_range: tuple[int, int], clip_box: np.ndarray | None,
-                   progress: ProgressFn | None, cancel: CancelFn | None) -> None:
+                   progress: ProgressFn | None, cancel: CancelFn | None,
+                   notify: Callable[[int], None] | None = None) -> None:
         """From a prompted slice, up and down: each next slice prompted by the previous mask's box.
 
         The box grows by a margin (PROPAGATION_MARGIN) (objects change size between slices, and SAM-family models
@@ -511,6 +527,8 @@ class Engine:
                     break
                 previous_mean = mean
                 result[index] = prediction.mask
+                if notify:
+                    notify(index)
                 previous = prediction.mask
                 index += step
                 done += 1
