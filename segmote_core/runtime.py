@@ -172,8 +172,11 @@ def export_onnx(module: nn.Module, inputs: tuple, input_names, output_names, dyn
 class Session:
     """One exported graph loaded into ONNX Runtime or OpenVINO: dict of numpy inputs -> list of numpy outputs."""
 
-    def __init__(self, runtime: str, path: Path, threads: int | None = None):
+    def __init__(self, runtime: str, path: Path, threads: int | None = None, static: dict | None = None):
+        """static: OpenVINO also compiles the graph for these fixed input shapes ({name: shape}) and uses that when
+        a call's shapes match (a box prompt: 25 % faster than the dynamic-shape graph)."""
         self.runtime = runtime
+        self._static = None
         threads = threads or torch.get_num_threads()
         self._lock = threading.Lock()  # an OpenVINO infer request serves one call at a time (prefetch thread)
         if runtime == "onnx":
@@ -190,19 +193,29 @@ class Session:
 
             core = ov.Core()
             # f32: PyTorch's precision (CPUs with bf16 units would otherwise run bf16).
-            compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-                "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+            config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
+                      "PERFORMANCE_HINT": "LATENCY"}
+            model = core.read_model(str(path))
+            compiled = core.compile_model(model, "CPU", config)
             self._request = compiled.create_infer_request()
             self._outputs = compiled.outputs
             self.inputs = {name for port in compiled.inputs for name in port.get_names()}
+            if static:
+                shapes = {name: shape for name, shape in static.items() if name in self.inputs}
+                model.reshape(shapes)
+                fixed = core.compile_model(model, "CPU", config)
+                self._static = (shapes, fixed.create_infer_request(), fixed.outputs)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         feeds = {name: value for name, value in feeds.items() if name in self.inputs}  # the exporter drops unused ones
         if self.runtime == "onnx":
             return self._session.run(self._names, feeds)
+        request, outputs = self._request, self._outputs
+        if self._static and all(tuple(feeds[name].shape) == tuple(shape) for name, shape in self._static[0].items()):
+            request, outputs = self._static[1], self._static[2]
         with self._lock:
-            results = self._request.infer(feeds)
-            return [np.array(results[output]) for output in self._outputs]
+            results = request.infer(feeds)
+            return [np.array(results[output]) for output in outputs]
 
 
 class FastPaths:
@@ -244,7 +257,10 @@ class FastPaths:
             export_onnx(DecoderGraph(backbone, segmote).eval(), example,
                         ["embedding", "early", "points", "labels", "mask_input", "has_mask"], ["logits", "iou"],
                         {"points": {1: "n"}, "labels": {1: "n"}}), self.folder)
-        self._decoder, self._decoder_for = Session(self.runtime, path), adapter
+        box_only = {"embedding": (1, PROMPT_DIM, height, width), "early": (1, backbone.early_channels, height, width),
+                    "points": (1, 2, 2), "labels": (1, 2), "mask_input": (1, 1, 4 * height, 4 * width),
+                    "has_mask": (1,)}
+        self._decoder, self._decoder_for = Session(self.runtime, path, static=box_only), adapter
 
     def decode(self, embedding, early, points, labels, box, mask_input):
         """Prompts as Backbone.decode / SegMoTE.decode take them (batch 1) -> (low-res logits, IoU) tensors."""
