@@ -55,9 +55,11 @@ def adapter_engines(export_cache):
 
 
 def slice_box(mask: np.ndarray, near: int = 20) -> list[int]:
-    """A 2-D box around the structure on its slice (k) nearest to `near`: what a user drags on the slice they look
-    at. Structures share slices this way (the seven need three embeddings per runtime)."""
-    present = np.flatnonzero(mask.any(axis=(1, 2)))
+    """A 2-D box around the structure on its slice (k) nearest to `near` where it shows at least 30 % of its largest
+    cross-section (not a sliver at its end): what a user drags on the slice they look at. Structures share slices
+    this way (the seven need three embeddings per runtime)."""
+    area = mask.sum(axis=(1, 2))
+    present = np.flatnonzero(area >= 0.3 * area.max())
     k = int(present[np.argmin(np.abs(present - near))])
     box = bounding_box_ijk(mask[k:k + 1])
     box[2] = box[5] = k
