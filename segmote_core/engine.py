@@ -10,6 +10,7 @@ prompt on a slice runs only the decoder, and a changed volume or window never re
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .volume import SliceStack, Volume, check_contrast, prompt_array
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
+SliceFn = Callable[[int, np.ndarray], None]  # (slice index along the slicing axis, the (K, J, I) mask so far)
 PROPAGATION_MARGIN = (3.0, 0.05)  # pixels, share of the box's longer side: the margin is the larger
 MIN_SCORE = 0.3  # predicted IoU under which propagation stops
 MIN_OVERLAP = 0.6  # share of a new slice's mask that must lie over the previous slice's mask
@@ -118,11 +120,14 @@ class Engine:
 
     def __init__(self, model: str = "lite_medsam", checkpoint=None, device: str = "auto", adapter=None,
                  cache_bytes: int | None = None, batch_size: int | None = None, backbone=None,
-                 precision: str = "fp32", compile: bool = False, tune_allocator: bool = True):
+                 precision: str = "fp32", compile: bool = False, runtime: str | None = None,
+                 tune_allocator: bool = True):
         """backbone: an already built ``Backbone`` (tests, benchmarks, random weights) instead of `model` +
         `checkpoint`; precision: "fp32", or "bf16" to run the image encoder under bfloat16 autocast (GPUs; CPUs
         without native bf16 run it ~13x slower, docs/benchmarks.md); compile: torch.compile the image encoder
         (GPUs: the first run on a machine compiles for a minute or so, later runs load the kernels from disk);
+        runtime: "torch", "onnx" (ONNX Runtime), "openvino", or "auto" (CPUs: the fastest installed one; GPUs,
+        bf16 and compile: torch), see segmote_core/runtime.py; None: $SEGMOTE_RUNTIME, else "auto";
         tune_allocator: on CPUs, tune glibc's allocator for the whole process (faster encoder passes; off inside a
         host application such as 3D Slicer, whose own buffers would then never be returned to the system)."""
         self.device = resolve_device(device)
@@ -149,8 +154,48 @@ class Engine:
         self.segmote = None
         self.adapter_header: dict | None = None
         self.notices: list[str] = []  # things the user should know (shown by the CLI and the Slicer panel)
+        self.runtime, self._fast, self._fast_decoder = "torch", None, False
         if adapter is not None:
             self.load_adapter(adapter)
+        self._use_runtime(runtime or os.environ.get("SEGMOTE_RUNTIME", "auto"))
+
+    # ---- CPU runtimes (ONNX Runtime / OpenVINO) ------------------------------------------------------
+    def _use_runtime(self, runtime: str) -> None:
+        """Run the encoder and the prompt decoder on an exported graph; anything missing or failing: PyTorch and
+        one notice."""
+        from . import runtime as runtimes
+
+        chosen = runtimes.choose(runtime, self.device)
+        if chosen == "torch":
+            return
+        if self.precision != "fp32" or self.compiled:
+            if runtime != "auto":
+                self.notices.append(f"--runtime {runtime} runs fp32 without torch.compile: using PyTorch")
+            return
+        if not runtimes.installed(chosen):
+            self.notices.append(f"{runtimes._RUNTIME_PACKAGES[chosen]} is not installed: using PyTorch "
+                                "(pip install 'segmote[cpu]' for the faster CPU runtimes)")
+            return
+        try:
+            self._fast = runtimes.FastPaths(chosen, self.backbone)
+        except Exception as error:  # noqa: BLE001 - any export/runtime failure: PyTorch still works
+            self.notices.append(f"could not export the image encoder for {chosen} ({_first_line(error)}): "
+                                "using PyTorch")
+            return
+        self.encode, self.runtime = self._fast.encode, chosen
+        self._use_fast_decoder()
+
+    def _use_fast_decoder(self) -> None:
+        """The exported prompt decoder for the current adapter (or none), exported on first use."""
+        self._fast_decoder = False
+        if self._fast is None:
+            return
+        try:
+            self._fast.use_decoder(self.segmote)
+            self._fast_decoder = True
+        except Exception as error:  # noqa: BLE001
+            self.notices.append(f"could not export the prompt decoder for {self.runtime} ({_first_line(error)}): "
+                                "using PyTorch for prompts")
 
     # ---- adapters ----------------------------------------------------------------------------------
     def load_adapter(self, path) -> None:
@@ -161,10 +206,12 @@ class Engine:
                                                          getattr(self.backbone, "weights_sha256", None))
         self.segmote.to(self.device).eval()
         self.cache.clear()  # entries embedded without early features would be looked up under other keys anyway
+        self._use_fast_decoder()
 
     def unload_adapter(self) -> None:
         """Back to the plain backbone decoder (cached embeddings stay valid)."""
         self.segmote, self.adapter_header = None, None
+        self._use_fast_decoder()
 
     @property
     def needs_early_features(self) -> bool:
@@ -359,7 +406,9 @@ class Engine:
             if box is not None:
                 corners = torch.as_tensor(box, dtype=torch.float32, device=self.device).view(1, 2, 2)
                 bx = to_model(corners, shape).view(1, 4)
-            if self.segmote is not None:
+            if self._fast_decoder:
+                logits, iou = self._fast.decode(embedding, early, pts, lbl, bx, mask_input)
+            elif self.segmote is not None:
                 out = self.segmote.decode(embedding, early, pts, lbl, bx, mask_input)
                 logits, iou = out.logits, out.iou
             else:
@@ -370,17 +419,24 @@ class Engine:
     # ---- volumes -------------------------------------------------------------------------------------
     def segment(self, volume: Volume, box_ijk=None, points_ijk=None, point_labels=None, propagate: bool = False,
                 axis: int | None = None, window=None, prepared: Prepared | None = None,
-                progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> np.ndarray:
+                progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                on_slice: SliceFn | None = None) -> np.ndarray:
         """Segment one object; returns a bool (K, J, I) mask on the volume's grid.
 
         box_ijk: (i0, j0, k0, i1, j1, k1) voxel corners. If it spans one slice along the slicing axis it is a 2-D
         box on that slice, otherwise a 3-D box (every slice in its range prompted by its projection).
         points_ijk: (N, 3) voxel positions with point_labels (N,) 1 positive / 0 negative; all on one slice.
         propagate: carry a 2-D result up and down the axis until the object ends.
+        on_slice: streaming; called with (slice index, mask so far) as soon as the prompted slice's mask is known
+        (the central slice of a 3-D box: one embedding and one decode after the call), then after each further
+        slice. The mask is the one this call fills and returns (copy it to keep a snapshot). Cancelling raises
+        Cancelled; what on_slice has seen stays the caller's to keep or drop.
         """
         prepared = prepared or self.prepare(volume, axis, window=window)
         stack = prepared.stack
-        result = np.zeros(stack.shape, dtype=bool)
+        volume_mask = np.zeros(volume.array.shape, dtype=bool)
+        result = stack.to_stack(volume_mask)  # a writable view: slices written here land in volume_mask
+        notify = (lambda index: on_slice(index, volume_mask)) if on_slice else None
         points_xy = labels = box_xy = None
         slices: list[int] = []
         if points_ijk is not None:
@@ -417,24 +473,32 @@ class Engine:
         if len(slices) > 1:
             # A 3-D box: prompt its central slice with the box's projection, then follow the object slice by
             # slice inside the box (prompting each slice with the whole projection over-segments the object's
-            # narrow ends).
-            self.embeddings(prepared, slices, progress, cancel)
+            # narrow ends). The central slice is embedded and shown first; on a CPU the others are embedded as the
+            # propagation reaches them (none past the object's ends), on a GPU in batches.
             centre = slices[len(slices) // 2]
             first = self.predict_slice(prepared, centre, box=box_xy)
             result[centre] = first.mask
+            if notify:
+                notify(centre)
             if first.mask.any():
-                self._propagate(prepared, centre, first, result, (slices[0], slices[-1]), box_xy, progress, cancel)
+                if self.batch_size > 1:
+                    self.embeddings(prepared, slices, progress, cancel)
+                self._propagate(prepared, centre, first, result, (slices[0], slices[-1]), box_xy, progress, cancel,
+                                notify)
         else:
             first = self.predict_slice(prepared, slices[0], points_xy, labels, box_xy)
             result[slices[0]] = first.mask
+            if notify:
+                notify(slices[0])
             if propagate and first.mask.any():
                 self._propagate(prepared, slices[0], first, result, (0, prepared.num_slices - 1), None,
-                                progress, cancel)
-        return stack.from_stack(result)
+                                progress, cancel, notify)
+        return volume_mask
 
     def _propagate(self, prepared: Prepared, start: int, first: SlicePrediction, result: np.ndarray,
                    slice_range: tuple[int, int], clip_box: np.ndarray | None,
-                   progress: ProgressFn | None, cancel: CancelFn | None) -> None:
+                   progress: ProgressFn | None, cancel: CancelFn | None,
+                   notify: Callable[[int], None] | None = None) -> None:
         """From a prompted slice, up and down: each next slice prompted by the previous mask's box.
 
         The box grows by a margin (PROPAGATION_MARGIN) (objects change size between slices, and SAM-family models
@@ -469,6 +533,8 @@ class Engine:
                     break
                 previous_mean = mean
                 result[index] = prediction.mask
+                if notify:
+                    notify(index)
                 previous = prediction.mask
                 index += step
                 done += 1
@@ -530,6 +596,11 @@ class Engine:
         if not inside.all():
             bad = np.round(points_ijk[~inside][0], 2).tolist()
             raise InputError(f"{what} at voxel {bad} lies outside the image ({'x'.join(map(str, volume.shape_ijk))} voxels)")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:160]}" if text else type(error).__name__
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .errors import InputError
 
@@ -114,7 +113,8 @@ def normalize(array, norm: Normalization):
     `array` is a numpy array, or a torch tensor already on the compute device (GPU engines copy the raw slices
     there and normalise them in place: half the bytes of float32 to copy, no host work)."""
     width = np.float32(norm.high - norm.low)
-    if isinstance(array, torch.Tensor):
+    if not isinstance(array, np.ndarray) and type(array).__module__.startswith("torch"):
+        import torch  # here, not at the top: the CLI reads presets without loading torch
         out = (array.float() - float(np.float32(norm.low))) / float(width)
         return torch.nan_to_num(out.clamp_(0.0, 1.0), nan=0.0)
     out = (np.asarray(array, dtype=np.float32) - np.float32(norm.low)) / width

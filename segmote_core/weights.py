@@ -16,10 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-import urllib3
-from tqdm import tqdm
-
 from .errors import Cancelled, CheckpointError, InputError, SegMoTEError
 
 HASH_CHUNK_BYTES = 1 << 20
@@ -175,8 +171,12 @@ def _interrupted(url: str, part: Path, received: int, total: int | None, reason:
     )
 
 
-def _connect_failure(url: str, error: requests.RequestException) -> str:
+def _connect_failure(url: str, error) -> str:
+    import requests
+
     """A short reason for a request that got no response (requests' own messages are long and nested)."""
+    import requests
+
     bad_url = (
         requests.exceptions.MissingSchema,
         requests.exceptions.InvalidSchema,
@@ -214,6 +214,8 @@ def download_file(
     Raises CheckpointError on a checksum mismatch or a wrong size (the .part is deleted), SegMoTEError on an HTTP
     error status, a stall or a dropped connection (the .part is kept so the same call resumes it).
     """
+    import requests  # here, not at the top: `segmote weights list` and --help start without it
+
     destination = Path(destination)
     expected = _pinned_sha256(sha256, destination.name)
     if destination.is_file() and sha256_file(destination) == expected:
@@ -254,6 +256,10 @@ def _download_round(
     cancel=None,
 ) -> str:
     """One HTTP request into `part`; returns "complete" or "restart" (the .part was discarded)."""
+    import requests
+    import urllib3
+    from tqdm import tqdm
+
     offset = part.stat().st_size if part.is_file() else 0
     # identity: byte offsets in Range must count file bytes, not bytes of a compressed transfer.
     headers = {"Accept-Encoding": "identity"}

@@ -16,6 +16,9 @@ DATA = Path(os.path.dirname(slicerio.__file__)) / "data"
 CHEST_CT = DATA / "CTChest4.nrrd"
 CHEST_SEG = DATA / "Segmentation.seg.nrrd"
 LUNG_WINDOW = (-700.0, 600.0)  # level, width: lung parenchyma against everything brighter
+# Engines in tests run PyTorch, the reference, unless a test asks for another runtime (tests/test_runtime.py):
+# an ONNX export per randomly initialised test model would cost seconds each.
+os.environ.setdefault("SEGMOTE_RUNTIME", "torch")
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -12,7 +12,8 @@ from segmote_core import bench
 from segmote_core.cli import main
 
 SCENARIO_ROWS = {"embed_batch1", "embed_batched", "prompt_cached_p50", "prompt_cached_p95", "prompt_uncached",
-                 "box3d", "auto"}
+                 "box3d_first_mask", "box3d", "auto", "startup_help", "startup_weights"}  # ct_box3d, peer_process:
+# LiteMedSAM only
 
 
 def test_bench_tiny_runs_side_by_side_and_writes_json(tmp_path, capsys):
@@ -44,12 +45,15 @@ def test_bench_tiny_runs_side_by_side_and_writes_json(tmp_path, capsys):
             assert row["peer"] is None and row["ratio"] is None
             assert row["project_memory"]["peak_rss_mb"] > 0
             assert 0 < row["encoder_s"] <= row["project"]
+        elif name.startswith("startup"):
+            assert row["peer"] is None  # the peer has no CLI
         else:
             assert row["peer"] > 0, name
             assert row["ratio"] == pytest.approx(row["project"] / row["peer"], rel=1e-2), name
     # both sides ran the same weights on the same slice: their masks agree
     assert rows["prompt_cached_p50"]["agreement_dice"] > 0.9
     assert rows["box3d"]["slices"] == bench.SIZES["tiny"].shape[0]
+    assert rows["box3d_first_mask"]["project"] <= rows["box3d"]["project"]
     assert rows["box3d"]["project_memory"]["peak_vram_mb"] is None  # CPU run
 
     targets = {t["name"]: t for t in result["targets"]}

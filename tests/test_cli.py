@@ -20,7 +20,7 @@ from segmote_core.segmentation_io import read_segments
 @pytest.fixture(autouse=True)
 def share_engine(lite_engine):
     """The CLI's in-process engine is the session's, so embeddings are computed once per test run."""
-    cli._engines[("lite_medsam", "None", "cpu", "None")] = lite_engine
+    cli._engines[cli.engine_key("lite_medsam", None, "cpu", None)] = lite_engine
     yield
 
 

