@@ -107,6 +107,22 @@ def test_fuzzed_boxes_give_a_mask_or_one_line(lite_engine, tiny_ct, corners, k):
         assert mask.shape == tiny_ct.array.shape
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(points=st.lists(st.lists(COORDINATE, min_size=2, max_size=2), min_size=1, max_size=3),
+       k=st.sampled_from([0.0, 3.5, -0.5, 3.51, np.nan, np.inf]),
+       labels=st.lists(st.sampled_from([0, 1, 2, -1]), min_size=1, max_size=3))
+def test_fuzzed_points_give_a_mask_or_one_line(lite_engine, tiny_ct, points, k, labels):
+    """Points with NaN, inf, huge, border values and labels other than 0/1 (or too few): a mask or an InputError."""
+    ijk = [[i, j, k] for i, j in points]
+    try:
+        mask = lite_engine.segment(tiny_ct, points_ijk=ijk, point_labels=labels, window=(40, 400))
+    except InputError as error:
+        assert "\n" not in str(error)
+    else:
+        assert mask.shape == tiny_ct.array.shape
+        assert len(labels) == len(points) and set(labels) <= {0, 1}, "bad labels were accepted"
+
+
 def test_negative_numbers_in_exponent_form_are_numbers_not_options():
     args = cli.build_parser().parse_args(["segment", "ct.nrrd", "--out", "o.seg.nrrd", "--box-ras", "-1e2", "-2.5E+1",
                                           "-.5", "1e2", "-3", "-0"])
