@@ -124,17 +124,14 @@ def _optional_module(name: str):
         raise
 
 
-def _normalization_args(args) -> tuple | None:
-    from .normalize import CT_WINDOWS
-    from .errors import InputError
+def _normalization_args(args) -> dict:
+    """--window / --preset as the engine takes them; checked by the resolver now, before anything is loaded."""
+    from .normalize import choose_normalization
 
-    if args.window is not None and args.preset:
-        raise InputError("give either --window or --preset, not both")
-    if args.preset:
-        if args.preset not in CT_WINDOWS:
-            raise InputError(f"unknown --preset '{args.preset}'; choose one of {', '.join(CT_WINDOWS)}")
-        return CT_WINDOWS[args.preset]
-    return tuple(args.window) if args.window is not None else None
+    window = tuple(args.window) if args.window is not None else None
+    if window is not None or args.preset:
+        choose_normalization(np.zeros(1), window, args.preset)
+    return {"window": window, "preset": args.preset}
 
 
 _engines: dict[tuple, "object"] = {}
@@ -157,7 +154,7 @@ def run_segment(args) -> int:
     from .volume import check_output_path, read_volume
 
     out = check_output_path(args.out)
-    window = _normalization_args(args)
+    normalization = _normalization_args(args)
     volume = read_volume(args.image)
     box = points = None
     if args.box_ras is not None:
@@ -176,11 +173,16 @@ def run_segment(args) -> int:
     engine = engine_for(args.model, args.checkpoint, args.device, args.adapter, args.precision, args.compile)
     with progress_bar("segmenting", args.quiet) as progress:
         mask = engine.segment(volume, box_ijk=box, points_ijk=points, point_labels=labels,
-                              propagate=args.propagate, axis=args.axis, window=window, progress=progress)
+                              propagate=args.propagate, axis=args.axis, progress=progress, **normalization)
     _print_notices(engine)
+    result = engine.last_result
     save_segments(out, volume, [Segment(args.name, mask)], replace_same_name=args.overwrite)
     if not args.quiet:
-        print(f"{args.name}: {int(mask.sum())} voxels, {mask.sum() * np.prod(volume.spacing) / 1000:.1f} ml -> {out}")
+        print(f"normalisation: {result.normalization.description}")
+        print(f"{args.name}: {int(mask.sum())} voxels, {mask.sum() * np.prod(volume.spacing) / 1000:.1f} ml, "
+              f"{result.confidence_text} -> {out}")
+    elif result.low_confidence:
+        print(f"warning: {args.name}: {result.confidence_text}", file=sys.stderr)
     return 0
 
 
@@ -189,15 +191,16 @@ def run_auto(args) -> int:
     from .volume import check_output_path, read_volume
 
     out = check_output_path(args.out)
-    window = _normalization_args(args)
+    normalization = _normalization_args(args)
     volume = read_volume(args.image)
     engine = engine_for(args.model, args.checkpoint, args.device, args.adapter, args.precision, args.compile)
     with progress_bar("automatic", args.quiet) as progress:
         segments = engine.auto(volume, classes=args.classes, keep_largest=not args.all_components,
-                               axis=args.axis, window=window, progress=progress)
+                               axis=args.axis, progress=progress, **normalization)
     _print_notices(engine)
     save_segments(out, volume, segments, replace_same_name=args.overwrite)
     if not args.quiet:
+        print(f"normalisation: {engine.last_result.normalization.description}")
         for segment in segments:
             print(f"{segment.name}: {int(segment.mask.sum())} voxels")
         print(f"-> {out}")

@@ -21,7 +21,7 @@ import torch
 from .checkpoints import load_backbone
 from .devices import default_cache_bytes, default_encoder_batch, resolve_device, tune_cpu_allocator
 from .errors import Cancelled, InputError, SegMoTEError
-from .normalize import Normalization, choose_normalization, from_rule, normalize
+from .normalize import Normalization, check_rule, choose_normalization, normalize
 from .segmentation_io import Segment
 from .volume import SliceStack, Volume
 
@@ -31,6 +31,7 @@ PROPAGATION_MARGIN = (3.0, 0.05)  # pixels, share of the box's longer side: the 
 MIN_SCORE = 0.3  # predicted IoU under which propagation stops
 MIN_OVERLAP = 0.6  # share of a new slice's mask that must lie over the previous slice's mask
 MAX_INTENSITY_JUMP = 0.2  # largest change of the mask's mean normalised intensity from one slice to the next
+LOW_CONFIDENCE = 0.75  # predicted IoU under which a result is flagged for the user to check (docs/training.md)
 
 
 class _MovedToCpu(Exception):
@@ -96,6 +97,38 @@ class Prepared:
 
 
 @dataclass
+class SegmentResult:
+    """What a ``segment`` call decided besides the mask (``Engine.last_result``): how the scan was normalised and
+    how sure the model is. slice_scores: stack slice index -> the model's predicted IoU of the mask kept there."""
+
+    normalization: Normalization
+    slice_scores: dict[int, float]
+    slice_areas: dict[int, int]
+
+    @property
+    def predicted_iou(self) -> float | None:
+        """The model's own estimate of this result's IoU: per-slice predictions weighted by mask area."""
+        total = sum(self.slice_areas.values())
+        if not total:
+            return None
+        return float(sum(self.slice_scores[i] * a for i, a in self.slice_areas.items()) / total)
+
+    @property
+    def low_confidence(self) -> bool:
+        score = self.predicted_iou
+        return score is None or score < LOW_CONFIDENCE
+
+    @property
+    def confidence_text(self) -> str:
+        """One line for the user, e.g. 'predicted IoU 0.93' or 'predicted IoU 0.52 - low: check this result'."""
+        score = self.predicted_iou
+        if score is None:
+            return "empty result - nothing found for this prompt"
+        low = f" - low (under {LOW_CONFIDENCE:g}): check this result" if score < LOW_CONFIDENCE else ""
+        return f"predicted IoU {score:.2f}{low}"
+
+
+@dataclass
 class SlicePrediction:
     mask: np.ndarray  # bool (H, W) on the slice grid
     low_res_logits: torch.Tensor  # (1, 1, 256, 256), usable as the next pass's mask prompt
@@ -147,6 +180,7 @@ class Engine:
         self.segmote = None
         self.adapter_header: dict | None = None
         self.notices: list[str] = []  # things the user should know (shown by the CLI and the Slicer panel)
+        self.last_result: SegmentResult | None = None  # normalisation and predicted IoU of the last segment()
         if adapter is not None:
             self.load_adapter(adapter)
 
@@ -155,8 +189,10 @@ class Engine:
         """Use a SegMoTE adapter (MoTE decoder for prompts, PPT for automatic segmentation)."""
         from .adapters import load_segmote
 
-        self.segmote, self.adapter_header = load_segmote(path, self.backbone,
-                                                         getattr(self.backbone, "weights_sha256", None))
+        segmote, header = load_segmote(path, self.backbone, getattr(self.backbone, "weights_sha256", None))
+        if header.get("normalization"):
+            check_rule(header["normalization"], f"adapter {getattr(path, 'name', path)}:")
+        self.segmote, self.adapter_header = segmote, header
         self.segmote.to(self.device).eval()
         self.cache.clear()  # entries embedded without early features would be looked up under other keys anyway
 
@@ -170,15 +206,16 @@ class Engine:
 
     # ---- preparing a volume ------------------------------------------------------------------------
     def prepare(self, volume: Volume, axis: int | None = None, normalization: Normalization | None = None,
-                window=None) -> Prepared:
-        """axis: voxel axis to slice along (None: closest to superior-inferior); window: (level, width)."""
+                window=None, preset: str | None = None) -> Prepared:
+        """axis: voxel axis to slice along (None: closest to superior-inferior); window: (level, width); preset: a
+        CT_WINDOWS name. Neither: the adapter's stored rule, else the backbone's default for the scan's modality
+        (``choose_normalization``); ``prepared.normalization.description`` says which and why."""
         if min(volume.shape_ijk) < 1:
             raise InputError(f"the image is empty: {volume.shape_ijk}")
         if normalization is None:
-            if self.adapter_header and window is None and self.adapter_header.get("normalization"):
-                normalization = from_rule(volume.array, self.adapter_header["normalization"])
-            else:
-                normalization = choose_normalization(volume.array, window)
+            normalization = choose_normalization(
+                volume.array, window, preset, modality=getattr(volume, "modality", None), backbone=self.model_name,
+                adapter_rule=(self.adapter_header or {}).get("normalization") or None)
         stack = SliceStack.for_axis(volume, axis)
         key = (stack.fingerprint(), normalization.key(), self.model_name,
                getattr(self.backbone, "weights_sha256", ""), self.precision)
@@ -367,15 +404,17 @@ class Engine:
     # ---- volumes -------------------------------------------------------------------------------------
     def segment(self, volume: Volume, box_ijk=None, points_ijk=None, point_labels=None, propagate: bool = False,
                 axis: int | None = None, window=None, prepared: Prepared | None = None,
-                progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> np.ndarray:
+                progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                preset: str | None = None) -> np.ndarray:
         """Segment one object; returns a bool (K, J, I) mask on the volume's grid.
 
         box_ijk: (i0, j0, k0, i1, j1, k1) voxel corners. If it spans one slice along the slicing axis it is a 2-D
         box on that slice, otherwise a 3-D box (every slice in its range prompted by its projection).
         points_ijk: (N, 3) voxel positions with point_labels (N,) 1 positive / 0 negative; all on one slice.
         propagate: carry a 2-D result up and down the axis until the object ends.
+        ``self.last_result`` then holds the normalisation used and the model's predicted IoU (``SegmentResult``).
         """
-        prepared = prepared or self.prepare(volume, axis, window=window)
+        prepared = prepared or self.prepare(volume, axis, window=window, preset=preset)
         stack = prepared.stack
         result = np.zeros(stack.shape, dtype=bool)
         points_xy = labels = box_xy = None
@@ -409,6 +448,7 @@ class Engine:
             slices = slices or box_slices
         if not slices:
             raise InputError("give a box or at least one point")
+        scores: dict[int, float] = {}
         if len(slices) > 1:
             # A 3-D box: prompt its central slice with the box's projection, then follow the object slice by
             # slice inside the box (prompting each slice with the whole projection over-segments the object's
@@ -416,24 +456,31 @@ class Engine:
             self.embeddings(prepared, slices, progress, cancel)
             centre = slices[len(slices) // 2]
             first = self.predict_slice(prepared, centre, box=box_xy)
-            result[centre] = first.mask
+            result[centre], scores[centre] = first.mask, first.score
             if first.mask.any():
-                self._propagate(prepared, centre, first, result, (slices[0], slices[-1]), box_xy, progress, cancel)
+                self._propagate(prepared, centre, first, result, scores, (slices[0], slices[-1]), box_xy,
+                                progress, cancel)
         else:
             first = self.predict_slice(prepared, slices[0], points_xy, labels, box_xy)
-            result[slices[0]] = first.mask
+            result[slices[0]], scores[slices[0]] = first.mask, first.score
             if propagate and first.mask.any():
-                self._propagate(prepared, slices[0], first, result, (0, prepared.num_slices - 1), None,
+                self._propagate(prepared, slices[0], first, result, scores, (0, prepared.num_slices - 1), None,
                                 progress, cancel)
+        areas = {index: int(result[index].sum()) for index in scores if result[index].any()}
+        self.last_result = SegmentResult(prepared.normalization, {i: scores[i] for i in areas}, areas)
         return stack.from_stack(result)
 
     def _propagate(self, prepared: Prepared, start: int, first: SlicePrediction, result: np.ndarray,
-                   slice_range: tuple[int, int], clip_box: np.ndarray | None,
+                   scores: dict[int, float], slice_range: tuple[int, int], clip_box: np.ndarray | None,
                    progress: ProgressFn | None, cancel: CancelFn | None) -> None:
         """From a prompted slice, up and down: each next slice prompted by the previous mask's box.
 
         The box grows by a margin (PROPAGATION_MARGIN) (objects change size between slices, and SAM-family models
-        are trained on slightly loose boxes); with clip_box it never leaves the user's 3-D box."""
+        are trained on slightly loose boxes); with clip_box (the user's 3-D box) it never leaves that box, and the
+        continuity checks do not end it inside the box: a slice that fails them is prompted with the user's box
+        itself, and only a result the model is unsure of (or an empty one) ends the object there. The user drew
+        the box around the object, so a jump in shape or intensity inside it (a thick slice, the narrow end of an
+        organ) is the object changing, not a different object."""
         total, done = slice_range[1] - slice_range[0] + 1, 1
         for step in (1, -1):
             previous = first.mask
@@ -447,12 +494,7 @@ class Engine:
                                                     PROPAGATION_MARGIN[1] * max(box[2] - box[0], box[3] - box[1])))
                 if clip_box is not None:
                     box = np.concatenate([np.maximum(box[:2], clip_box[:2]), np.minimum(box[2:], clip_box[2:])])
-                prediction = self.predict_slice(prepared, index, box=box)
-                if clip_box is not None:  # SAM can spill outside its box; the user's 3-D box is a hard limit
-                    x0, y0, x1, y1 = np.round(clip_box).astype(int)
-                    inside = np.zeros_like(prediction.mask)
-                    inside[y0:y1 + 1, x0:x1 + 1] = True
-                    prediction.mask &= inside
+                prediction = self._predict_within(prepared, index, box, clip_box)
                 area, previous_area = prediction.mask.sum(), previous.sum()
                 overlap = (prediction.mask & previous).sum() / max(area, 1)
                 mean = prepared.slice01(index)[prediction.mask].mean() if area else 0.0
@@ -461,19 +503,36 @@ class Engine:
                 # place and in intensity.
                 if (area < max(4, 0.05 * previous_area) or prediction.score < MIN_SCORE
                         or overlap < MIN_OVERLAP or abs(mean - previous_mean) > MAX_INTENSITY_JUMP):
-                    break
+                    if clip_box is None:
+                        break
+                    prediction = self._predict_within(prepared, index, clip_box, clip_box)
+                    area = prediction.mask.sum()
+                    if area < 4 or prediction.score < MIN_SCORE:
+                        break
+                    mean = prepared.slice01(index)[prediction.mask].mean()
                 previous_mean = mean
-                result[index] = prediction.mask
+                result[index], scores[index] = prediction.mask, prediction.score
                 previous = prediction.mask
                 index += step
                 done += 1
                 if progress:
                     progress(done, total)
 
+    def _predict_within(self, prepared: Prepared, index: int, box: np.ndarray,
+                        clip_box: np.ndarray | None) -> SlicePrediction:
+        prediction = self.predict_slice(prepared, index, box=box)
+        if clip_box is not None:  # SAM can spill outside its box; the user's 3-D box is a hard limit
+            x0, y0, x1, y1 = np.round(clip_box).astype(int)
+            inside = np.zeros_like(prediction.mask)
+            inside[y0:y1 + 1, x0:x1 + 1] = True
+            prediction.mask &= inside
+        return prediction
+
     # ---- automatic segmentation (needs a SegMoTE adapter with PPT classes) ----------------------------
     def auto(self, volume: Volume, classes: Sequence[str] | None = None, keep_largest: bool = True,
              axis: int | None = None, window=None, refine_passes: int = 1, objectness_threshold: float = 0.5,
-             progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> list[Segment]:
+             progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+             preset: str | None = None) -> list[Segment]:
         """One segment per adapter class (names and colours from the checkpoint), no prompts.
 
         Slices where the class's objectness is below the threshold contribute nothing; keep_largest keeps the
@@ -486,7 +545,8 @@ class Engine:
         header_classes = self.adapter_header["classes"]
         names = list(classes) if classes else [c["name"] for c in header_classes]
         indices = class_indices(self.adapter_header, names)
-        prepared = self.prepare(volume, axis, window=window)
+        prepared = self.prepare(volume, axis, window=window, preset=preset)
+        self.last_result = SegmentResult(prepared.normalization, {}, {})
         num = prepared.num_slices
         masks = np.zeros((len(indices),) + prepared.stack.shape, dtype=bool)
         if progress:

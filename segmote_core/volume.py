@@ -38,6 +38,7 @@ class Volume:
     origin: np.ndarray
     direction: np.ndarray
     _stack_fingerprints: dict = field(default_factory=dict, repr=False, compare=False)
+    modality: str | None = None  # as the file declares it (DICOM Modality, NRRD "modality" field); None: unknown
 
     def __post_init__(self):
         self.spacing = np.asarray(self.spacing, dtype=float).reshape(3)
@@ -156,7 +157,7 @@ def read_volume(path: str | Path) -> Volume:
         raise InputError(f"image not found: {path}")
     try:
         if path.is_dir():
-            image = _read_dicom_series(path)
+            image, modality = _read_dicom_series(path)
         else:
             if path.name.lower().endswith(".gz"):
                 _check_gzip_complete(path)
@@ -168,6 +169,7 @@ def read_volume(path: str | Path) -> Volume:
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     volume = Volume.from_sitk(image)
+    volume.modality = modality if path.is_dir() else _declared_modality(image)
     if not np.issubdtype(volume.array.dtype, np.number):
         raise InputError(f"image {path.name} has non-numeric voxels ({volume.array.dtype})")
     return volume
@@ -186,7 +188,7 @@ def _check_gzip_complete(path: Path) -> None:
         raise InputError(f"cannot read image {path.name}: truncated or corrupt compressed file ({type(exc).__name__})")
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+def _read_dicom_series(folder: Path) -> tuple[sitk.Image, str | None]:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
@@ -194,7 +196,18 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     # Several series in one folder: take the one with the most slices (the main scan, not a scout).
     files = max((reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series), key=len)
     reader.SetFileNames(files)
-    return reader.Execute()
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    modality = reader.GetMetaData(0, "0008|0060").strip() if reader.HasMetaDataKey(0, "0008|0060") else None
+    return image, modality or None
+
+
+def _declared_modality(image: sitk.Image) -> str | None:
+    """The modality a file states: a DICOM tag (single-file DICOM) or a "modality" key (NRRD/MHA key-value)."""
+    for key in ("0008|0060", "modality", "Modality"):
+        if image.HasMetaDataKey(key) and image.GetMetaData(key).strip():
+            return image.GetMetaData(key).strip()
+    return None
 
 
 # ---- slicing along anatomy ------------------------------------------------------------------------------
