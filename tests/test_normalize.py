@@ -144,3 +144,17 @@ def test_dicom_series_modality_is_read(tmp_path, chest_ct):
     volume = read_volume(tmp_path)
     assert volume.modality == "CT"
     assert choose_normalization(volume.array, modality=volume.modality).rule == ("window", *CT_DEFAULT)
+
+
+def test_adapter_with_a_malformed_rule_is_refused_at_load_in_one_line(tmp_path):
+    from segmote_core.adapters import save_adapter
+    from segmote_core.engine import Engine
+    from segmote_core.models import build_tiny_sam_vit
+    from segmote_core.models.segmote import SegMoTE
+
+    engine = Engine(backbone=build_tiny_sam_vit(), device="cpu")
+    path = save_adapter(tmp_path / "odd.safetensors", SegMoTE(engine.backbone), ["organ"],
+                        {"kind": "gamma", "gamma": 0.5}, backbone_sha256=None)
+    with pytest.raises(InputError, match="odd.safetensors.*unknown kind 'gamma'") as error:
+        engine.load_adapter(path)
+    assert "\n" not in str(error.value) and engine.segmote is None and engine.adapter_header is None
