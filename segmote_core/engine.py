@@ -405,13 +405,15 @@ class Engine:
     def segment(self, volume: Volume, box_ijk=None, points_ijk=None, point_labels=None, propagate: bool = False,
                 axis: int | None = None, window=None, prepared: Prepared | None = None,
                 progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                preset: str | None = None) -> np.ndarray:
+                preset: str | None = None, fill_box: bool = True) -> np.ndarray:
         """Segment one object; returns a bool (K, J, I) mask on the volume's grid.
 
         box_ijk: (i0, j0, k0, i1, j1, k1) voxel corners. If it spans one slice along the slicing axis it is a 2-D
         box on that slice, otherwise a 3-D box (every slice in its range prompted by its projection).
         points_ijk: (N, 3) voxel positions with point_labels (N,) 1 positive / 0 negative; all on one slice.
         propagate: carry a 2-D result up and down the axis until the object ends.
+        fill_box: in a 3-D box, go on through every slice while the model is confident (False: stop at the first
+        slice that does not continue the previous one in place and intensity, as propagation does).
         ``self.last_result`` then holds the normalisation used and the model's predicted IoU (``SegmentResult``).
         """
         prepared = prepared or self.prepare(volume, axis, window=window, preset=preset)
@@ -459,7 +461,7 @@ class Engine:
             result[centre], scores[centre] = first.mask, first.score
             if first.mask.any():
                 self._propagate(prepared, centre, first, result, scores, (slices[0], slices[-1]), box_xy,
-                                progress, cancel)
+                                progress, cancel, fill_box)
         else:
             first = self.predict_slice(prepared, slices[0], points_xy, labels, box_xy)
             result[slices[0]], scores[slices[0]] = first.mask, first.score
@@ -472,15 +474,16 @@ class Engine:
 
     def _propagate(self, prepared: Prepared, start: int, first: SlicePrediction, result: np.ndarray,
                    scores: dict[int, float], slice_range: tuple[int, int], clip_box: np.ndarray | None,
-                   progress: ProgressFn | None, cancel: CancelFn | None) -> None:
+                   progress: ProgressFn | None, cancel: CancelFn | None, fill_box: bool = True) -> None:
         """From a prompted slice, up and down: each next slice prompted by the previous mask's box.
 
         The box grows by a margin (PROPAGATION_MARGIN) (objects change size between slices, and SAM-family models
-        are trained on slightly loose boxes); with clip_box (the user's 3-D box) it never leaves that box, and the
-        continuity checks do not end it inside the box: a slice that fails them is prompted with the user's box
-        itself, and only a result the model is unsure of (or an empty one) ends the object there. The user drew
-        the box around the object, so a jump in shape or intensity inside it (a thick slice, the narrow end of an
-        organ) is the object changing, not a different object."""
+        are trained on slightly loose boxes); with clip_box (the user's 3-D box) it never leaves that box, and with
+        fill_box the continuity checks do not end it inside the box: only an answer the model is unsure of (or an
+        empty one, also when prompted with the user's box itself) ends the object there. The user drew the box
+        around the object, so a jump in shape or intensity inside it (a thick slice, the narrow end of an organ) is
+        the object changing, not a different object. The price (docs/training.md): at an organ's thin ends the
+        model is often confidently too large, so filling every slice can lower the overall Dice."""
         total, done = slice_range[1] - slice_range[0] + 1, 1
         for step in (1, -1):
             previous = first.mask
@@ -503,12 +506,15 @@ class Engine:
                 # place and in intensity.
                 if (area < max(4, 0.05 * previous_area) or prediction.score < MIN_SCORE
                         or overlap < MIN_OVERLAP or abs(mean - previous_mean) > MAX_INTENSITY_JUMP):
-                    if clip_box is None:
+                    if clip_box is None or not fill_box:
                         break
-                    prediction = self._predict_within(prepared, index, clip_box, clip_box)
-                    area = prediction.mask.sum()
+                    # Inside the user's 3-D box only an unsure (or empty) answer ends the object; if the
+                    # previous mask's box finds nothing, the object may have moved: try the user's box.
                     if area < 4 or prediction.score < MIN_SCORE:
-                        break
+                        prediction = self._predict_within(prepared, index, clip_box, clip_box)
+                        area = prediction.mask.sum()
+                        if area < 4 or prediction.score < MIN_SCORE:
+                            break
                     mean = prepared.slice01(index)[prediction.mask].mean()
                 previous_mean = mean
                 result[index], scores[index] = prediction.mask, prediction.score

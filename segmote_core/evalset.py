@@ -107,10 +107,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2.0 * (a & b).sum() / max(int(a.sum()) + int(b.sum()), 1))
 
 
-def evaluate(engine, case: EvalCase, structures=None, slices=None, modes=("box", "click")) -> dict:
+def evaluate(engine, case: EvalCase, structures=None, slices=None, modes=("box", "click"),
+             record: list | None = None) -> dict:
     """{structure: {mode: mean Dice over its slices, "slices": n, "predicted_iou": mean}} on axial slices.
 
-    slices: stack indices to use (None: every slice where the structure is present)."""
+    slices: stack indices to use (None: every slice where the structure is present); record: a list to append
+    (case, structure, mode, slice, Dice, predicted IoU) to, one tuple per prompt."""
     prepared = engine.prepare(case.volume)
     stack = prepared.stack
     results = {"normalization": prepared.normalization.description}
@@ -133,6 +135,8 @@ def evaluate(engine, case: EvalCase, structures=None, slices=None, modes=("box",
                                                       point_labels=np.array([1]))
                 scores.append(dice(prediction.mask, plane))
                 ious.append(prediction.score)
+                if record is not None:
+                    record.append((case.name, name, mode, k, scores[-1], prediction.score))
             row[mode] = round(float(np.mean(scores)), 3)
             row[f"{mode}_predicted_iou"] = round(float(np.mean(ious)), 3)
         results[name] = row
