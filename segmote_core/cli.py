@@ -158,17 +158,16 @@ def _optional_module(name: str):
         raise
 
 
-def _normalization_args(args) -> tuple | None:
-    from .errors import InputError
-    from .normalize import CT_WINDOWS
+def _normalization_args(args) -> dict:
+    """--window / --preset as the engine takes them; checked by the resolver now, before anything is loaded."""
+    import numpy as np
 
-    if args.window is not None and args.preset:
-        raise InputError("give either --window or --preset, not both")
-    if args.preset:
-        if args.preset not in CT_WINDOWS:
-            raise InputError(f"unknown --preset '{args.preset}'; choose one of {', '.join(CT_WINDOWS)}")
-        return CT_WINDOWS[args.preset]
-    return tuple(args.window) if args.window is not None else None
+    from .normalize import choose_normalization
+
+    window = tuple(args.window) if args.window is not None else None
+    if window is not None or args.preset:
+        choose_normalization(np.zeros(1), window, args.preset)
+    return {"window": window, "preset": args.preset}
 
 
 _engines: dict[tuple, "object"] = {}
@@ -217,7 +216,7 @@ def run_segment(args) -> int:
     out = check_output_path(args.out)
     refuse_input_as_output(out, args.image, args.adapter, args.checkpoint)
     check_header_text(args.name)  # before the model runs
-    window = _normalization_args(args)
+    normalization = _normalization_args(args)
     _check_adapter_file(args.adapter)
     if args.box_ras is None and args.box_ijk is None and not args.point_ras and not args.point_ijk:
         raise InputError("give a prompt: --box-ras/--box-ijk and/or --point-ras/--point-ijk")
@@ -238,11 +237,16 @@ def run_segment(args) -> int:
     engine = _engine_for_args(args)
     with progress_bar("segmenting", args.quiet) as progress:
         mask = engine.segment(volume, box_ijk=box, points_ijk=points, point_labels=labels,
-                              propagate=args.propagate, axis=args.axis, window=window, progress=progress)
+                              propagate=args.propagate, axis=args.axis, progress=progress, **normalization)
     _print_notices(engine)
+    result = engine.last_result
     [stored] = save_segments(out, volume, [Segment(args.name, mask)], replace_same_name=args.overwrite)
     if not args.quiet:
-        print(f"{args.name}: {stored} voxels, {stored * np.prod(volume.spacing) / 1000:.1f} ml -> {out}")
+        print(f"normalisation: {result.normalization.description}")
+        print(f"{args.name}: {stored} voxels, {stored * np.prod(volume.spacing) / 1000:.1f} ml, "
+              f"{result.confidence_text} -> {out}")
+    elif result.low_confidence:
+        print(f"warning: {args.name}: {result.confidence_text}", file=sys.stderr)
     return 0
 
 
@@ -253,16 +257,17 @@ def run_auto(args) -> int:
 
     out = check_output_path(args.out)
     refuse_input_as_output(out, args.image, args.adapter, args.checkpoint)
-    window = _normalization_args(args)
+    normalization = _normalization_args(args)
     _check_adapter_file(args.adapter)
     volume = read_volume(args.image, args.series)
     engine = _engine_for_args(args)
     with progress_bar("automatic", args.quiet) as progress:
         segments = engine.auto(volume, classes=args.classes, keep_largest=not args.all_components,
-                               axis=args.axis, window=window, progress=progress)
+                               axis=args.axis, progress=progress, **normalization)
     _print_notices(engine)
     stored = save_segments(out, volume, segments, replace_same_name=args.overwrite)
     if not args.quiet:
+        print(f"normalisation: {engine.last_result.normalization.description}")
         for segment, count in zip(segments, stored):
             print(f"{segment.name}: {count} voxels")
         print(f"-> {out}")

@@ -43,7 +43,7 @@ from scipy import ndimage
 
 from .errors import InputError, SegMoTEError
 from .files import atomic_write, atomic_write_text
-from .normalize import choose_normalization, from_rule, normalize
+from .normalize import choose_normalization, normalize, rule_for_training
 from .volume import SliceStack
 
 HISTOGRAM_BINS = 64
@@ -316,7 +316,7 @@ def curate_cases(cases, config: CurationConfig | None = None, window=None, prese
     def volumes():
         for number, case in enumerate(cases):
             volume, labels = case.load()
-            norm = from_rule(volume.array, rule) if rule else choose_normalization(volume.array, window, preset)
+            norm = choose_normalization(volume.array, window, preset, adapter_rule=rule, modality=volume.modality)
             stack = SliceStack.for_axis(volume, None)
             slices01 = normalize(stack.to_stack(volume.array), norm)
             names = list(classes) if classes else list(labels)
@@ -328,14 +328,8 @@ def curate_cases(cases, config: CurationConfig | None = None, window=None, prese
                 progress(number + 1, len(cases))
             yield case.case_id, case.modality, slices01, {n: stack.to_stack(labels[n]) for n in names}
 
-    norm_rule = rule or (_rule_of(window, preset))
+    norm_rule = rule if rule and window is None and preset is None else rule_for_training(window, preset)
     return curate_arrays(volumes(), config, norm_rule)
-
-
-def _rule_of(window, preset) -> dict:
-    if window is None and preset is None:
-        return {"kind": "percentiles", "low_pct": 0.5, "high_pct": 99.5}
-    return choose_normalization(np.zeros(1), window, preset).rule_dict()
 
 
 def read_manifest(path: str | Path) -> set[tuple[str, int, str]]:

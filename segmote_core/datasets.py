@@ -58,6 +58,8 @@ class Case:
     def load(self) -> tuple[Volume, dict[str, np.ndarray]]:
         """(image volume, {class name: bool (K, J, I) mask on the image grid})."""
         volume = read_volume(self.image)
+        if self.modality not in ("", "unknown"):  # the data set's word (dataset.json, config) beats the file's
+            volume.modality = self.modality
         return volume, read_labels(self.labels, volume, self.classes)
 
 

@@ -17,7 +17,6 @@ import numpy as np
 from .normalize import CT_WINDOWS
 from .segmentation_io import Segment, read_segments, save_segments
 
-DEMO_WINDOW = CT_WINDOWS["lung_parenchyma"]
 SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "resources" / "chest_ct_lungs.safetensors"
 
 
@@ -86,11 +85,12 @@ def run(out_dir: str | Path = "segmote-demo", device: str = "auto", quiet: bool 
     _, truth_segments = read_segments(truth_path)
     truth = {s.name: s.mask for s in truth_segments}
     say = (lambda *a: None) if quiet else print
-    say(f"chest CT {volume.describe_grid()}; window L{DEMO_WINDOW[0]:g} W{DEMO_WINDOW[1]:g}")
+    say(f"chest CT {volume.describe_grid()}")
 
     started = time.perf_counter()
     engine = Engine("lite_medsam", device=device)
-    prepared = engine.prepare(volume, window=DEMO_WINDOW)
+    prepared = engine.prepare(volume)  # no window: the model's own default for the scan's modality
+    say(f"normalisation: {prepared.normalization.description}")
     right = truth["right lung"]
     right_box = volume.ras_to_ijk(_box_ras(volume, right).reshape(2, 3)).reshape(-1)
     right_mask = engine.segment(volume, box_ijk=right_box, prepared=prepared)

@@ -22,7 +22,7 @@ import torch
 from .checkpoints import load_backbone
 from .devices import default_cache_bytes, default_encoder_batch, resolve_device, tune_cpu_allocator
 from .errors import Cancelled, InputError, SegMoTEError
-from .normalize import Normalization, choose_normalization, from_rule, normalize
+from .normalize import Normalization, check_rule, choose_normalization, normalize
 from .segmentation_io import Segment
 from .volume import SliceStack, Volume, check_contrast, prompt_array
 
@@ -33,6 +33,7 @@ PROPAGATION_MARGIN = (3.0, 0.05)  # pixels, share of the box's longer side: the 
 MIN_SCORE = 0.3  # predicted IoU under which propagation stops
 MIN_OVERLAP = 0.6  # share of a new slice's mask that must lie over the previous slice's mask
 MAX_INTENSITY_JUMP = 0.2  # largest change of the mask's mean normalised intensity from one slice to the next
+LOW_CONFIDENCE = 0.75  # predicted IoU under which a result is flagged for the user to check (docs/training.md)
 
 
 class _MovedToCpu(Exception):
@@ -98,6 +99,38 @@ class Prepared:
 
 
 @dataclass
+class SegmentResult:
+    """What a ``segment`` call decided besides the mask (``Engine.last_result``): how the scan was normalised and
+    how sure the model is. slice_scores: stack slice index -> the model's predicted IoU of the mask kept there."""
+
+    normalization: Normalization
+    slice_scores: dict[int, float]
+    slice_areas: dict[int, int]
+
+    @property
+    def predicted_iou(self) -> float | None:
+        """The model's own estimate of this result's IoU: per-slice predictions weighted by mask area."""
+        total = sum(self.slice_areas.values())
+        if not total:
+            return None
+        return float(sum(self.slice_scores[i] * a for i, a in self.slice_areas.items()) / total)
+
+    @property
+    def low_confidence(self) -> bool:
+        score = self.predicted_iou
+        return score is None or score < LOW_CONFIDENCE
+
+    @property
+    def confidence_text(self) -> str:
+        """One line for the user, e.g. 'predicted IoU 0.93' or 'predicted IoU 0.52 - low: check this result'."""
+        score = self.predicted_iou
+        if score is None:
+            return "empty result - nothing found for this prompt"
+        low = f" - low (under {LOW_CONFIDENCE:g}): check this result" if score < LOW_CONFIDENCE else ""
+        return f"predicted IoU {score:.2f}{low}"
+
+
+@dataclass
 class SlicePrediction:
     mask: np.ndarray  # bool (H, W) on the slice grid
     low_res_logits: torch.Tensor  # (1, 1, 256, 256), usable as the next pass's mask prompt
@@ -155,6 +188,7 @@ class Engine:
         self.adapter_header: dict | None = None
         self.notices: list[str] = []  # things the user should know (shown by the CLI and the Slicer panel)
         self.runtime, self._fast, self._fast_decoder = "torch", None, False
+        self.last_result: SegmentResult | None = None  # normalisation and predicted IoU of the last segment()
         if adapter is not None:
             self.load_adapter(adapter)
         self._use_runtime(runtime or os.environ.get("SEGMOTE_RUNTIME", "auto"))
@@ -202,8 +236,10 @@ class Engine:
         """Use a SegMoTE adapter (MoTE decoder for prompts, PPT for automatic segmentation)."""
         from .adapters import load_segmote
 
-        self.segmote, self.adapter_header = load_segmote(path, self.backbone,
-                                                         getattr(self.backbone, "weights_sha256", None))
+        segmote, header = load_segmote(path, self.backbone, getattr(self.backbone, "weights_sha256", None))
+        if header.get("normalization"):
+            check_rule(header["normalization"], f"adapter {getattr(path, 'name', path)}:")
+        self.segmote, self.adapter_header = segmote, header
         self.segmote.to(self.device).eval()
         self.cache.clear()  # entries embedded without early features would be looked up under other keys anyway
         self._use_fast_decoder()
@@ -219,16 +255,17 @@ class Engine:
 
     # ---- preparing a volume ------------------------------------------------------------------------
     def prepare(self, volume: Volume, axis: int | None = None, normalization: Normalization | None = None,
-                window=None) -> Prepared:
-        """axis: voxel axis to slice along (None: closest to superior-inferior); window: (level, width)."""
+                window=None, preset: str | None = None) -> Prepared:
+        """axis: voxel axis to slice along (None: closest to superior-inferior); window: (level, width); preset: a
+        CT_WINDOWS name. Neither: the adapter's stored rule, else the backbone's default for the scan's modality
+        (``choose_normalization``); ``prepared.normalization.description`` says which and why."""
         if min(volume.shape_ijk) < 1:
             raise InputError(f"the image is empty: {volume.shape_ijk}")
         check_contrast(volume)
         if normalization is None:
-            if self.adapter_header and window is None and self.adapter_header.get("normalization"):
-                normalization = from_rule(volume.array, self.adapter_header["normalization"])
-            else:
-                normalization = choose_normalization(volume.array, window)
+            normalization = choose_normalization(
+                volume.array, window, preset, modality=getattr(volume, "modality", None), backbone=self.model_name,
+                adapter_rule=(self.adapter_header or {}).get("normalization") or None)
         stack = SliceStack.for_axis(volume, axis)
         key = (stack.fingerprint(), normalization.key(), self.model_name,
                getattr(self.backbone, "weights_sha256", ""), self.precision)
@@ -420,7 +457,7 @@ class Engine:
     def segment(self, volume: Volume, box_ijk=None, points_ijk=None, point_labels=None, propagate: bool = False,
                 axis: int | None = None, window=None, prepared: Prepared | None = None,
                 progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                on_slice: SliceFn | None = None) -> np.ndarray:
+                on_slice: SliceFn | None = None, preset: str | None = None, fill_box: bool = True) -> np.ndarray:
         """Segment one object; returns a bool (K, J, I) mask on the volume's grid.
 
         box_ijk: (i0, j0, k0, i1, j1, k1) voxel corners. If it spans one slice along the slicing axis it is a 2-D
@@ -431,8 +468,11 @@ class Engine:
         (the central slice of a 3-D box: one embedding and one decode after the call), then after each further
         slice. The mask is the one this call fills and returns (copy it to keep a snapshot). Cancelling raises
         Cancelled; what on_slice has seen stays the caller's to keep or drop.
+        fill_box: in a 3-D box, go on through every slice while the model is confident (False: stop at the first
+        slice that does not continue the previous one in place and intensity, as propagation does).
+        ``self.last_result`` then holds the normalisation used and the model's predicted IoU (``SegmentResult``).
         """
-        prepared = prepared or self.prepare(volume, axis, window=window)
+        prepared = prepared or self.prepare(volume, axis, window=window, preset=preset)
         stack = prepared.stack
         volume_mask = np.zeros(volume.array.shape, dtype=bool)
         result = stack.to_stack(volume_mask)  # a writable view: slices written here land in volume_mask
@@ -470,6 +510,7 @@ class Engine:
             slices = slices or box_slices
         if not slices:
             raise InputError("give a box or at least one point")
+        scores: dict[int, float] = {}
         if len(slices) > 1:
             # A 3-D box: prompt its central slice with the box's projection, then follow the object slice by
             # slice inside the box (prompting each slice with the whole projection over-segments the object's
@@ -477,32 +518,39 @@ class Engine:
             # propagation reaches them (none past the object's ends), on a GPU in batches.
             centre = slices[len(slices) // 2]
             first = self.predict_slice(prepared, centre, box=box_xy)
-            result[centre] = first.mask
+            result[centre], scores[centre] = first.mask, first.score
             if notify:
                 notify(centre)
             if first.mask.any():
                 if self.batch_size > 1:
                     self.embeddings(prepared, slices, progress, cancel)
-                self._propagate(prepared, centre, first, result, (slices[0], slices[-1]), box_xy, progress, cancel,
-                                notify)
+                self._propagate(prepared, centre, first, result, scores, (slices[0], slices[-1]), box_xy,
+                                progress, cancel, notify, fill_box)
         else:
             first = self.predict_slice(prepared, slices[0], points_xy, labels, box_xy)
-            result[slices[0]] = first.mask
+            result[slices[0]], scores[slices[0]] = first.mask, first.score
             if notify:
                 notify(slices[0])
             if propagate and first.mask.any():
-                self._propagate(prepared, slices[0], first, result, (0, prepared.num_slices - 1), None,
+                self._propagate(prepared, slices[0], first, result, scores, (0, prepared.num_slices - 1), None,
                                 progress, cancel, notify)
+        areas = {index: int(result[index].sum()) for index in scores if result[index].any()}
+        self.last_result = SegmentResult(prepared.normalization, {i: scores[i] for i in areas}, areas)
         return volume_mask
 
     def _propagate(self, prepared: Prepared, start: int, first: SlicePrediction, result: np.ndarray,
-                   slice_range: tuple[int, int], clip_box: np.ndarray | None,
+                   scores: dict[int, float], slice_range: tuple[int, int], clip_box: np.ndarray | None,
                    progress: ProgressFn | None, cancel: CancelFn | None,
-                   notify: Callable[[int], None] | None = None) -> None:
+                   notify: Callable[[int], None] | None = None, fill_box: bool = True) -> None:
         """From a prompted slice, up and down: each next slice prompted by the previous mask's box.
 
         The box grows by a margin (PROPAGATION_MARGIN) (objects change size between slices, and SAM-family models
-        are trained on slightly loose boxes); with clip_box it never leaves the user's 3-D box."""
+        are trained on slightly loose boxes); with clip_box (the user's 3-D box) it never leaves that box, and with
+        fill_box the continuity checks do not end it inside the box: only an answer the model is unsure of (or an
+        empty one, also when prompted with the user's box itself) ends the object there. The user drew the box
+        around the object, so a jump in shape or intensity inside it (a thick slice, the narrow end of an organ) is
+        the object changing, not a different object. The price (docs/training.md): at an organ's thin ends the
+        model is often confidently too large, so filling every slice can lower the overall Dice."""
         total, done = slice_range[1] - slice_range[0] + 1, 1
         for step in (1, -1):
             previous = first.mask
@@ -516,12 +564,7 @@ class Engine:
                                                     PROPAGATION_MARGIN[1] * max(box[2] - box[0], box[3] - box[1])))
                 if clip_box is not None:
                     box = np.concatenate([np.maximum(box[:2], clip_box[:2]), np.minimum(box[2:], clip_box[2:])])
-                prediction = self.predict_slice(prepared, index, box=box)
-                if clip_box is not None:  # SAM can spill outside its box; the user's 3-D box is a hard limit
-                    x0, y0, x1, y1 = np.round(clip_box).astype(int)
-                    inside = np.zeros_like(prediction.mask)
-                    inside[y0:y1 + 1, x0:x1 + 1] = True
-                    prediction.mask &= inside
+                prediction = self._predict_within(prepared, index, box, clip_box)
                 area, previous_area = prediction.mask.sum(), previous.sum()
                 overlap = (prediction.mask & previous).sum() / max(area, 1)
                 mean = prepared.slice01(index)[prediction.mask].mean() if area else 0.0
@@ -530,9 +573,18 @@ class Engine:
                 # place and in intensity.
                 if (area < max(4, 0.05 * previous_area) or prediction.score < MIN_SCORE
                         or overlap < MIN_OVERLAP or abs(mean - previous_mean) > MAX_INTENSITY_JUMP):
-                    break
+                    if clip_box is None or not fill_box:
+                        break
+                    # Inside the user's 3-D box only an unsure (or empty) answer ends the object; if the
+                    # previous mask's box finds nothing, the object may have moved: try the user's box.
+                    if area < 4 or prediction.score < MIN_SCORE:
+                        prediction = self._predict_within(prepared, index, clip_box, clip_box)
+                        area = prediction.mask.sum()
+                        if area < 4 or prediction.score < MIN_SCORE:
+                            break
+                    mean = prepared.slice01(index)[prediction.mask].mean()
                 previous_mean = mean
-                result[index] = prediction.mask
+                result[index], scores[index] = prediction.mask, prediction.score
                 if notify:
                     notify(index)
                 previous = prediction.mask
@@ -541,10 +593,21 @@ class Engine:
                 if progress:
                     progress(done, total)
 
+    def _predict_within(self, prepared: Prepared, index: int, box: np.ndarray,
+                        clip_box: np.ndarray | None) -> SlicePrediction:
+        prediction = self.predict_slice(prepared, index, box=box)
+        if clip_box is not None:  # SAM can spill outside its box; the user's 3-D box is a hard limit
+            x0, y0, x1, y1 = np.round(clip_box).astype(int)
+            inside = np.zeros_like(prediction.mask)
+            inside[y0:y1 + 1, x0:x1 + 1] = True
+            prediction.mask &= inside
+        return prediction
+
     # ---- automatic segmentation (needs a SegMoTE adapter with PPT classes) ----------------------------
     def auto(self, volume: Volume, classes: Sequence[str] | None = None, keep_largest: bool = True,
              axis: int | None = None, window=None, refine_passes: int = 1, objectness_threshold: float = 0.5,
-             progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> list[Segment]:
+             progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+             preset: str | None = None) -> list[Segment]:
         """One segment per adapter class (names and colours from the checkpoint), no prompts.
 
         Slices where the class's objectness is below the threshold contribute nothing; keep_largest keeps the
@@ -557,7 +620,8 @@ class Engine:
         header_classes = self.adapter_header["classes"]
         names = list(classes) if classes else [c["name"] for c in header_classes]
         indices = class_indices(self.adapter_header, names)
-        prepared = self.prepare(volume, axis, window=window)
+        prepared = self.prepare(volume, axis, window=window, preset=preset)
+        self.last_result = SegmentResult(prepared.normalization, {}, {})
         num = prepared.num_slices
         masks = np.zeros((len(indices),) + prepared.stack.shape, dtype=bool)
         if progress:

@@ -97,7 +97,7 @@ class TrainConfig:
     patient_regex: str | None = None
     holdout_every: int = 3
     holdout_offset: int = 1
-    # normalisation (stored in the adapter as a rule): a CT window, a preset, or percentile clipping (default)
+    # normalisation (stored in the adapter as a rule): a CT window, a preset, or the backbone's default per modality
     window: list[float] | None = None  # [level, width]
     preset: str | None = None
     # model
@@ -321,11 +321,9 @@ class TrainData:
 
 
 def normalization_rule(config: TrainConfig) -> dict:
-    from .normalize import DEFAULT_PERCENTILES, choose_normalization
+    from .normalize import rule_for_training
 
-    if config.window is None and config.preset is None:
-        return {"kind": "percentiles", "low_pct": DEFAULT_PERCENTILES[0], "high_pct": DEFAULT_PERCENTILES[1]}
-    return choose_normalization(np.zeros(1), config.window, config.preset).rule_dict()
+    return rule_for_training(config.window, config.preset, config.backbone)
 
 
 def low_res_target(mask: np.ndarray, backbone) -> np.ndarray:
@@ -378,7 +376,7 @@ def build_data(config: TrainConfig, backbone, ctx: Dist, log=print) -> TrainData
         if missing:
             raise InputError(f"case {case.case_id} has no class {', '.join(map(repr, missing))}; "
                              f"it has: {', '.join(labels) or 'no labels'}")
-        norm = from_rule(volume.array, rule)
+        norm = from_rule(volume.array, rule, volume.modality)
         stack = SliceStack.for_axis(volume, None)
         raw = stack.to_stack(volume.array)
         masks = np.stack([stack.to_stack(labels[name]) for name in classes], axis=1)  # (N, C, H, W)

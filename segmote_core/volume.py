@@ -43,6 +43,7 @@ class Volume:
     origin: np.ndarray
     direction: np.ndarray
     _stack_fingerprints: dict = field(default_factory=dict, repr=False, compare=False)
+    modality: str | None = None  # as the file declares it (DICOM Modality, NRRD "modality" field); None: unknown
 
     def __post_init__(self):
         for name, shape in (("spacing", (3,)), ("origin", (3,)), ("direction", (3, 3))):
@@ -200,7 +201,7 @@ def read_volume(path: str | Path, series: str | None = None) -> Volume:
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's warnings would precede our one-line error
     try:
         if path.is_dir():
-            image = _read_dicom_series(path, series)
+            image, modality = _read_dicom_series(path, series)
         else:
             check_declared_size(path)
             if path.name.lower().endswith(".gz"):
@@ -213,6 +214,7 @@ def read_volume(path: str | Path, series: str | None = None) -> Volume:
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     volume = Volume.from_sitk(image)
+    volume.modality = modality if path.is_dir() else _declared_modality(image)
     if not np.issubdtype(volume.array.dtype, np.number):
         raise InputError(f"image {path.name} has non-numeric voxels ({volume.array.dtype})")
     return volume
@@ -362,7 +364,8 @@ def _check_gzip_complete(path: Path) -> None:
         raise InputError(f"cannot read image {path.name}: truncated or corrupt compressed file ({type(exc).__name__})")
 
 
-def _read_dicom_series(folder: Path, series: str | None = None) -> sitk.Image:
+def _read_dicom_series(folder: Path, series: str | None = None) -> tuple[sitk.Image, str | None]:
+    """The series (its modality too, DICOM 0008,0060); a folder with several series needs `series`."""
     reader = sitk.ImageSeriesReader()
     found = reader.GetGDCMSeriesIDs(str(folder))
     if not found:
@@ -376,7 +379,18 @@ def _read_dicom_series(folder: Path, series: str | None = None) -> sitk.Image:
         raise InputError(f"folder {folder.name} has no DICOM series {uid}; it has: {', '.join(found)}")
     _check_even_slices(files[uid], uid)
     reader.SetFileNames(files[uid])
-    return reader.Execute()
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    modality = reader.GetMetaData(0, "0008|0060").strip() if reader.HasMetaDataKey(0, "0008|0060") else None
+    return image, modality or None
+
+
+def _declared_modality(image: sitk.Image) -> str | None:
+    """The modality a file states: a DICOM tag (single-file DICOM) or a "modality" key (NRRD/MHA key-value)."""
+    for key in ("0008|0060", "modality", "Modality"):
+        if image.HasMetaDataKey(key) and image.GetMetaData(key).strip():
+            return image.GetMetaData(key).strip()
+    return None
 
 
 def _check_even_slices(files: tuple[str, ...], uid: str) -> None:

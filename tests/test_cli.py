@@ -113,7 +113,9 @@ def bad_files(tmp_path):
     from segmote_core.models import build_tiny_sam_vit
 
     torch.save(build_tiny_sam_vit().state_dict(), other)
-    return {"corrupt": corrupt, "flat": flat, "four": four, "other": other}
+    constant = tmp_path / "constant.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((3, 16, 16), 7, np.int16)), str(constant))
+    return {"corrupt": corrupt, "flat": flat, "four": four, "other": other, "constant": constant}
 
 
 BOX_IJK = ["20", "30", "10", "60", "90", "12"]
@@ -132,6 +134,11 @@ BOX_IJK = ["20", "30", "10", "60", "90", "12"]
     ("other architecture", ["segment", str(CHEST_CT), "--box-ijk", *BOX_IJK, "--model", "sam_vit_b",
                             "--checkpoint", "{other}"], "does not fit sam_vit_b"),
     ("bad output", ["segment", str(CHEST_CT), "--box-ijk", *BOX_IJK, "--out", "{tmp}/x.png"], "must end in"),
+    ("no default window", ["segment", "{constant}", "--box-ijk", "2", "2", "0", "12", "12", "2"],
+     "pass --window LEVEL WIDTH or --preset NAME"),
+    ("window and preset", ["segment", str(CHEST_CT), "--box-ijk", *BOX_IJK, "--window", "0", "100", "--preset",
+                           "lung"], "either"),
+    ("unknown preset", ["segment", str(CHEST_CT), "--box-ijk", *BOX_IJK, "--preset", "lungs"], "unknown CT window"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, bad_files, case, args, message):
     out = tmp_path / "existing.seg.nrrd"

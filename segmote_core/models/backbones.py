@@ -281,10 +281,28 @@ def build_sam_vit(
 
 
 @dataclass(frozen=True)
+class InputConvention:
+    """How a backbone's training images were normalised, i.e. the default a new scan gets (normalize.py applies it).
+
+    MedSAM's preprocessing (pre_CT_MR.py; LiteMedSAM was trained on data prepared the same way): CT clipped to a
+    window in HU, everything else clipped at the 0.5/99.5 percentiles of the non-zero voxels; both scaled to [0, 1].
+    MedSAM windowed each CT data set for its anatomy; ct_window is the one window that served every structure of
+    a chest CT best when measured (docs/training.md, "Default normalisation")."""
+
+    ct_window: tuple[float, float]  # (level, width) in HU
+    other_percentiles: tuple[float, float] = (0.5, 99.5)
+    other_voxels: str = "nonzero"  # percentiles of the non-zero voxels ("all": of every voxel)
+
+
+MEDSAM_CONVENTION = InputConvention(ct_window=(-300.0, 1400.0))
+
+
+@dataclass(frozen=True)
 class BackboneInfo:
     name: str
     build: Callable[[], Backbone]
     description: str
+    input_convention: InputConvention = MEDSAM_CONVENTION  # SAM (natural photos) gets MedSAM's: no CT convention
 
 
 BACKBONES: dict[str, BackboneInfo] = {
@@ -300,6 +318,12 @@ BACKBONES: dict[str, BackboneInfo] = {
                      "SAM ViT-H (1024 px, 636M params)"),
     )
 }
+
+
+def input_convention(name: str) -> InputConvention:
+    """The declared input convention of a registered backbone; MedSAM's for unregistered (test) models."""
+    info = BACKBONES.get(name)
+    return info.input_convention if info is not None else MEDSAM_CONVENTION
 
 
 def build_tiny_sam_vit() -> Backbone:
