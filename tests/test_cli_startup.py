@@ -47,7 +47,7 @@ def test_help_and_listing_do_not_import_torch(args, tmp_path):
     (["segment", "missing.nrrd", "--out", "x.seg.nrrd", "--box-ijk", "1", "2", "3", "4", "5", "6"],
      "error: image not found"),
     (["segment", "missing.nrrd", "--out", "x.seg.nrrd", "--preset", "nope", "--box-ijk", "1", "2", "3", "4", "5", "6"],
-     "error: unknown --preset 'nope'"),
+     "error: unknown CT window preset 'nope'"),
     (["segment", "missing.nrrd", "--out", "x.seg.nrrd"], "error: give a prompt"),
     (["auto", "missing.nrrd", "--out", "x.seg.nrrd", "--adapter", "missing.safetensors"],
      "error: adapter file missing.safetensors does not exist"),
