@@ -28,7 +28,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from SegMoTESlicerLib import dependencies
-from SegMoTESlicerLib.logic import MODELS, SegMoTESlicerLogic
+from SegMoTESlicerLib.logic import INTENSITY_MODES, MODELS, SegMoTESlicerLogic
 from SegMoTESlicerLib.prompts import PromptController
 from SegMoTESlicerLib.worker import POLL_INTERVAL_MS, POLL_WAIT_S
 from segmote_core.errors import Cancelled, SegMoTEError
@@ -141,6 +141,10 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for name, label in MODELS.items():
             self.ui.modelComboBox.addItem(label, name)
+        for mode, label in INTENSITY_MODES.items():
+            self.ui.intensityComboBox.addItem(label, mode)
+        self.ui.intensityComboBox.connect("currentIndexChanged(int)", self.onIntensityModeChanged)
+        self.onIntensityModeChanged()
         self.refreshDevices()
         self.ui.progressBar.hide()
         self.ui.cancelButton.enabled = False
@@ -276,6 +280,10 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.segmentSelector.currentSegmentID() or None)
         self.updateButtons()
 
+    def onIntensityModeChanged(self, index=None):
+        custom = self.ui.intensityComboBox.currentData == "custom"
+        self.ui.customLevelSpinBox.enabled = self.ui.customWidthSpinBox.enabled = custom
+
     def onAutoUpdateToggled(self, checked):
         self.controller.autoUpdate = bool(checked)
 
@@ -333,6 +341,8 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.newSegmentButton.checked = False
             self.ui.segmentSelector.setCurrentSegmentID(jobOrError.result)
             self.showStatus(_("Done: ") + jobOrError.summary + self.engineNotice())
+            if jobOrError.lowConfidence:  # the model doubts this result: say so in colour
+                self.ui.statusLabel.setStyleSheet("color: #d35400")
         self.updateButtons()
 
     def saveEditorUndoState(self):
@@ -394,6 +404,8 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.setModel(self.ui.modelComboBox.currentData, self.ui.checkpointPathLineEdit.currentPath or None)
         self.logic.setDevice(self.ui.deviceComboBox.currentText or "auto")
         self.logic.setAdapter(self.ui.adapterPathLineEdit.currentPath or None)
+        self.logic.setIntensityMode(self.ui.intensityComboBox.currentData or "auto",
+                                    (self.ui.customLevelSpinBox.value, self.ui.customWidthSpinBox.value))
         self.logic.overwriteOtherSegments = bool(self.ui.overwriteCheckBox.checked)
 
     def ensureSegmentation(self):

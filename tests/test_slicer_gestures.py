@@ -18,7 +18,7 @@ slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 from vtk.util.numpy_support import vtk_to_numpy  # noqa: E402
 
-from conftest import LUNG_WINDOW, dice  # noqa: E402
+from conftest import dice  # noqa: E402
 from slicer_views import SliceViews  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SegMoTESlicer"))
@@ -40,10 +40,7 @@ class Session:
         self.volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "chest")
         slicer.util.updateVolumeFromArray(self.volume, chest_ct.array)
         self.volume.SetIJKToRASMatrix(mrml.matrixFromArray(chest_ct.ijk_to_ras))
-        self.volume.CreateDefaultDisplayNodes()
-        display = self.volume.GetDisplayNode()
-        display.AutoWindowLevelOff()
-        display.SetWindowLevel(LUNG_WINDOW[1], LUNG_WINDOW[0])
+        self.volume.CreateDefaultDisplayNodes()  # Slicer's own automatic display window; the model's is automatic
         self.segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "chest segmentation")
         self.views.show(self.volume, self.segmentation)
         self.ijkToRas = chest_ct.ijk_to_ras

@@ -159,6 +159,7 @@ def scene():
 @pytest.fixture(scope="module")
 def logic(lite_engine):
     logic = SegMoTESlicerLogic(engine=lite_engine)
+    logic.setIntensityMode("display")  # these tests set the lung window on the display; the default is "auto"
     yield logic
     logic.shutdown()
 
@@ -645,3 +646,29 @@ def test_the_view_a_prompt_is_placed_in_decides_the_axis(logic, scene, chest):
     # The view's actual orientation counts, not its name: a yellow view turned axial slices along K.
     views["Yellow"].GetSliceToRAS().DeepCopy(views["Red"].GetSliceToRAS())
     assert logic.resolveAxis(volume, "Yellow") == 2
+
+
+def test_the_model_window_is_automatic_by_default_and_the_panel_says_which(lite_engine, scene, chest, chest_scene):
+    """Automatic: the CT window the backbone declares, whatever the display shows; as displayed and custom: what
+    the user chose. The job's summary (the panel's status line) names the rule and the predicted IoU."""
+    array, ijk_to_ras, truth = chest
+    volume, segmentation, _ = chest_scene
+    roi = add_roi(scene, ijk_to_ras, bounding_box_ijk(truth["right lung"] & (np.arange(array.shape[0]) == 2)[:, None,
+                                                                                                            None]))
+    logic = SegMoTESlicerLogic(engine=lite_engine)
+    try:
+        assert logic.intensityMode == "auto"
+        summaries = {}
+        for mode, window in (("auto", None), ("display", None), ("custom", (40.0, 400.0))):
+            logic.setIntensityMode(mode, window)
+            job = logic.startSegmentWithPrompts(volume, segmentation, roiNode=roi)
+            job.wait(600)
+            summaries[mode] = job.summary
+            assert "predicted IoU" in job.summary
+        assert "automatic: CT" in summaries["auto"], summaries["auto"]
+        assert f"L{LUNG_WINDOW[0]:g} W{LUNG_WINDOW[1]:g}" in summaries["display"], summaries["display"]
+        assert "L40 W400" in summaries["custom"], summaries["custom"]
+        with pytest.raises(SegMoTEError):
+            logic.setIntensityMode("custom", (40.0, 0.0))
+    finally:
+        logic.shutdown()

@@ -43,6 +43,10 @@ MODELS = {  # engine backbone name -> label shown in the panel
     "sam_vit_l": "SAM ViT-L (1.2 GB download)",
     "sam_vit_h": "SAM ViT-H (2.6 GB download)",
 }
+# What the model sees: "auto" lets the engine resolve it (an adapter's stored rule, else the backbone's training
+# convention for the scan's modality, e.g. a CT window); "display" is the volume's window/level as shown; "custom"
+# a window the user types. Only auto keeps an adapter's own rule.
+INTENSITY_MODES = {"auto": "Automatic (recommended)", "display": "As displayed", "custom": "Custom window"}
 VIEW_AXES = {"red": "S", "yellow": "R", "green": "A"}  # default orientation of Slicer's slice views
 WORLD_AXES = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
 THIN_BOX_VOXELS = 1.5  # a box thinner than this along the slicing axis is a 2-D box on one slice
@@ -138,6 +142,8 @@ class SegMoTESlicerLogic:
         self.device = "auto"
         self.adapterPath: str | None = None
         self.overwriteOtherSegments = False
+        self.intensityMode = "auto"
+        self.customWindow: tuple[float, float] | None = None  # (level, width) for "custom"
         # Embed the slices around a prompted one in the background, so the next slice answers at once. None: only
         # where the encoder does not share the prompt's cores (a GPU); on a 2-core CPU it doubles prompt latency.
         self.prefetchNeighbours: bool | None = None
@@ -167,6 +173,23 @@ class SegMoTESlicerLogic:
 
     def setDevice(self, device: str) -> None:
         self.device = (device or "auto").lower()
+
+    def setIntensityMode(self, mode: str, window: tuple[float, float] | None = None) -> None:
+        """mode: one of INTENSITY_MODES; window (level, width) for "custom"."""
+        if mode not in INTENSITY_MODES:
+            raise InputError(f"unknown intensity mode '{mode}'; choose one of {', '.join(INTENSITY_MODES)}")
+        if mode == "custom" and (window is None or not window[1] > 0):
+            raise InputError("a custom window needs a level and a positive width")
+        self.intensityMode, self.customWindow = mode, (tuple(float(v) for v in window) if window else None)
+
+    def modelWindow(self, volumeNode) -> tuple[float, float] | None:
+        """(level, width) the engine is told, or None: resolved automatically (adapter rule, else the backbone's
+        default for the scan's modality)."""
+        if self.intensityMode == "display":
+            return self.windowLevel(volumeNode)
+        if self.intensityMode == "custom":
+            return self.customWindow
+        return None
 
     def setAdapter(self, path: str | os.PathLike | None) -> None:
         self.adapterPath = str(path) if path else None
@@ -482,7 +505,7 @@ class SegMoTESlicerLogic:
         self._checkGeometry(grid, volumeNode, segmentationNode)
         volume = self._volumeFor(volumeNode)
         return Request(volumeNode, segmentationNode, segmentId or None, volume, grid,
-                       self.resolveAxis(volumeNode, axis), self.windowLevel(volumeNode), self.settings(),
+                       self.resolveAxis(volumeNode, axis), self.modelWindow(volumeNode), self.settings(),
                        self.overwriteOtherSegments if overwrite is None else bool(overwrite))
 
     def _definedPoints(self, node, label, worldToIjk, shapeIjk, volumeName):
@@ -659,16 +682,9 @@ class SegMoTESlicerLogic:
         self.engineDescription = f"{engine.model_name} on {engine.device}"
         return engine
 
-    @staticmethod
-    def _engineWindow(engine, request: Request):
-        """The display window, unless the adapter was trained with its own normalisation rule."""
-        if engine.adapter_header and engine.adapter_header.get("normalization", {}).get("kind"):
-            return None
-        return request.window
-
     def _computeSegment(self, request: Request, job: Job) -> list[Piece]:
         engine = self._engineFor(request.settings)
-        window = self._engineWindow(engine, request)
+        window = request.window
         start = time.perf_counter()
         pieces, slices = [], 0
         prepared = engine.prepare(request.volume, request.axis, window=window)  # once: it hashes the voxels
@@ -687,7 +703,10 @@ class SegMoTESlicerLogic:
             voxel = np.zeros((1, 3))
             voxel[0, request.axis] = request.tasks[-1].slice
             engine.prefetch(prepared, int(round(prepared.stack.ijk_to_stack(voxel)[0, 0])))
-        job.summary = f"{slices} slice(s) in {time.perf_counter() - start:.2f} s ({self.engineDescription})"
+        result = engine.last_result
+        job.summary = (f"{slices} slice(s) in {time.perf_counter() - start:.2f} s ({self.engineDescription}); "
+                       f"{result.confidence_text}; intensities: {prepared.normalization.description}")
+        job.lowConfidence = bool(result.low_confidence)
         return pieces
 
     @staticmethod
@@ -714,7 +733,7 @@ class SegMoTESlicerLogic:
         engine = self._engineFor(settings)
         start = time.perf_counter()
         found = engine.auto(request.volume, classes=request.classes, axis=request.axis,
-                            window=self._engineWindow(engine, request), progress=job.reportProgress,
+                            window=request.window, progress=job.reportProgress,
                             cancel=job.cancelRequested)
         if job.cancelRequested():
             raise Cancelled("automatic segmentation cancelled; nothing was changed")

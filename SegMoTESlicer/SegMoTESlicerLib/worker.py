@@ -121,6 +121,7 @@ class Job:
         self.result: Any = None
         self.error: SegMoTEError | None = None
         self.summary = ""  # one line for the status label, set by compute/apply
+        self.lowConfidence = False  # the model's predicted IoU is low: the panel flags the result
         self.startTime = 0.0
         self.elapsed = 0.0
 
