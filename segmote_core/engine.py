@@ -443,7 +443,11 @@ class Engine:
             if box is not None:
                 corners = torch.as_tensor(box, dtype=torch.float32, device=self.device).view(1, 2, 2)
                 bx = to_model(corners, shape).view(1, 4)
-            if self._fast_decoder:
+            box_alone_to_base = (self.segmote is not None and pts is None and bx is not None
+                                 and self.segmote.config.boxes_to_base)  # the adapter's rule, on every runtime
+            if box_alone_to_base:
+                logits, iou = self.backbone.decode(embedding, None, None, bx, mask_input, multimask=False)
+            elif self._fast_decoder:
                 logits, iou = self._fast.decode(embedding, early, pts, lbl, bx, mask_input)
             elif self.segmote is not None:
                 out = self.segmote.decode(embedding, early, pts, lbl, bx, mask_input)

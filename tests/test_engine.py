@@ -45,8 +45,9 @@ def test_second_prompt_reuses_the_embedding_and_window_change_does_not(lite_engi
     other_window = lite_engine.prepare(chest_ct, window=(40, 400))
     lite_engine.predict_slice(other_window, 17, box=np.array([10.0, 20.0, 60.0, 100.0]))
     assert lite_engine.cache.misses == misses + 1  # a new window is a new image for the model
-    changed = Volume(chest_ct.array.copy(), chest_ct.spacing, chest_ct.origin, chest_ct.direction)
-    changed.array[17, 60, 60] += 500
+    voxels = chest_ct.array.copy()  # volumes are immutable: a changed scan is a new Volume
+    voxels[17, 60, 60] += 500
+    changed = Volume(voxels, chest_ct.spacing, chest_ct.origin, chest_ct.direction)
     lite_engine.predict_slice(lite_engine.prepare(changed, window=LUNG_WINDOW), 17, box=np.array([10.0, 20.0, 60.0, 100.0]))
     assert lite_engine.cache.misses == misses + 2  # changed voxels never reuse a stale embedding
 

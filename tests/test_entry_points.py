@@ -12,6 +12,7 @@ import pytest
 from segmote_core.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_ADAPTER = ROOT / "resources" / "chest_ct_lungs.safetensors"
 
 CASES = {
     "train: missing data folder": (["train", "--data", "{tmp}/nope", "--out", "{tmp}/run", "--quiet"], "not found"),
@@ -27,8 +28,10 @@ CASES = {
     "bench: unknown device": (["bench", "--device", "gpu", "--quiet"], "unknown device"),
     "weights: unknown name": (["weights", "download", "nope"], "unknown model"),
     "eval: missing prediction": (["eval", "--pred", "{tmp}/p.seg.nrrd", "--gt", "{tmp}/g.seg.nrrd"], "not found"),
-    "auto: missing image": (["auto", "{tmp}/nope.nrrd", "--adapter", "a.safetensors", "--out", "{tmp}/o.seg.nrrd"],
-                            "image not found"),
+    "auto: missing image": (["auto", "{tmp}/nope.nrrd", "--adapter", str(SHIPPED_ADAPTER), "--out",
+                             "{tmp}/o.seg.nrrd"], "image not found"),
+    "auto: missing adapter": (["auto", "{tmp}/nope.nrrd", "--adapter", "{tmp}/a.safetensors", "--out",
+                               "{tmp}/o.seg.nrrd"], "adapter file"),
     "segment: bad output suffix": (["segment", "{tmp}/nope.nrrd", "--out", "{tmp}/o.png", "--box-ijk", "1", "1", "1",
                                     "4", "4", "1"], "must end in"),
 }

@@ -164,6 +164,13 @@ def logic(lite_engine):
     logic.shutdown()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_embeddings(lite_engine):
+    """Embeddings cached by other test modules may come from another torch thread count (last-bit differences)
+    and would hide what these tests count (prefetching): start this module with an empty cache."""
+    lite_engine.cache.clear()
+
+
 @pytest.fixture(scope="module")
 def chest(chest_ct, chest_truth):
     array, ijk_to_ras = crop(chest_ct, K0, K1)
