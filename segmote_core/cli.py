@@ -109,6 +109,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                          help="1 positive / 0 negative, once per point in order (default: all positive)")
     segment.add_argument("--propagate", action="store_true",
                          help="carry a one-slice result up and down the slicing axis until the object ends")
+    segment.add_argument("--fill-box", action="store_true",
+                         help="3-D box: segment every slice inside it while the model is confident, instead of "
+                              "stopping where a slice stops continuing the object (may take neighbouring organs)")
     segment.add_argument("--name", default="segment", help="segment name (default: segment)")
     segment.add_argument("--adapter", metavar="CKPT", help="SegMoTE adapter (.safetensors): MoTE decoder for prompts")
     _add_model_options(segment)
@@ -237,7 +240,8 @@ def run_segment(args) -> int:
     engine = _engine_for_args(args)
     with progress_bar("segmenting", args.quiet) as progress:
         mask = engine.segment(volume, box_ijk=box, points_ijk=points, point_labels=labels,
-                              propagate=args.propagate, axis=args.axis, progress=progress, **normalization)
+                              propagate=args.propagate, axis=args.axis, progress=progress, fill_box=args.fill_box,
+                              **normalization)
     _print_notices(engine)
     result = engine.last_result
     [stored] = save_segments(out, volume, [Segment(args.name, mask)], replace_same_name=args.overwrite)

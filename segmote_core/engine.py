@@ -461,7 +461,7 @@ class Engine:
     def segment(self, volume: Volume, box_ijk=None, points_ijk=None, point_labels=None, propagate: bool = False,
                 axis: int | None = None, window=None, prepared: Prepared | None = None,
                 progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                on_slice: SliceFn | None = None, preset: str | None = None, fill_box: bool = True) -> np.ndarray:
+                on_slice: SliceFn | None = None, preset: str | None = None, fill_box: bool = False) -> np.ndarray:
         """Segment one object; returns a bool (K, J, I) mask on the volume's grid.
 
         box_ijk: (i0, j0, k0, i1, j1, k1) voxel corners. If it spans one slice along the slicing axis it is a 2-D
@@ -472,8 +472,10 @@ class Engine:
         (the central slice of a 3-D box: one embedding and one decode after the call), then after each further
         slice. The mask is the one this call fills and returns (copy it to keep a snapshot). Cancelling raises
         Cancelled; what on_slice has seen stays the caller's to keep or drop.
-        fill_box: in a 3-D box, go on through every slice while the model is confident (False: stop at the first
-        slice that does not continue the previous one in place and intensity, as propagation does).
+        fill_box: in a 3-D box, go on through every slice while the model is confident. Off by default: a box drawn
+        around an organ also holds its neighbours at the organ's ends (the liver under the lung's base), where the
+        model is confidently wrong; the default stops at the first slice that does not continue the previous one in
+        place and intensity, as propagation does (docs/training.md, "3-D boxes").
         ``self.last_result`` then holds the normalisation used and the model's predicted IoU (``SegmentResult``).
         """
         prepared = prepared or self.prepare(volume, axis, window=window, preset=preset)

@@ -51,10 +51,23 @@ def test_cli_3d_box_without_a_window_segments_both_lungs(tmp_path, capsys, chest
     _, segments = read_segments(out)
     masks = {s.name: s.mask for s in segments}
     for name in ("right lung", "left lung"):
-        # every slice of the box where the lung is gets a mask; the thin apex and base slices, where the model is
-        # confidently too large, cost Dice (0.843 / 0.881 measured, docs/training.md)
-        assert empty_slices_inside(masks[name], chest_truth[name]) == []
-        assert dice(masks[name], chest_truth[name]) >= 0.82, name
+        assert dice(masks[name], chest_truth[name]) >= 0.93, name  # 0.931 / 0.943 measured
+
+
+def test_cli_fill_box_puts_a_mask_on_every_slice_of_the_box(tmp_path, capsys, chest_ct, chest_truth):
+    """--fill-box: every slice of the box where the lung is gets a mask; at the lung's base the box also holds the
+    liver, which the model takes confidently, so Dice drops (0.843 measured, docs/training.md)."""
+    from segmote_core.segmentation_io import read_segments
+
+    out = tmp_path / "lung.seg.nrrd"
+    truth = chest_truth["right lung"]
+    corners = chest_ct.ijk_to_ras_points(np.reshape(bounding_box_ijk(truth), (2, 3))).reshape(-1)
+    code = cli.main(["segment", str(CHEST_CT), "--out", str(out), "--box-ras", *[f"{v:.4f}" for v in corners],
+                     "--name", "right lung", "--device", "cpu", "--fill-box", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    _, [segment] = read_segments(out)
+    assert empty_slices_inside(segment.mask, truth) == []
+    assert dice(segment.mask, truth) >= 0.82
 
 
 @pytest.mark.parametrize("name", ["right lung", "left lung"])
@@ -70,7 +83,7 @@ def test_3d_box_on_thick_slices_leaves_no_empty_slice(lite_engine, chest_ct, che
     thick = Volume(chest_ct.array[1::2].copy(), chest_ct.spacing * [1, 1, 2],
                    chest_ct.ijk_to_lps[:3, 3] + chest_ct.ijk_to_lps[:3, 2], chest_ct.direction)
     truth = chest_truth["right lung"][1::2]
-    mask = lite_engine.segment(thick, box_ijk=bounding_box_ijk(truth))
+    mask = lite_engine.segment(thick, box_ijk=bounding_box_ijk(truth), fill_box=True)
     assert empty_slices_inside(mask, truth) == []
     assert dice(mask, truth) >= 0.8  # 0.837 measured
     assert not mask[:, :, : bounding_box_ijk(truth)[0]].any()  # never outside the box
@@ -81,7 +94,7 @@ def test_3d_box_on_mr_fills_the_box(lite_engine, mni_case):
     and flags it; still, no slice of the box where they are is left empty, and nothing leaves the box."""
     truth = mni_case.labels["ventricles"]
     box = bounding_box_ijk(truth)
-    mask = lite_engine.segment(mni_case.volume, box_ijk=box)
+    mask = lite_engine.segment(mni_case.volume, box_ijk=box, fill_box=True)
     assert lite_engine.last_result.normalization.rule[0] == "percentiles"
     assert lite_engine.last_result.low_confidence
     assert empty_slices_inside(mask, truth) == []

@@ -52,8 +52,7 @@ def test_segment_adds_to_existing_segmentation_keeping_every_segment(tmp_path, c
         assert np.array_equal(slicerio.segment_mask(before, segment["id"]), slicerio.segment_mask(after, segment["name"]))
     _, segments = read_segments(out)
     new = next(s for s in segments if s.name == "AI right lung")
-    # a 3-D box fills every slice where the lung is; its thin ends cost Dice (0.841 measured, docs/training.md)
-    assert dice(new.mask, chest_truth["right lung"]) >= 0.82
+    assert dice(new.mask, chest_truth["right lung"]) >= 0.90
     # same name again: refused without --overwrite, file unchanged
     saved = digest(out)
     code, _, err = run(["segment", str(CHEST_CT), "--out", str(out), "--box-ras",

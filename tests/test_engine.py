@@ -84,7 +84,7 @@ def test_lung_dice_from_3d_box(lite_engine, chest_ct, chest_truth, lung):
     box = bounding_box_ijk(chest_truth[lung])
     stopping = lite_engine.segment(chest_ct, box_ijk=box, window=LUNG_WINDOW, fill_box=False)
     assert dice(stopping, chest_truth[lung]) >= 0.90
-    filled = lite_engine.segment(chest_ct, box_ijk=box, window=LUNG_WINDOW)  # every slice in the box: 0.841 / 0.881
+    filled = lite_engine.segment(chest_ct, box_ijk=box, window=LUNG_WINDOW, fill_box=True)  # 0.841 / 0.881
     assert dice(filled, chest_truth[lung]) >= 0.82
 
 
