@@ -293,7 +293,14 @@ def run_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from .files import exit_cleanly_on_sigterm
 
-    exit_cleanly_on_sigterm()  # a SIGTERM mid-write removes the temporary file
+    restore_sigterm = exit_cleanly_on_sigterm()  # a SIGTERM mid-write removes the temporary file
+    try:
+        return _main(argv)
+    finally:
+        restore_sigterm()  # in-process callers (notebooks, test runners) keep their own SIGTERM behaviour
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_in(argv) or "")
     args = parser.parse_args(argv)

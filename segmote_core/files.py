@@ -135,11 +135,14 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
         os.close(handle)  # closing releases the lock
 
 
-def exit_cleanly_on_sigterm() -> None:
+def exit_cleanly_on_sigterm() -> Callable[[], None]:
     """Turn SIGTERM into SystemExit so that atomic writes in progress remove their temporary files (the default
-    action ends the process on the spot). Only from the main thread, and only where nobody set a handler."""
+    action ends the process on the spot). Only from the main thread, and only where nobody set a handler. Returns
+    the function that puts the previous handler back (in-process callers must not inherit this one)."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _exit_on_signal)
+        return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return lambda: None
 
 
 def _exit_on_signal(signum, frame) -> None:

@@ -275,3 +275,15 @@ def test_a_volume_built_from_wrong_arguments_is_a_one_line_error(arguments, mess
     with pytest.raises(InputError, match=message) as error:
         Volume(*arguments)
     assert "\n" not in str(error.value)
+
+
+def test_an_in_process_caller_keeps_its_own_sigterm_behaviour(tmp_path, capsys):
+    """cli.main turns SIGTERM into a clean exit only while it runs: a notebook or test runner calling it keeps the
+    default action afterwards."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    cli.main(["segment", str(tmp_path / "missing.nrrd"), "--out", str(tmp_path / "o.seg.nrrd"), "--box-ijk",
+              "1", "1", "1", "2", "2", "1"])
+    capsys.readouterr()
+    assert signal.getsignal(signal.SIGTERM) == before
