@@ -97,10 +97,10 @@ want lite-fast && bench 120 "$LITE_MODEL-$LITE_SIZE-$DEVICE-$FAST_PRECISION-comp
 # automatic segmentation with the shipped lung adapter (realistic masks: the synthetic CT has lungs), as shipped
 # (fp32) and with the fast paths
 want lite-adapter && bench 60 "$LITE_MODEL-$LITE_SIZE-$DEVICE-lung-adapter" --model $LITE_MODEL --size $LITE_SIZE \
-    --adapter resources/chest_ct_lungs.safetensors --scenarios auto
+    --adapter chest_ct_lungs --scenarios auto
 want lite-adapter-fast && bench 120 "$LITE_MODEL-$LITE_SIZE-$DEVICE-$FAST_PRECISION-compiled-lung-adapter" \
     --model $LITE_MODEL --size $LITE_SIZE --precision $FAST_PRECISION --compile \
-    --adapter resources/chest_ct_lungs.safetensors --scenarios auto
+    --adapter chest_ct_lungs --scenarios auto
 if want fastpaths; then
     step "fast paths on $DEVICE (limit $FAST_LIMIT s)"
     timeout $FAST_LIMIT "$PY" benchmarks/fastpaths.py --device $DEVICE --only $FAST --slices 16 \

@@ -28,6 +28,7 @@ from . import __version__
 from .errors import CheckpointError, InputError
 from .files import atomic_write
 from .segmentation_io import check_header_text
+from .shipped import missing_adapter_error, resolve_adapter
 from .models.backbones import Backbone
 from .models.segmote import SegMoTE, SegMoTEConfig
 
@@ -163,7 +164,7 @@ def save_adapter(
 # ---- reading -------------------------------------------------------------------------------------------
 def _refuse_unsafe_or_missing(path: Path) -> None:
     if not path.exists():
-        raise CheckpointError(f"adapter file {path} does not exist")
+        raise missing_adapter_error(path)
     if not path.is_file():
         raise CheckpointError(f"adapter path {path} is not a file")
     with open(path, "rb") as file:
@@ -182,7 +183,7 @@ def read_adapter_header(path: str | os.PathLike) -> dict:
     """The JSON header of an adapter file, checked for format and version; no tensors are read."""
     from safetensors import safe_open
 
-    path = Path(path)
+    path = resolve_adapter(path)
     _refuse_unsafe_or_missing(path)
     try:
         with safe_open(str(path), framework="pt") as file:
@@ -262,7 +263,7 @@ def load_adapter(
     """
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = resolve_adapter(path)
     header = read_adapter_header(path)
     if header["backbone"] != backbone_name:
         raise CheckpointError(f"adapter {path.name} was trained for {header['backbone']}, "
@@ -296,8 +297,9 @@ def load_adapter(
 def load_segmote(
     path: str | os.PathLike, backbone: Backbone, backbone_sha256: str | None = None
 ) -> tuple[SegMoTE, dict]:
-    """Build a SegMoTE model around ``backbone`` from an adapter file -> (model in eval mode, header)."""
-    path = Path(path)
+    """Build a SegMoTE model around ``backbone`` from an adapter file or a shipped adapter's name -> (model in eval
+    mode, header)."""
+    path = resolve_adapter(path)
     config, header, state_dict = load_adapter(path, backbone.name, backbone_sha256)
     for key, actual in (("input_size", backbone.input_size), ("early_channels", backbone.early_channels)):
         if key in header and header[key] != actual:

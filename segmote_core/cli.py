@@ -201,10 +201,10 @@ def _engine_for_args(args):
 
 def _check_adapter_file(path) -> None:
     """Before a model is loaded: the adapter file exists (its contents are checked when it is loaded)."""
-    from .errors import CheckpointError
+    from .shipped import missing_adapter_error, resolve_adapter
 
-    if path is not None and not os.path.isfile(path):
-        raise CheckpointError(f"adapter file {path} does not exist")
+    if path is not None and not resolve_adapter(path).is_file():
+        raise missing_adapter_error(path)
 
 
 def run_segment(args) -> int:

@@ -3,7 +3,7 @@
 The right lung is prompted with a 3-D box, the left with a 2-D box on one axial slice propagated up and down.
 The boxes are the ones a user would drag around each lung; here they come from the ground truth's extent
 (dilated by one voxel in-plane), which is also what makes the run reproducible. With the shipped adapter
-(resources/chest_ct_lungs.safetensors) the demo also runs one-button automatic segmentation.
+(segmote_core/data/adapters/chest_ct_lungs.safetensors) the demo also runs one-button automatic segmentation.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import numpy as np
 
 from .normalize import CT_WINDOWS
 from .segmentation_io import Segment, read_segments, save_segments
+from .shipped import ADAPTER_DIR
 
-SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "resources" / "chest_ct_lungs.safetensors"
+SHIPPED_ADAPTER = ADAPTER_DIR / "chest_ct_lungs.safetensors"
 
 
 def demo_data() -> tuple[Path, Path]:
@@ -123,7 +124,7 @@ def run(out_dir: str | Path = "segmote-demo", device: str = "auto", quiet: bool 
         save_segments(out_dir / "demo-auto.seg.nrrd", volume, automatic, replace_same_name=True)
         say(f"automatic segmentation took {time.perf_counter() - started:.1f} s")
     else:
-        say("no shipped adapter found (resources/chest_ct_lungs.safetensors): skipping automatic segmentation")
+        say(f"no shipped adapter found ({SHIPPED_ADAPTER}): skipping automatic segmentation")
 
     save_overlay_png(out_dir / "demo.png", volume, predictions, truth,
                      f"SegMoTE demo (LiteMedSAM): right lung 3D box Dice {scores['right lung']:.3f}, "

@@ -23,6 +23,7 @@ from segmote_core.adapters import (
 from segmote_core.errors import CheckpointError, InputError
 from segmote_core.models.backbones import build_tiny_sam_vit
 from segmote_core.models.segmote import SegMoTE, SegMoTEConfig
+from segmote_core.shipped import shipped_adapter
 
 SHA = "ab" * 32
 NORMALIZATION = {"mode": "ct_window", "level": 40.0, "width": 400.0}
@@ -245,7 +246,7 @@ def test_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(
 
 
 # ---- the shipped adapter: never worse than the base model outside its classes ---------------------------------
-SHIPPED = Path(__file__).resolve().parents[1] / "resources" / "chest_ct_lungs.safetensors"
+SHIPPED = shipped_adapter("chest_ct_lungs")
 
 
 def test_shipped_lung_adapter_leaves_a_box_on_the_spine_as_good_as_the_base_model(chest_ct, chest_truth,

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from conftest import CHEST_CT, CHEST_SEG, LUNG_WINDOW, bounding_box_ijk, dice
+from segmote_core.shipped import shipped_adapter
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-ADAPTER = Path(__file__).resolve().parents[1] / "resources" / "chest_ct_lungs.safetensors"
+ADAPTER = shipped_adapter("chest_ct_lungs")
 
 
 def read_nrrd_volume(path):

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from segmote_core.cli import main
+from segmote_core.shipped import shipped_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_ADAPTER = ROOT / "resources" / "chest_ct_lungs.safetensors"
+SHIPPED_ADAPTER = shipped_adapter("chest_ct_lungs")
 
 CASES = {
     "train: missing data folder": (["train", "--data", "{tmp}/nope", "--out", "{tmp}/run", "--quiet"], "not found"),

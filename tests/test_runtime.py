@@ -20,9 +20,10 @@ from conftest import bounding_box_ijk
 from segmote_core import runtime as runtimes
 from segmote_core.engine import Engine
 from segmote_core.volume import Volume
+from segmote_core.shipped import shipped_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPTER = ROOT / "resources" / "chest_ct_lungs.safetensors"
+ADAPTER = shipped_adapter("chest_ct_lungs")
 AGREEMENT = 0.995
 FAST = [name for name in ("onnx", "openvino") if runtimes.installed(name)]
 pytestmark = pytest.mark.skipif(not FAST, reason="neither onnxruntime nor openvino is installed (segmote[cpu])")

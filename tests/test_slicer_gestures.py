@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SegMoTESlicer"))
 from SegMoTESlicerLib import segments as mrml  # noqa: E402
 from SegMoTESlicerLib.logic import SegMoTESlicerLogic  # noqa: E402
 from SegMoTESlicerLib.prompts import PromptController  # noqa: E402
+from segmote_core.shipped import shipped_adapter  # noqa: E402
 
 AXIAL_K = 17  # an axial slice through both lungs
-SHIPPED_ADAPTER = Path(__file__).resolve().parents[1] / "resources" / "chest_ct_lungs.safetensors"
+SHIPPED_ADAPTER = shipped_adapter("chest_ct_lungs")
 
 
 class Session:
