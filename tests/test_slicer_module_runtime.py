@@ -104,7 +104,7 @@ def test_an_old_slicer_gets_one_line_and_no_install(monkeypatch):
     monkeypatch.setattr(dependencies, "unsupportedSlicer", lambda: "SegMoTE needs 3D Slicer 5.10 or later")
     monkeypatch.setattr(dependencies, "_installPackages", lambda *a, **k: pytest.fail("pip ran on an old Slicer"))
     with pytest.raises(SegMoTEError, match="5.10"):
-        dependencies.ensureDependencies(confirm=False)
+        dependencies.ensureDependencies(confirm=lambda packages: pytest.fail("asked to install on an old Slicer"))
 
 
 def fake_python(tmp_path, script: str) -> str:
