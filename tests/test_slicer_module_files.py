@@ -26,8 +26,8 @@ MODULE = ROOT / "SegMoTESlicer"
 SCRIPT = MODULE / "SegMoTESlicer.py"
 UI_FILE = MODULE / "Resources" / "UI" / "SegMoTESlicer.ui"
 LIB = MODULE / "SegMoTESlicerLib"
-GUI_FREE = ["logic.py", "planning.py", "edits.py", "catalogue.py", "prompts.py", "segments.py", "worker.py",
-            "dependencies.py", "__init__.py"]
+GUI_FREE = ["logic.py", "planning.py", "edits.py", "compute.py", "catalogue.py", "prompts.py", "segments.py",
+            "worker.py", "dependencies.py", "__init__.py"]
 
 
 def module_tree() -> ast.Module:
@@ -203,11 +203,29 @@ def test_lib_modules_import_no_gui(name):
 
 def test_importing_the_logic_loads_no_torch():
     code = ("import sys; sys.path.insert(0, %r); import SegMoTESlicerLib.logic, SegMoTESlicerLib.dependencies, "
-            "SegMoTESlicerLib.catalogue, SegMoTESlicerLib.planning, SegMoTESlicerLib.edits; "
+            "SegMoTESlicerLib.catalogue, SegMoTESlicerLib.planning, SegMoTESlicerLib.edits, SegMoTESlicerLib.compute; "
             "bad = [m for m in ('torch', 'segmote_core.engine', 'qt', 'ctk') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)" % str(MODULE))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- the catalogue the panel reads ------------------------------------------------------------------------------
+def test_the_catalogue_reads_segmote_cores_tables(monkeypatch):
+    sys.path.insert(0, str(MODULE))
+    from SegMoTESlicerLib import catalogue
+    from segmote_core import weights
+    from segmote_core.segmentation_io import PALETTE
+
+    assert list(catalogue.MODELS) == [catalogue.SHIPPED_MODEL, *weights.KNOWN_WEIGHTS]
+    assert catalogue.MODELS["sam_vit_b"] == "SAM ViT-B (375 MB download)"
+    assert catalogue.MODELS["sam_vit_h"] == "SAM ViT-H (2.6 GB download)"
+    assert catalogue.MODELS["lite_medsam"] == "LiteMedSAM (fast, works offline)"
+    assert catalogue.weightsAvailable("lite_medsam") and not catalogue.needsDownload("lite_medsam")
+    bigger = weights.WeightsInfo("sam_vit_b", "https://example.org/b.pth", "b.pth", "0" * 64, 2_000_000_000)
+    monkeypatch.setitem(weights.KNOWN_WEIGHTS, "sam_vit_b", bigger)
+    assert catalogue.modelLabel("sam_vit_b") == "SAM ViT-B (2.0 GB download)"  # the size segmote_core pins
+    assert [catalogue.segmentColor(i) for i in range(len(PALETTE) + 1)] == [*PALETTE, PALETTE[0]]
 
 
 # ---- first-use dependencies ----------------------------------------------------------------------------------

@@ -3,14 +3,15 @@
 No Qt, no ctk, no slicer.app: everything here runs on the MRML scene alone (inside Slicer, or headless with the
 slicer-core wheel), so the tests exercise exactly the code the panel calls. The work is done by the modules this
 façade ties together: ``planning`` (prompts -> engine calls, plain numpy), ``edits`` (results -> segments, undo,
-rollback), ``segments`` (MRML geometry and labelmaps), ``worker`` (the engine thread), ``catalogue`` (models).
+rollback), ``compute`` (the engine on the worker thread), ``segments`` (MRML geometry and labelmaps), ``worker``
+(jobs and the engine thread), ``catalogue`` (models).
 
 A request goes through three steps:
 
 1. ``prepare`` (caller's thread, normally the main thread): validate the nodes, copy the voxels, convert every
    prompt from world coordinates (parent transforms included) to voxel indices, plan the engine calls. Nothing is
    written; a bad input raises ``SegMoTEError`` with one line.
-2. ``compute`` (the one persistent engine thread, see worker.py): run the engine on numpy data only.
+2. ``compute`` (the one persistent engine thread, see compute.py and worker.py): run the engine on numpy only.
 3. ``apply`` (main thread again): write the result into the target segment, only in the region the request covered,
    and push an undo entry. If writing fails half-way, what was written is rolled back.
 
@@ -23,16 +24,16 @@ then the new voxels are removed from the other segments (and restored by undo).
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from segmote_core.errors import Cancelled, CheckpointError, InputError, SegMoTEError
+from segmote_core.errors import CheckpointError, InputError, SegMoTEError
 
 from . import catalogue, edits, planning
 from . import segments as mrml
+from .compute import EngineRunner
 from .edits import Piece
 from .worker import EngineWorker, Job, asSegMoTEError
 
@@ -70,7 +71,7 @@ class SegMoTESlicerLogic:
         """engine: an already built ``segmote_core.engine.Engine`` to use (tests share one); None builds one lazily
         at the first request, from ``model``/``checkpoint``/``device``. tuneAllocator: let the engine tune glibc's
         allocator for the whole process (off by default: inside Slicer it would keep VTK's and ITK's memory)."""
-        self.tuneAllocator = tuneAllocator
+        self.runner = EngineRunner(engine, tuneAllocator)
         self.model = catalogue.SHIPPED_MODEL
         self.checkpoint: str | None = None
         self.device = "auto"
@@ -78,24 +79,29 @@ class SegMoTESlicerLogic:
         self.overwriteOtherSegments = False
         self.intensityMode = "auto"
         self.customWindow: tuple[float, float] | None = None  # (level, width) for "custom"
-        # Embed the slices around a prompted one in the background, so the next slice answers at once. None: only
-        # where the encoder does not share the prompt's cores (a GPU); on a 2-core CPU it doubles prompt latency.
-        self.prefetchNeighbours: bool | None = None
         self.history = edits.UndoHistory(undoDepth)
         self._worker = EngineWorker()
         self._downloadWorker = EngineWorker()
-        # Engine state: touched only on the worker thread once jobs run.
-        self._engine = engine
-        self._engineKey = None
-        self._engineAdapter = None
         if engine is not None:
-            self.model = engine.model_name
-            self.device = engine.device.type
-            self._engineKey = (self.model, None, self.device)
-        self.engineDescription = ""
+            self.model, self.device = engine.model_name, engine.device.type
         self._volumeCacheKey = None
         self._volumeCache = None
         self._jobs: list[Job] = []
+
+    # Engine state lives in the runner (worker thread); these read it for the panel and the tests.
+    _engine = property(lambda self: self.runner.engine)
+    engineDescription = property(lambda self: self.runner.description)
+    engineNotice = property(lambda self: self.runner.notice, doc="The engine's latest notice for the user.")
+    tuneAllocator = property(lambda self: self.runner.tuneAllocator)
+
+    @property
+    def prefetchNeighbours(self) -> bool | None:
+        """Embed the neighbours of a prompted slice in the background (None: only on a GPU)."""
+        return self.runner.prefetchNeighbours
+
+    @prefetchNeighbours.setter
+    def prefetchNeighbours(self, value: bool | None) -> None:
+        self.runner.prefetchNeighbours = value
 
     @property
     def undoDepth(self) -> int:
@@ -233,7 +239,7 @@ class SegMoTESlicerLogic:
         except Exception as error:
             raise asSegMoTEError(error, "reading the prompts") from error
         request.beforeApply = beforeApply
-        job = Job("AI segmentation", lambda job: self._computeSegment(request, job),
+        job = Job("AI segmentation", lambda job: self.runner.segment(request, job),
                   lambda pieces: self._applySegment(request, pieces), progress=progress, cancel=cancel,
                   onDone=onDone, onError=onError)
         return self._start(job)
@@ -255,18 +261,12 @@ class SegMoTESlicerLogic:
         except Exception as error:
             raise asSegMoTEError(error, "reading the inputs") from error
         request.beforeApply = beforeApply
-        job = Job("automatic segmentation", lambda job: self._computeAuto(request, job),
+        job = Job("automatic segmentation", lambda job: self.runner.auto(request, job),
                   lambda found: self._applyAuto(request, found), progress=progress, cancel=cancel,
                   onDone=onDone, onError=onError)
         return self._start(job)
 
     # ---- public API: undo ---------------------------------------------------------------------------------------
-    @property
-    def engineNotice(self) -> str:
-        """The engine's latest notice for the user (e.g. it moved to the CPU after running out of GPU memory)."""
-        notices = getattr(self._engine, "notices", None)
-        return notices[-1] if notices else ""
-
     def canUndo(self, segmentationNode) -> bool:
         return self.history.steps(segmentationNode) > 0
 
@@ -288,8 +288,7 @@ class SegMoTESlicerLogic:
         """Cancel running jobs and let the worker threads end (the panel calls this on cleanup)."""
         for job in self._jobs:
             job.cancel()
-        if self._engine is not None:
-            self._engine.stop_prefetch(wait=False)
+        self.runner.stop()
         self._worker.shutdown(wait=False)
         self._downloadWorker.shutdown(wait=False)
 
@@ -385,70 +384,6 @@ class SegMoTESlicerLogic:
         self._jobs = [j for j in self._jobs if j.running]
         self._jobs.append(job)
         return job.start(self._worker)
-
-    # ======================================================================================================
-    # step 2: compute (engine thread, numpy only)
-    # ======================================================================================================
-    def _engineFor(self, settings: EngineSettings):
-        key = (settings.model, settings.checkpoint, settings.device)
-        if self._engine is None or self._engineKey != key:
-            self._engine = None  # free the old model's memory before loading the new one
-            if not settings.checkpoint and not catalogue.weightsAvailable(settings.model):
-                raise CheckpointError(f"{catalogue.MODELS.get(settings.model, settings.model)}: weights not "
-                                      "downloaded yet; press Download or choose a checkpoint file")
-            from segmote_core.engine import Engine
-
-            self._engine = Engine(settings.model, checkpoint=settings.checkpoint, device=settings.device,
-                                  tune_allocator=self.tuneAllocator)
-            self._engineKey, self._engineAdapter = key, None
-        engine = self._engine
-        if settings.adapter != self._engineAdapter:
-            if settings.adapter:
-                engine.load_adapter(settings.adapter)
-            else:
-                engine.unload_adapter()
-            self._engineAdapter = settings.adapter
-        self.engineDescription = f"{engine.model_name} on {engine.device}"
-        return engine
-
-    def _computeSegment(self, request: Request, job: Job) -> list[Piece]:
-        engine = self._engineFor(request.settings)
-        start = time.perf_counter()
-        pieces, slices = [], 0
-        prepared = engine.prepare(request.volume, request.axis, window=request.window)  # once: it hashes the voxels
-        for task in request.tasks:
-            mask = engine.segment(request.volume, prepared=prepared, progress=job.reportProgress,
-                                  cancel=job.cancelRequested, **task.engineArgs)
-            if job.cancelRequested():
-                raise Cancelled("AI segmentation cancelled; nothing was changed")
-            piece = edits.pieceOf(task, mask, request.axis)
-            slices += piece.extent[2 * request.axis + 1] - piece.extent[2 * request.axis] + 1
-            pieces.append(piece)
-        prefetch = self.prefetchNeighbours
-        if prefetch is None:
-            prefetch = engine.device.type != "cpu"
-        if prefetch and request.tasks and request.tasks[-1].kind == "2d":
-            voxel = np.zeros((1, 3))
-            voxel[0, request.axis] = request.tasks[-1].slice
-            engine.prefetch(prepared, int(round(prepared.stack.ijk_to_stack(voxel)[0, 0])))
-        result = engine.last_result
-        job.summary = (f"{slices} slice(s) in {time.perf_counter() - start:.2f} s ({self.engineDescription}); "
-                       f"{result.confidence_text}; intensities: {prepared.normalization.description}")
-        job.lowConfidence = bool(result.low_confidence)
-        return pieces
-
-    def _computeAuto(self, request: Request, job: Job):
-        engine = self._engineFor(request.settings)
-        start = time.perf_counter()
-        found = engine.auto(request.volume, classes=request.classes, axis=request.axis, window=request.window,
-                            progress=job.reportProgress, cancel=job.cancelRequested)
-        if job.cancelRequested():
-            raise Cancelled("automatic segmentation cancelled; nothing was changed")
-        present = [s for s in found if s.mask.any()]
-        missing = [s.name for s in found if not s.mask.any()]
-        job.summary = (f"{len(present)} of {len(found)} classes found in {time.perf_counter() - start:.1f} s"
-                       + (f"; not found: {', '.join(missing)}" if missing else ""))
-        return present
 
     # ======================================================================================================
     # step 3: apply (main thread)
