@@ -123,14 +123,26 @@ def test_the_active_prompt_runs_only_its_slice():
 
 
 # ---- geometry shared with the engine's volume layer ----------------------------------------------------------
-def test_the_slicing_axis_is_the_voxel_axis_the_volume_layer_finds():
+def small_rotation(rng, degrees=25.0) -> np.ndarray:
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    angle = np.radians(rng.uniform(-degrees, degrees))
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+
+
+def test_the_slicing_axis_is_the_voxel_axis_running_along_the_direction():
+    """Voxel axes permuted, flipped and tilted by up to 25 degrees: the axis along S, R, A is the one built to run
+    there, and the volume layer (what the engine slices by) finds the same one."""
     rng = np.random.default_rng(3)
-    for _ in range(20):
-        rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-        volume = Volume(np.zeros((4, 5, 6), dtype=np.int16), rng.uniform(0.5, 3, 3), (0, 0, 0), rotation)
-        for letter in "SRAIPL":
-            assert planning.voxelAxisAlong(volume.ijk_to_ras, planning.letterDirection(letter)) == \
-                volume.voxel_axis_closest_to(letter)
+    for permutation in ([0, 1, 2], [2, 0, 1], [1, 2, 0], [2, 1, 0]):
+        for _ in range(5):
+            direction = small_rotation(rng) @ np.eye(3)[:, permutation] @ np.diag(rng.choice([-1.0, 1.0], 3))
+            volume = Volume(np.zeros((4, 5, 6), dtype=np.int16), rng.uniform(0.5, 3, 3), (0, 0, 0), direction)
+            for letter, lps_axis in (("S", 2), ("I", 2), ("R", 0), ("L", 0), ("A", 1), ("P", 1)):
+                expected = permutation.index(lps_axis)
+                found = planning.voxelAxisAlong(volume.ijk_to_ras, planning.letterDirection(letter))
+                assert found == expected == volume.voxel_axis_closest_to(letter), (permutation, letter)
     assert planning.viewLetter(" Red ") == "S" and planning.viewLetter("Yellow") == "R"
     assert planning.viewLetter("Green") == "A" and planning.viewLetter("Axial") is None
     with pytest.raises(InputError, match="unknown slicing axis 'X'"):
@@ -141,8 +153,10 @@ def test_the_slicing_axis_is_the_voxel_axis_the_volume_layer_finds():
 
 def test_inside_and_box_bounds_follow_the_volume_layer():
     volume = Volume(np.zeros(SHAPE_IJK[::-1], dtype=np.int16), (1, 1, 1), (0, 0, 0), np.eye(3))
-    for ijk in ([-0.5, 0, 0], [-0.51, 0, 0], [39.5, 29.5, 11.5], [39.51, 0, 0], [3, 4, 5]):
-        assert planning.pointInside(ijk, SHAPE_IJK) == bool(volume.contains_ijk(ijk)[0])
+    cases = {(-0.5, 0, 0): True, (-0.51, 0, 0): False, (39.5, 29.5, 11.5): True, (39.51, 0, 0): False,
+             (3, 4, 11.6): False, (3, 4, 5): True}
+    for ijk, inside in cases.items():
+        assert planning.pointInside(ijk, SHAPE_IJK) is inside and bool(volume.contains_ijk(ijk)[0]) is inside
     corners = np.array([[-3.0, 2, 1], [45.0, 10, 4], [10, 12, 3]])
     low, high = planning.boxBounds(corners, SHAPE_IJK)
     assert low.tolist() == [0, 2, 1] and high.tolist() == [39, 12, 4]
