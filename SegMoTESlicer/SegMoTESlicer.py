@@ -27,8 +27,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from SegMoTESlicerLib import dependencies
-from SegMoTESlicerLib.logic import INTENSITY_MODES, MODELS, SegMoTESlicerLogic
+from SegMoTESlicerLib import catalogue, dependencies
+from SegMoTESlicerLib.logic import SegMoTESlicerLogic
 from SegMoTESlicerLib.prompts import PromptController
 from SegMoTESlicerLib.worker import POLL_INTERVAL_MS, POLL_WAIT_S
 from segmote_core.errors import Cancelled, SegMoTEError
@@ -76,7 +76,7 @@ class SegMoTESlicerParameterNode:
     box: vtkMRMLMarkupsROINode
     autoUpdate: bool = True
     overwriteOtherSegments: bool = False
-    model: str = "lite_medsam"
+    model: str = catalogue.SHIPPED_MODEL
     device: str = "auto"
 
 
@@ -139,9 +139,9 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             onRunStarted=self.onPromptRunStarted, onRunFinished=self.onPromptRunFinished,
             beforeApply=self.saveEditorUndoState)
 
-        for name, label in MODELS.items():
+        for name, label in catalogue.MODELS.items():
             self.ui.modelComboBox.addItem(label, name)
-        for mode, label in INTENSITY_MODES.items():
+        for mode, label in catalogue.INTENSITY_MODES.items():
             self.ui.intensityComboBox.addItem(label, mode)
         self.ui.intensityComboBox.connect("currentIndexChanged(int)", self.onIntensityModeChanged)
         self.onIntensityModeChanged()
@@ -262,13 +262,11 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.enabled = p is not None and self.logic.canUndo(p.segmentation) and not busy
         self.ui.cancelButton.enabled = busy or self._downloadJob is not None
         model = self.ui.modelComboBox.currentData
-        try:
-            downloaded = self.logic.weightsAvailable(model)
-        except ImportError:  # engine packages not installed yet: a download will install them first
-            downloaded = model == "lite_medsam"
+        downloaded = catalogue.weightsAvailable(model)
         self.ui.downloadButton.enabled = not downloaded and self._downloadJob is None
         if self._downloadJob is None:
-            self.ui.downloadButton.text = _("Downloaded") if downloaded and model != "lite_medsam" else _("Download")
+            shipped = not catalogue.needsDownload(model)
+            self.ui.downloadButton.text = _("Downloaded") if downloaded and not shipped else _("Download")
 
     def onSegmentationChanged(self, node):
         self.ui.segmentSelector.setCurrentNode(node)
@@ -299,7 +297,7 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refreshDevices(self):
         current = self.ui.deviceComboBox.currentText or "auto"
         self.ui.deviceComboBox.clear()
-        for device in self.logic.availableDevices():
+        for device in catalogue.availableDevices():
             self.ui.deviceComboBox.addItem(device)
         index = self.ui.deviceComboBox.findText(current)
         self.ui.deviceComboBox.currentIndex = max(index, 0)
@@ -386,7 +384,7 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._installCancelled = False
         self.ui.cancelButton.enabled = True  # pip's output is shown line by line; Cancel (or Esc) stops it
         try:
-            ready = dependencies.ensureDependencies(confirm=True, progress=self.showStatus,
+            ready = dependencies.ensureDependencies(confirm=self.confirmInstall, progress=self.showStatus,
                                                     cancelled=lambda: self._installCancelled)
         except SegMoTEError as error:
             self.onJobError(error)
@@ -399,6 +397,15 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._dependenciesReady = True
         self.refreshDevices()
         return True
+
+    @staticmethod
+    def confirmInstall(packages) -> bool:
+        """Ask once before installing Python packages (the library only lists them)."""
+        return slicer.util.confirmOkCancelDisplay(
+            _("SegMoTE needs these Python packages, installed once into Slicer's Python:") + "\n\n  "
+            + "\n  ".join(packages) + "\n\n"
+            + _("This needs a network connection and may take several minutes. Install now?"),
+            _("SegMoTE: install Python packages"))
 
     def applySettings(self):
         self.logic.setModel(self.ui.modelComboBox.currentData, self.ui.checkpointPathLineEdit.currentPath or None)

@@ -29,6 +29,22 @@ ANATOMICAL_AXES = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}  # index into
 AXIS_NAMES = {0: "sagittal (L-R)", 1: "coronal (A-P)", 2: "axial (S-I)"}
 
 
+def ijk_inside(points_ijk, shape_ijk) -> np.ndarray:
+    """Whether continuous voxel positions (N, 3) lie inside an image of `shape_ijk` voxels (within half a voxel of
+    the border)."""
+    points = np.atleast_2d(points_ijk)
+    upper = np.asarray(shape_ijk) - 0.5
+    return np.all((points >= -0.5) & (points <= upper), axis=1)
+
+
+def voxel_axis_closest(ijk_directions, direction) -> int:
+    """Voxel axis (0 = I, 1 = J, 2 = K) running closest to `direction` (either sense), given the 3x3 matrix whose
+    columns are the voxel axes' directions (any lengths) in the same space as `direction`."""
+    columns = np.asarray(ijk_directions, dtype=float)
+    columns = columns / np.linalg.norm(columns, axis=0)
+    return int(np.argmax(np.abs(np.asarray(direction, dtype=float) @ columns)))
+
+
 @dataclass
 class Volume:
     """A scalar 3-D image: array (K, J, I) and its LPS geometry (see module docstring).
@@ -116,14 +132,11 @@ class Volume:
 
     def contains_ijk(self, points_ijk) -> np.ndarray:
         """Whether continuous voxel positions lie inside the image (within half a voxel of the border)."""
-        points = np.atleast_2d(points_ijk)
-        upper = np.asarray(self.shape_ijk) - 0.5
-        return np.all((points >= -0.5) & (points <= upper), axis=1)
+        return ijk_inside(points_ijk, self.shape_ijk)
 
     def voxel_axis_closest_to(self, anatomical: str) -> int:
         """Voxel axis (0 = I, 1 = J, 2 = K) whose direction is closest to an anatomical axis ('S', 'R', 'A')."""
-        row = ANATOMICAL_AXES[anatomical.upper()]
-        return int(np.argmax(np.abs(self.direction[row, :])))
+        return voxel_axis_closest(self.direction, np.eye(3)[ANATOMICAL_AXES[anatomical.upper()]])
 
     def anatomical_axes(self) -> tuple[np.ndarray, np.ndarray]:
         """For each voxel axis c: the LPS axis it runs along (0 L, 1 P, 2 S) and the sign (+1 or -1).

@@ -394,6 +394,20 @@ def cached_weights(name: str) -> Path | None:
     return path
 
 
+def download_progress(name: str) -> tuple[int, int]:
+    """(bytes so far, expected bytes; 0 when unknown) of a known checkpoint's download: all of them once it is in
+    the cache, else what its partial file holds. Cheap and creates nothing: for polling while a download runs."""
+    info = _lookup(name)
+    destination = _weights_dir() / info.filename
+    total = int(info.size_bytes or 0)
+    if destination.is_file():
+        return total, total
+    try:
+        return _part_path(destination).stat().st_size, total
+    except OSError:  # not started yet, or renamed into place just now
+        return (total if destination.is_file() else 0), total
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CLI: segmote weights {download,list,path}
 # ---------------------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ MODULE = ROOT / "SegMoTESlicer"
 SCRIPT = MODULE / "SegMoTESlicer.py"
 UI_FILE = MODULE / "Resources" / "UI" / "SegMoTESlicer.ui"
 LIB = MODULE / "SegMoTESlicerLib"
-GUI_FREE = ["logic.py", "prompts.py", "segments.py", "worker.py", "dependencies.py", "__init__.py"]
+GUI_FREE = ["logic.py", "planning.py", "edits.py", "compute.py", "catalogue.py", "prompts.py", "segments.py",
+            "worker.py", "dependencies.py", "__init__.py"]
 
 
 def module_tree() -> ast.Module:
@@ -201,11 +202,30 @@ def test_lib_modules_import_no_gui(name):
 
 
 def test_importing_the_logic_loads_no_torch():
-    code = ("import sys; sys.path.insert(0, %r); import SegMoTESlicerLib.logic, SegMoTESlicerLib.dependencies; "
+    code = ("import sys; sys.path.insert(0, %r); import SegMoTESlicerLib.logic, SegMoTESlicerLib.dependencies, "
+            "SegMoTESlicerLib.catalogue, SegMoTESlicerLib.planning, SegMoTESlicerLib.edits, SegMoTESlicerLib.compute; "
             "bad = [m for m in ('torch', 'segmote_core.engine', 'qt', 'ctk') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)" % str(MODULE))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- the catalogue the panel reads ------------------------------------------------------------------------------
+def test_the_catalogue_reads_segmote_cores_tables(monkeypatch):
+    sys.path.insert(0, str(MODULE))
+    from SegMoTESlicerLib import catalogue
+    from segmote_core import weights
+    from segmote_core.segmentation_io import PALETTE
+
+    assert list(catalogue.MODELS) == [catalogue.SHIPPED_MODEL, *weights.KNOWN_WEIGHTS]
+    assert catalogue.MODELS["sam_vit_b"] == "SAM ViT-B (375 MB download)"
+    assert catalogue.MODELS["sam_vit_h"] == "SAM ViT-H (2.6 GB download)"
+    assert catalogue.MODELS["lite_medsam"] == "LiteMedSAM (fast, works offline)"
+    assert catalogue.weightsAvailable("lite_medsam") and not catalogue.needsDownload("lite_medsam")
+    bigger = weights.WeightsInfo("sam_vit_b", "https://example.org/b.pth", "b.pth", "0" * 64, 2_000_000_000)
+    monkeypatch.setitem(weights.KNOWN_WEIGHTS, "sam_vit_b", bigger)
+    assert catalogue.modelLabel("sam_vit_b") == "SAM ViT-B (2.0 GB download)"  # the size segmote_core pins
+    assert [catalogue.segmentColor(i) for i in range(len(PALETTE) + 1)] == [*PALETTE, PALETTE[0]]
 
 
 # ---- first-use dependencies ----------------------------------------------------------------------------------
@@ -227,11 +247,9 @@ def test_dependencies_are_complete_here_and_skip_what_slicer_bundles():
 
 def test_install_asks_once_then_uses_pytorch_utils_and_pip(monkeypatch):
     dependencies = load_dependencies()
-    slicer = pytest.importorskip("slicer")
     asked, torch_calls, installed = [], [], []
     monkeypatch.setattr(dependencies, "torchMissing", lambda: not torch_calls)
     monkeypatch.setattr(dependencies, "missingPackages", lambda: [] if installed else ["segment-anything>=1.0"])
-    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, title=None, **kw: asked.append(text) or True)
     fake_utils = types.ModuleType("PyTorchUtils")
 
     class FakeTorchLogic:
@@ -244,19 +262,17 @@ def test_install_asks_once_then_uses_pytorch_utils_and_pip(monkeypatch):
     monkeypatch.setattr(dependencies, "_installPackages",
                         lambda requirements, progress=None, cancelled=None: installed.append(requirements))
 
-    assert dependencies.ensureDependencies(confirm=True) is True
-    assert len(asked) == 1 and "PyTorch" in asked[0] and "segment-anything" in asked[0]
+    assert dependencies.ensureDependencies(confirm=lambda packages: asked.append(packages) or True) is True
+    assert len(asked) == 1 and "PyTorch" in asked[0][0] and asked[0][1:] == ["segment-anything>=1.0"]
     assert torch_calls and torch_calls[0]["askConfirmation"] is False
     assert installed == [["segment-anything>=1.0"]]
 
 
 def test_install_declined_installs_nothing_and_worker_threads_are_refused(monkeypatch):
     dependencies = load_dependencies()
-    slicer = pytest.importorskip("slicer")
     monkeypatch.setattr(dependencies, "torchMissing", lambda: True)
-    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **kw: False)
     monkeypatch.setattr(dependencies, "_installTorch", lambda: pytest.fail("installed after a No"))
-    assert dependencies.ensureDependencies(confirm=True) is False
+    assert dependencies.ensureDependencies(confirm=lambda packages: False) is False
     errors = []
     thread = threading.Thread(target=lambda: errors.append(_raises(dependencies.ensureDependencies)))
     thread.start()

@@ -72,6 +72,8 @@ def test_closing_slicer_cancels_a_download_at_once_and_keeps_the_part(slow_mirro
     while not (part.is_file() and part.stat().st_size > 0) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert part.is_file(), "the download never started"
+    done, total = job.progress  # what the panel's Download button shows, read from the partial file
+    assert total == len(PAYLOAD) and 0 < done < total
     started = time.monotonic()
     logic.shutdown()  # what the panel's cleanup does when Slicer closes
     with pytest.raises(Cancelled):
@@ -91,8 +93,9 @@ def test_a_download_can_be_cancelled_and_then_resumed(slow_mirror):
         with pytest.raises(Cancelled):
             job.wait(timeout=5)
         assert not slow_mirror.exists()
-        path = logic.startWeightsDownload("sam_vit_b").wait(timeout=60)
-        assert Path(path).read_bytes() == PAYLOAD
+        job = logic.startWeightsDownload("sam_vit_b")
+        path = job.wait(timeout=60)
+        assert Path(path).read_bytes() == PAYLOAD and job.progress == (len(PAYLOAD), len(PAYLOAD))
     finally:
         logic.shutdown()
 
@@ -104,7 +107,7 @@ def test_an_old_slicer_gets_one_line_and_no_install(monkeypatch):
     monkeypatch.setattr(dependencies, "unsupportedSlicer", lambda: "SegMoTE needs 3D Slicer 5.10 or later")
     monkeypatch.setattr(dependencies, "_installPackages", lambda *a, **k: pytest.fail("pip ran on an old Slicer"))
     with pytest.raises(SegMoTEError, match="5.10"):
-        dependencies.ensureDependencies(confirm=False)
+        dependencies.ensureDependencies(confirm=lambda packages: pytest.fail("asked to install on an old Slicer"))
 
 
 def fake_python(tmp_path, script: str) -> str:

@@ -4,7 +4,8 @@ Never called at import or from a constructor: the panel calls ``ensureDependenci
 before the first model run. Torch comes from the PyTorch extension (``PyTorchUtils``), which picks the build that
 matches the GPU driver; everything else through pip in a child process (its output goes to the panel line by line
 and Cancel stops it), with the packages Slicer bundles pinned so pip never replaces them. On a Slicer whose
-Python is too old nothing is attempted: one line says which Slicer is needed. Nothing here imports Qt.
+Python is too old nothing is attempted: one line says which Slicer is needed. Nothing here imports Qt or opens a
+dialog: the panel passes a ``confirm`` callback that asks the user.
 """
 
 from __future__ import annotations
@@ -78,13 +79,14 @@ def dependenciesSatisfied() -> bool:
     return not torchMissing() and not missingPackages()
 
 
-def ensureDependencies(confirm: bool = True, progress=None, cancelled=None) -> bool:
+def ensureDependencies(confirm=None, progress=None, cancelled=None) -> bool:
     """Install what is missing; True when everything is importable, False if the user declined.
 
-    Must run on the main thread (the confirmation and the PyTorch installer are GUI code). progress(line) gets
-    each line of pip's output (the panel shows it); cancelled() -> True stops pip (raises Cancelled, and what was
-    installed so far stays). Raises SegMoTEError with one line when this Slicer is too old, an installation fails
-    or the PyTorch extension is absent.
+    confirm(packages) -> bool is asked once, with a line per package to install, before anything is installed
+    (the panel shows a dialog); None installs without asking. Must run on the main thread (the confirmation and the
+    PyTorch installer are GUI code). progress(line) gets each line of pip's output (the panel shows it);
+    cancelled() -> True stops pip (raises Cancelled, and what was installed so far stays). Raises SegMoTEError with
+    one line when this Slicer is too old, an installation fails or the PyTorch extension is absent.
     """
     if threading.current_thread() is not threading.main_thread():
         raise SegMoTEError("dependencies can only be installed from the main thread")
@@ -94,13 +96,8 @@ def ensureDependencies(confirm: bool = True, progress=None, cancelled=None) -> b
     needTorch, packages = torchMissing(), missingPackages()
     if not needTorch and not packages:
         return True
-    import slicer
-
     listed = (["PyTorch (through the PyTorch extension, several GB with GPU support)"] if needTorch else []) + packages
-    if confirm and not slicer.util.confirmOkCancelDisplay(
-            "SegMoTE needs these Python packages, installed once into Slicer's Python:\n\n  "
-            + "\n  ".join(listed) + "\n\nThis needs a network connection and may take several minutes. Install now?",
-            "SegMoTE: install Python packages"):
+    if confirm is not None and not confirm(listed):
         return False
     if needTorch:
         _installTorch()

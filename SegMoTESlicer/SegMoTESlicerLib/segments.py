@@ -70,6 +70,55 @@ def transformPoints(matrix: np.ndarray, points) -> np.ndarray:
     return points @ matrix[:3, :3].T + matrix[:3, 3]
 
 
+# ---- slice views and markups -----------------------------------------------------------------------------------
+def sliceNodes(scene) -> list:
+    nodes = scene.GetNodesByClass("vtkMRMLSliceNode")
+    try:
+        return [nodes.GetItemAsObject(index) for index in range(nodes.GetNumberOfItems())]
+    finally:
+        if hasattr(nodes, "UnRegister"):
+            nodes.UnRegister(None)
+
+
+def sliceNodeByViewName(scene, viewName: str):
+    if scene is None:
+        return None
+    return next((node for node in sliceNodes(scene) if (node.GetLayoutName() or "").lower() == viewName.lower()),
+                None)
+
+
+def sliceViewOfPoint(scene, pointWorld, tolerance: float = 0.5):
+    """The slice node whose plane holds a world point (the view a prompt was placed in), or None."""
+    best, bestDistance = None, tolerance
+    for node in sliceNodes(scene):
+        origin = arrayFromMatrix(node.GetSliceToRAS())[:3, 3]
+        distance = abs(float((np.asarray(pointWorld, float) - origin) @ sliceNormal(node)))
+        if distance <= bestDistance:
+            best, bestDistance = node, distance
+    return best
+
+
+def definedPointsWorld(pointsNode) -> list[tuple[int, np.ndarray]]:
+    """(control point index, world position) of each placed point (not those being placed or skipped)."""
+    if pointsNode is None:
+        return []
+    return [(index, np.asarray(pointsNode.GetNthControlPointPositionWorld(index), dtype=float))
+            for index in range(pointsNode.GetNumberOfControlPoints())
+            if pointsNode.GetNthControlPointPositionStatus(index) == pointsNode.PositionDefined]
+
+
+def roiCornersWorld(roiNode) -> np.ndarray | None:
+    """The 8 corners (world) of a placed ROI box; None if there is no box or it is still being placed."""
+    if roiNode is None or roiNode.GetNumberOfControlPoints() == 0:
+        return None
+    if roiNode.GetNthControlPointPositionStatus(0) != roiNode.PositionDefined:
+        return None
+    half = np.asarray(roiNode.GetSize(), dtype=float) / 2
+    corners = np.array([[x, y, z] for x in (-half[0], half[0]) for y in (-half[1], half[1])
+                        for z in (-half[2], half[2])])
+    return transformPoints(arrayFromMatrix(roiNode.GetObjectToWorldMatrix()), corners)
+
+
 # ---- extents ---------------------------------------------------------------------------------------------------
 def extentIsEmpty(extent) -> bool:
     return extent is None or extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]
@@ -289,3 +338,54 @@ def segmentationHasContent(segmentationNode) -> bool:
 def serializeGeometry(grid: VolumeGrid) -> str:
     image = grid.orientedImage(grid.fullExtent)
     return slicer.vtkSegmentationConverter.SerializeImageGeometry(image)
+
+
+def checkVolume(volumeNode) -> None:
+    """Refuse what cannot be segmented: no volume, no voxels yet, several values per voxel, a 2-D image."""
+    if volumeNode is None:
+        raise InputError("select an input volume first")
+    if volumeNode.GetScene() is None:
+        raise InputError(f"volume '{volumeNode.GetName()}' is no longer in the scene")
+    image = volumeNode.GetImageData()
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise InputError(f"volume '{volumeNode.GetName()}' has no voxels (is it still loading?)")
+    components = image.GetNumberOfScalarComponents()
+    if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or components != 1:
+        raise InputError(f"volume '{volumeNode.GetName()}' has {components} values per voxel (colour, vector or "
+                         "4-D data); choose a scalar 3-D volume")
+    dims = image.GetDimensions()
+    if min(dims) < 2:
+        raise InputError(f"volume '{volumeNode.GetName()}' is 2-D ({dims[0]}x{dims[1]}x{dims[2]} voxels); "
+                         "SegMoTE segments 3-D volumes")
+
+
+def checkSegmentation(segmentationNode, segmentId) -> None:
+    """Refuse a missing target, one stored as closed surfaces (a write would convert it), or a missing segment."""
+    if segmentationNode is None:
+        raise InputError("select or create a target segmentation first")
+    if segmentationNode.GetScene() is None:
+        raise InputError(f"segmentation '{segmentationNode.GetName()}' is no longer in the scene")
+    segmentation = segmentationNode.GetSegmentation()
+    source = segmentation.GetSourceRepresentationName() if hasattr(segmentation, "GetSourceRepresentationName") \
+        else segmentation.GetMasterRepresentationName()
+    labelmap = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    if segmentation.GetNumberOfSegments() and source != labelmap:
+        raise InputError(f"segmentation '{segmentationNode.GetName()}' stores {source.lower()}s; switch its "
+                         "source representation to binary labelmap (Segmentations module) first")
+    if segmentId and segmentation.GetSegment(segmentId) is None:
+        raise InputError(f"segmentation '{segmentationNode.GetName()}' has no segment '{segmentId}'")
+
+
+def checkGeometry(grid: VolumeGrid, volumeNode, segmentationNode) -> None:
+    """Refuse a segmentation with content on another voxel lattice (writing would resample its segments)."""
+    reference = referenceGeometryImage(segmentationNode)
+    if reference is None or grid.imageGeometryAligned(reference):
+        return
+    if not segmentationHasContent(segmentationNode):
+        return  # empty: its geometry is set from the volume when the result is written
+    matrix = vtk.vtkMatrix4x4()
+    reference.GetImageToWorldMatrix(matrix)
+    other = VolumeGrid(extentShape(reference.GetExtent()), arrayFromMatrix(matrix))
+    raise InputError(f"segmentation '{segmentationNode.GetName()}' lies on another voxel grid ({other.describe()}) "
+                     f"than volume '{volumeNode.GetName()}' ({grid.describe()}); choose the volume it was made "
+                     "on, or a new segmentation")
