@@ -2,8 +2,8 @@
 agrees with fp32 (automatic: Dice >= 0.99), the shipped adapter's automatic segmentation is the same on both devices, and SAM
 ViT attention through SDPA equals segment-anything's own while holding no N x N matrix.
 
-Skipped where CUDA is absent (CI, these CPU machines); benchmarks/gpu_check.sh runs them on a lent GPU. The CT is
-read with pynrrd because SimpleITK is too large to carry to that machine.
+Skipped where CUDA is absent; `pytest -m cuda` (or benchmarks/gpu_check.sh) runs them on a machine with an NVIDIA
+GPU. The CT is read with pynrrd, the reader slicerio itself uses.
 """
 
 from __future__ import annotations
