@@ -280,6 +280,19 @@ class Engine:
         except _MovedToCpu:  # out of GPU memory even at batch 1: everything restarts on the CPU
             return self._embeddings(prepared, indices, progress, cancel, keep)
 
+    def add_embeddings(self, prepared: Prepared, computed: dict[int, tuple[np.ndarray, np.ndarray | None]]) -> None:
+        """Cache embeddings computed elsewhere by the same encoder on the same normalised slices (a training run's
+        embedding store), so they are not computed again. computed: slice index -> (embedding (256, h, w), early
+        feature (C, h, w), needed only with an adapter)."""
+        early = self.needs_early_features
+        for index, (embedding, early_feature) in computed.items():
+            if early and early_feature is None:
+                raise InputError(f"slice {index}: the adapter needs the early feature, none was given")
+            value = (torch.from_numpy(np.array(embedding, dtype=np.float32))[None].to(self.device),
+                     torch.from_numpy(np.array(early_feature, dtype=np.float32))[None].to(self.device)
+                     if early else None)
+            self.cache.put(prepared.key + (index, early), value)
+
     def embedding_bytes(self) -> int:
         """Bytes one slice's cache entry takes (embedding, plus the early feature when an adapter needs it)."""
         height, width = self.backbone.embedding_size

@@ -503,6 +503,16 @@ class SliceStack:
             out[:, dim] = (sizes[numpy_dim] - 1 - coordinate) if flip else coordinate
         return out
 
+    def stack_to_ijk(self, points_stack) -> np.ndarray:
+        """(N, 3) continuous (slice, row, col) -> (N, 3) continuous voxel (i, j, k); the inverse of ijk_to_stack."""
+        points = np.atleast_2d(np.asarray(points_stack, dtype=float))
+        sizes = self.volume.array.shape
+        out = np.empty_like(points)
+        for dim, (numpy_dim, flip) in enumerate(zip(self.numpy_dims, self.flipped)):
+            coordinate = points[:, dim]
+            out[:, 2 - numpy_dim] = (sizes[numpy_dim] - 1 - coordinate) if flip else coordinate
+        return out
+
 
 # ---- writing -----------------------------------------------------------------------------------------
 def is_segmentation_path(path: str | Path) -> bool:

@@ -20,13 +20,14 @@ import SimpleITK as sitk
 import torch
 import yaml
 
-from segmote_core import train as train_module
+from segmote_core import train as train_command
 from segmote_core.adapters import load_segmote, read_adapter_header
 from segmote_core.embedding_store import EmbeddingStore
-from segmote_core.errors import InputError
+from segmote_core.errors import InputError, TrainingError
 from segmote_core.models.backbones import build_tiny_sam_vit
 from segmote_core.normalize import window
-from segmote_core.train import TrainingError, load_config, make_config, train
+from segmote_core.training import data as training_data
+from segmote_core.training import load_config, loop, make_config, prompts, train
 
 TINY_MODEL = {"expert_rank": 8, "ppt_mlp_dim": 64, "early_hidden_channels": 16}
 
@@ -96,7 +97,7 @@ def test_unknown_or_mistyped_config_keys_are_refused(tmp_path, tiny_data):
     with pytest.raises(InputError):
         load_config(good, {"unknown_flag": 1})
     # The CLI reports it in one line and a non-zero exit.
-    assert train_module.main(["--config", str(path), "--quiet"]) == 1
+    assert train_command.main(["--config", str(path), "--quiet"]) == 1
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -136,14 +137,14 @@ def test_distilled_clicks_take_the_base_models_box_answers_outside_the_trained_c
     backbone = build_tiny_sam_vit().eval()
     generator = torch.Generator().manual_seed(1)
     embedding = torch.randn(2, 256, *backbone.embedding_size, generator=generator)
-    items = [train_module.SliceItem("case", i, None, None, np.zeros((1, 40, 40), bool), None, []) for i in range(2)]
+    items = [training_data.SliceItem("case", i, None, None, np.zeros((1, 40, 40), bool), None, []) for i in range(2)]
     low = 4 * backbone.embedding_size[0]  # the decoder's logit grid
     no_class = torch.zeros(2, 1, low, low)
     # A random tiny model is not confident; accept every box with some area to check the bookkeeping.
-    monkeypatch.setattr(train_module, "DISTILL_MIN_IOU", -1e9)
-    monkeypatch.setattr(train_module, "DISTILL_MIN_AREA", 1)
+    monkeypatch.setattr(prompts, "DISTILL_MIN_IOU", -1e9)
+    monkeypatch.setattr(prompts, "DISTILL_MIN_AREA", 1)
     rng = np.random.default_rng(0)
-    rows, clicks, targets = train_module.distillation_prompts(backbone, embedding, items, no_class, 3, rng)
+    rows, clicks, targets = prompts.distillation_prompts(backbone, embedding, items, no_class, 3, rng)
     assert len(rows) >= 2 and set(rows.tolist()) <= {0, 1}
     assert clicks.shape == (len(rows), 1, 2) and targets.shape == (len(rows), 1, low, low)
     on_grid = (clicks[:, 0] + 0.5) * low / backbone.input_size - 0.5
@@ -151,8 +152,8 @@ def test_distilled_clicks_take_the_base_models_box_answers_outside_the_trained_c
         x, y = (int(round(float(v))) for v in on_grid[n])
         assert targets[n, 0, y, x] == 1  # the click lies inside its target
     # The same draws reproduce the same boxes: the targets are exactly the base model's box answers.
-    rng, per_slice = np.random.default_rng(0), 3 * train_module.DISTILL_CANDIDATES
-    boxes = torch.as_tensor(np.stack([train_module.random_box((40, 40), rng) for _ in range(2 * per_slice)]),
+    rng, per_slice = np.random.default_rng(0), 3 * prompts.DISTILL_CANDIDATES
+    boxes = torch.as_tensor(np.stack([prompts.random_box((40, 40), rng) for _ in range(2 * per_slice)]),
                             dtype=torch.float32)
     with torch.no_grad():
         model_boxes = backbone.slice_to_model_xy(boxes[:per_slice].view(-1, 2, 2), (40, 40)).view(-1, 4)
@@ -160,12 +161,12 @@ def test_distilled_clicks_take_the_base_models_box_answers_outside_the_trained_c
     assert any(torch.equal(targets[0, 0], (base[i, 0] > 0).float()) for i in range(per_slice))
     # Where a trained class covers everything, nothing is distilled.
     everything = torch.ones(2, 1, low, low)
-    assert train_module.distillation_prompts(backbone, embedding, items, everything, 3,
+    assert prompts.distillation_prompts(backbone, embedding, items, everything, 3,
                                              np.random.default_rng(0)) is None
 
 
 def test_training_with_distilled_clicks_runs_and_moves_the_click_path(tmp_path, tiny_data, monkeypatch):
-    monkeypatch.setattr(train_module, "DISTILL_MIN_IOU", -1e9)
+    monkeypatch.setattr(prompts, "DISTILL_MIN_IOU", -1e9)
     config = tiny_config(tiny_data, tmp_path / "run", steps=3, distill_clicks=2, interaction_steps=0,
                          box_probability=0.0, automatic=False, save_every=3)
     result = train(config, quiet=True)
@@ -196,7 +197,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, tiny_data):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
-    original = train_module.compute_losses
+    original = loop.compute_losses
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -206,7 +207,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
             terms["loss"] = terms["loss"] * float("nan")
         return terms
 
-    monkeypatch.setattr(train_module, "compute_losses", poisoned)
+    monkeypatch.setattr(loop, "compute_losses", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(TrainingError) as error:
         train(tiny_config(tiny_data, out, steps=4, save_every=2), quiet=True)
