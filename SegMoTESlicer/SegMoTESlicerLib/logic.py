@@ -32,6 +32,7 @@ import numpy as np
 import slicer
 import vtk
 
+from segmote_core.colors import PALETTE
 from segmote_core.errors import Cancelled, CheckpointError, InputError, SegMoTEError
 
 from . import segments as mrml
@@ -52,10 +53,6 @@ WORLD_AXES = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
 THIN_BOX_VOXELS = 1.5  # a box thinner than this along the slicing axis is a 2-D box on one slice
 UNDO_DEPTH = 10
 NEW_SEGMENT_PREFIX = "SegMoTE"
-PALETTE = [  # same colours as segmote_core.segmentation_io.PALETTE (kept here so this module needs no torch)
-    (0.90, 0.30, 0.25), (0.25, 0.55, 0.90), (0.30, 0.75, 0.35), (0.95, 0.75, 0.20), (0.65, 0.40, 0.85),
-    (0.20, 0.80, 0.80), (0.95, 0.50, 0.70), (0.60, 0.45, 0.25), (0.55, 0.75, 0.20), (0.45, 0.45, 0.95),
-]
 
 log = logging.getLogger("SegMoTE")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..metrics import pooled_dice
 from .config import TrainConfig
 from .data import TrainData
 from .prompts import centre_point
@@ -53,11 +54,6 @@ def heldout_report(config: TrainConfig, data: TrainData, adapter: Path, device, 
                                                                    refine_passes=config.refine_passes)}
     auto_seconds = time.time() - tick
 
-    def dice_of(pairs):
-        inter = sum((p & t).sum() for p, t in pairs)
-        total = sum(p.sum() + t.sum() for p, t in pairs)
-        return float(2 * inter / total) if total else float("nan")
-
     def prompted(name: str) -> dict:
         """Single-click and tight-box Dice, base vs adapter, over the held-out slices where ``name`` is present."""
         truth = stack.to_stack(labels[name])
@@ -73,16 +69,16 @@ def heldout_report(config: TrainConfig, data: TrainData, adapter: Path, device, 
                                                      prepared=prepared))
                 scores[f"click_{label}"].append((mask[i], truth[i]))
                 scores[f"box_{label}"].append((engine.predict_slice(prepared, i, box=box).mask, truth[i]))
-        return {"single_click_dice_base": dice_of(scores["click_base"]),
-                "single_click_dice_tuned": dice_of(scores["click_tuned"]),
-                "box_dice_base": dice_of(scores["box_base"]), "box_dice_tuned": dice_of(scores["box_tuned"]),
+        return {"single_click_dice_base": pooled_dice(scores["click_base"]),
+                "single_click_dice_tuned": pooled_dice(scores["click_tuned"]),
+                "box_dice_base": pooled_dice(scores["box_base"]), "box_dice_tuned": pooled_dice(scores["box_tuned"]),
                 "slices_with_class": len(present)}
 
     report = {"case": case, "heldout_slices": held, "classes": {}, "other_structures": {},
               "auto_seconds": round(auto_seconds, 1)}
     for name in data.classes:
         truth = stack.to_stack(labels[name])
-        report["classes"][name] = r = {"automatic_dice": dice_of([(automatic[name][i], truth[i]) for i in held]),
+        report["classes"][name] = r = {"automatic_dice": pooled_dice([(automatic[name][i], truth[i]) for i in held]),
                                        **prompted(name)}
         log(f"held-out {name}: automatic Dice {r['automatic_dice']:.4f}; single click {r['single_click_dice_base']:.4f}"
             f" (base) -> {r['single_click_dice_tuned']:.4f} (adapter); box {r['box_dice_base']:.4f} (base) -> "
