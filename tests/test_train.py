@@ -23,11 +23,13 @@ import yaml
 from segmote_core import train as train_command
 from segmote_core.adapters import load_segmote, read_adapter_header
 from segmote_core.embedding_store import EmbeddingStore
+from segmote_core.engine import Engine, Prepared
 from segmote_core.errors import InputError, TrainingError
 from segmote_core.models.backbones import build_tiny_sam_vit
 from segmote_core.normalize import window
 from segmote_core.training import data as training_data
 from segmote_core.training import load_config, loop, make_config, prompts, train
+from segmote_core.volume import SliceStack, Volume
 
 TINY_MODEL = {"expert_rank": 8, "ppt_mlp_dim": 64, "early_hidden_channels": 16}
 
@@ -236,19 +238,31 @@ def test_two_process_ddp_under_torchrun(tmp_path, tiny_data):
 
 # ---- embedding store ---------------------------------------------------------------------------------
 def test_corrupted_embedding_entries_are_detected_and_recomputed(tmp_path):
+    """The store is a backend: Engine.store_embeddings fills it with the engine's encoder loop, and embeds again only
+    the entries that are missing or fail their checksums."""
     torch.manual_seed(0)
     backbone = build_tiny_sam_vit().eval()
     rng = np.random.default_rng(1)
-    raw = [rng.integers(-1000, 1000, (24, 24)).astype(np.int16) for _ in range(3)]
+    volume = Volume(rng.integers(-1000, 1000, (3, 24, 24)).astype(np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0),
+                    np.eye(3))
     norm = window(0, 2000)
-    to01 = lambda i: np.clip((raw[i].astype(np.float32) + 1000) / 2000, 0, 1)  # noqa: E731
+    engine = Engine(backbone=backbone, device="cpu", runtime="torch", cache_bytes=1)
+    stack = SliceStack.for_axis(volume, None)
+    prepared = Prepared(volume, stack, norm, key=())
+    raw = list(stack.to_stack(volume.array))
     store = EmbeddingStore(tmp_path, backbone, norm)
-    first = [(np.array(e), np.array(f)) for e, f in store.get(raw, to01)]
+    assert store.get(raw) == [None, None, None]
+    assert engine.store_embeddings(prepared, range(3), store) == 3
+    first = [(np.array(e), np.array(f)) for e, f in store.get(raw)]
     assert store.computed == 3 and first[0][0].shape == (256, 16, 16) and first[0][1].shape == (48, 16, 16)
+    # What the store holds is what the engine's own embedding of the slice gives.
+    own = Engine(backbone=backbone, device="cpu", runtime="torch").embeddings(engine.prepare(volume,
+                                                                                             normalization=norm), [1])
+    np.testing.assert_array_equal(own[1][0][0].numpy(), first[1][0])
 
     again = EmbeddingStore(tmp_path, backbone, norm)
-    again.get(raw, lambda i: pytest.fail("nothing should be embedded twice"))
-    assert again.computed == 0
+    assert engine.store_embeddings(prepared, range(3), again) == 0
+    assert again.computed == 0 and engine.cache.misses == 3  # nothing embedded twice
 
     embedding_path, early_path, meta_path = again.paths(again.key(raw[1]))
     data = bytearray(embedding_path.read_bytes())
@@ -259,7 +273,9 @@ def test_corrupted_embedding_entries_are_detected_and_recomputed(tmp_path):
     (tmp_path / f"{again.key(raw[2])}.json").unlink()  # an entry whose write never finished
 
     repaired = EmbeddingStore(tmp_path, backbone, norm)
-    values = repaired.get(raw, to01)
+    assert repaired.get(raw)[1:] == [None, None]
+    assert engine.store_embeddings(prepared, range(3), repaired) == 2
+    values = repaired.get(raw)
     assert repaired.computed == 2 and repaired.recomputed == 2
     for (e, f), (e0, f0) in zip(values, first):
         np.testing.assert_array_equal(e, e0)

@@ -1,7 +1,7 @@
 """Training data: cases -> split -> normalised axial slices -> cached embeddings, and the batch of each step.
 
-The frozen encoder embeds each slice once into a memory-mapped ``EmbeddingStore``; training reads only the cache,
-so a step costs decoder passes only."""
+The frozen encoder embeds each slice once into a memory-mapped ``EmbeddingStore`` (through the engine's encoder
+loop, ``Engine.store_embeddings``); training reads only the store, so a step costs decoder passes only."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def build_data(config: TrainConfig, backbone, ctx: Dist, log=print) -> TrainData
     from ..curate import read_manifest
     from ..datasets import describe_split, find_cases, split_cases, split_slices
     from ..embedding_store import EmbeddingStore
-    from ..normalize import from_rule, normalize
+    from ..engine import Engine, Prepared
+    from ..normalize import from_rule
     from ..volume import SliceStack
 
     cases = find_cases(config.data, config.layout, config.image, config.segmentation, config.modality,
@@ -80,6 +81,9 @@ def build_data(config: TrainConfig, backbone, ctx: Dist, log=print) -> TrainData
         wanted = {c.case_id: ("train" if c.case_id in case_split["train"] else "val") for c in cases}
 
     cache = Path(config.cache_dir).expanduser() if config.cache_dir else Path(config.out) / "embeddings"
+    # The frozen encoder as the engine runs it (PyTorch, fp32): the one encoder loop, writing into the store.
+    encoder = Engine(backbone=backbone, device=str(backbone.device), runtime="torch", cache_bytes=1,
+                     tune_allocator=False)
     data = TrainData(classes, rule, [], [], split)
     for number, case in enumerate(cases):
         volume, labels = (first_volume, first_labels) if number == 0 else case.load()
@@ -92,12 +96,13 @@ def build_data(config: TrainConfig, backbone, ctx: Dist, log=print) -> TrainData
         raw = stack.to_stack(volume.array)
         masks = np.stack([stack.to_stack(labels[name]) for name in classes], axis=1)  # (N, C, H, W)
         store = EmbeddingStore(cache, backbone, norm)
-        # Every rank embeds its share of the missing slices, then all read the complete store.
-        share = range(ctx.rank, len(raw), ctx.world)
-        entries = store.get([raw[i] for i in range(len(raw))], lambda i: normalize(raw[i], norm), only=share)
-        if ctx.world > 1:
-            ctx.barrier()
-            entries = store.get([raw[i] for i in range(len(raw))], lambda i: normalize(raw[i], norm))
+        # Every rank embeds its share of the missing slices with the engine's encoder loop, then all read the
+        # complete store.
+        encoder.store_embeddings(Prepared(volume, stack, norm, key=()), range(ctx.rank, len(raw), ctx.world), store)
+        ctx.barrier()
+        entries = store.get([raw[i] for i in range(len(raw))])
+        if any(entry is None for entry in entries):  # pragma: no cover - the disk lost what was just written
+            raise OSError(f"embedding store {store.root}: entries of {case.case_id} unreadable right after writing")
         if store.computed:
             log(f"embedded {store.computed} slice(s) of {case.case_id} ({store.recomputed} damaged entries redone)")
         assignment = wanted[case.case_id]
