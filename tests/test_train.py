@@ -219,6 +219,34 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
 
 
+def test_heldout_report_scores_the_shipped_adapter_through_the_engine(tmp_path, tiny_data, monkeypatch):
+    """Slice split with the real LiteMedSAM: the held-out report runs Engine.auto and single-click / box prompts on
+    the held-out slices, with the engines seeded from the training store (nothing embedded twice)."""
+    from segmote_core import engine as engine_module
+
+    config = tiny_config(tiny_data, tmp_path / "run", backbone="lite_medsam", steps=2, final_report=True,
+                         cache_dir=str(tmp_path / "cache"), export=str(tmp_path / "shipped.safetensors"))
+    embedded = []
+    original = engine_module.Engine._encode
+
+    def counting(self, prepared, indices, *args, **kwargs):
+        embedded.extend(indices)
+        return original(self, prepared, indices, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.Engine, "_encode", counting)
+    monkeypatch.setenv("SEGMOTE_RUNTIME", "torch")  # the exported CPU runtimes have their own tests
+    result = train(config, quiet=True)
+    report = result.report
+    assert report["heldout_slices"] == [1, 5] and set(report["classes"]) == {"label 1", "label 2"}
+    for scores in report["classes"].values():
+        assert 0.0 <= scores["automatic_dice"] <= 1.0
+        assert 0.0 <= scores["single_click_dice_base"] <= 1.0 and 0.0 <= scores["box_dice_tuned"] <= 1.0
+    assert report["classes"]["label 1"]["slices_with_class"] == 2
+    assert json.loads((tmp_path / "run" / "report.json").read_text()) == report
+    assert read_adapter_header(tmp_path / "shipped.safetensors")["extra"]["heldout_report"] == report
+    assert len(embedded) == 8  # the training store's 8 slices, once; the report's engines embedded nothing
+
+
 def test_two_process_ddp_under_torchrun(tmp_path, tiny_data):
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(tiny_values(tiny_data, tmp_path / "ddp", steps=2, interaction_steps=0)))
