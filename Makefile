@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(VENV)/bin/segmote bench --size small
+	$(PY) benchmarks/bench.py --size small
 
 clean:
 	rm -rf $(VENV) segmote-demo

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segmote_core import runtime as runtimes  # noqa: E402
 from segmote_core.engine import Engine  # noqa: E402
+from segmote_core.metrics import dice  # noqa: E402
 
 
 class DefaultPrecisionSession(runtimes.Session):
@@ -100,8 +101,7 @@ def main() -> None:
         reference = engines["torch"].segment(volume, box_ijk=box, prepared=prepared["torch"])
         for name in agreement:
             found = engines[name].segment(volume, box_ijk=box, prepared=prepared[name])
-            total = found.sum() + reference.sum()
-            agreement[name][structure] = round(float(2 * (found & reference).sum() / total) if total else 1.0, 4)
+            agreement[name][structure] = round(dice(found, reference), 4)
     reference = engines["torch"].embeddings(prepared["torch"], [middle])[middle][0]
     for name in agreement:
         embedding_difference[name] = float((engines[name].embeddings(prepared[name], [middle])[middle][0]

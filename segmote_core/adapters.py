@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 import torch
 
 from . import __version__
+from .colors import palette_color
 from .errors import CheckpointError, InputError
 from .files import atomic_write
 from .segmentation_io import check_header_text
@@ -44,12 +45,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # More classes than this would take minutes per slice (each class is one decoder pass) and is no real model.
 MAX_CLASSES = 512
 
-# Distinct, readable colours for classes saved without one (RGB in [0, 1]).
-DEFAULT_PALETTE: tuple[tuple[float, float, float], ...] = (
-    (0.902, 0.098, 0.294), (0.235, 0.706, 0.294), (1.0, 0.882, 0.098), (0.263, 0.388, 0.847),
-    (0.961, 0.510, 0.192), (0.569, 0.118, 0.706), (0.259, 0.831, 0.957), (0.941, 0.196, 0.902),
-    (0.749, 0.937, 0.271), (0.980, 0.745, 0.831), (0.275, 0.600, 0.565), (0.863, 0.745, 1.0),
-)
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,7 @@ def _normalise_classes(classes: Sequence[ClassSpec], expected: int) -> list[Adap
         if isinstance(spec, AdapterClass):
             name, color = spec.name, spec.color
         elif isinstance(spec, str):
-            name, color = spec, DEFAULT_PALETTE[index % len(DEFAULT_PALETTE)]
+            name, color = spec, palette_color(index)
         else:
             try:
                 name, color = spec
@@ -234,7 +229,7 @@ def _header_schema_problem(header: dict) -> str | None:
     if not isinstance(classes, list) or not all(isinstance(c, dict) for c in classes):
         return "classes must be a list of {name, color} objects"
     try:
-        _normalise_classes([(c.get("name"), c.get("color", DEFAULT_PALETTE[0])) for c in classes], len(classes))
+        _normalise_classes([(c.get("name"), c.get("color", palette_color(0))) for c in classes], len(classes))
     except InputError as error:
         return str(error)
     return None

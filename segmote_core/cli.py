@@ -48,7 +48,6 @@ LAZY_COMMANDS = {
     "train": ("train", "train SegMoTE adapters (MoTE + PPT) on a frozen backbone"),
     "curate": ("curate", "score (slice, label) samples and keep a balanced high-quality subset"),
     "eval": ("evaluate", "Dice and normalised surface Dice of a segmentation against ground truth"),
-    "bench": ("bench", "benchmark the engine against the peer's own code, side by side"),
 }
 RUNTIME_CHOICES = ("auto", "torch", "onnx", "openvino")  # segmote_core.runtime.RUNTIMES, without importing it
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (default auto)"  # devices.DEVICE_HELP, without importing torch

@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import InputError
 from .segmentation_io import read_segments
-from .volume import Volume, is_segmentation_path, read_volume
+from .volume import GRID_TOLERANCE_MM, Volume, is_segmentation_path, read_volume
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -106,11 +106,11 @@ def read_labels(path: Path, volume: Volume, classes: dict[str, tuple[int, ...]] 
 def on_image_grid(array: np.ndarray, grid: Volume, volume: Volume, path: Path, fill=False) -> np.ndarray:
     """An array on ``grid`` brought onto ``volume``'s grid: as is if the grids match; pasted if ``grid`` is a crop
     of the image grid (same spacing and direction, integer offset, inside); otherwise InputError naming both."""
-    if grid.same_grid(volume, tolerance=1e-3):
+    if grid.same_grid(volume):
         return array
     offset = None
-    if np.allclose(grid.spacing, volume.spacing, atol=1e-3) and np.allclose(grid.direction, volume.direction,
-                                                                             atol=1e-4):
+    if (np.allclose(grid.spacing, volume.spacing, atol=GRID_TOLERANCE_MM)
+            and np.allclose(grid.direction, volume.direction, atol=GRID_TOLERANCE_MM)):
         continuous = volume.ras_to_ijk(grid.ijk_to_ras_points([[0.0, 0.0, 0.0]]))[0]  # crop origin in image ijk
         rounded = np.round(continuous)
         if np.allclose(continuous, rounded, atol=1e-2):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .colors import palette_color
+from .metrics import dice
 from .normalize import CT_WINDOWS
 from .segmentation_io import Segment, read_segments, save_segments
 from .shipped import ADAPTER_DIR
@@ -26,10 +28,6 @@ def demo_data() -> tuple[Path, Path]:
 
     folder = Path(os.path.dirname(slicerio.__file__)) / "data"
     return folder / "CTChest4.nrrd", folder / "Segmentation.seg.nrrd"
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2.0 * (a & b).sum() / max(int(a.sum()) + int(b.sum()), 1))
 
 
 def _box_ras(volume, mask: np.ndarray, slice_k: int | None = None) -> np.ndarray:
@@ -52,7 +50,7 @@ def save_overlay_png(path: Path, volume, predictions: dict[str, np.ndarray], tru
     from .volume import SliceStack
 
     image = normalize(volume.array, window(*CT_WINDOWS["lung"]))
-    colors = [(0.9, 0.3, 0.25), (0.25, 0.55, 0.9), (0.3, 0.75, 0.35), (0.95, 0.75, 0.2)]
+    colors = [palette_color(index) for index in range(4)]
     figure, axes = plt.subplots(1, 2, figsize=(10, 5.2), dpi=110)
     for ax, (axis_name, lps_axis) in zip(axes, (("axial", 2), ("coronal", 1))):
         stack = SliceStack(volume, lps_axis)
@@ -104,8 +102,8 @@ def run(out_dir: str | Path = "segmote-demo", device: str = "auto", quiet: bool 
     predictions = {"right lung": right_mask, "left lung": left_mask}
     scores = {name: dice(mask, truth[name]) for name, mask in predictions.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_segments(out_dir / "demo.seg.nrrd", volume,
-                  [Segment("right lung", right_mask, (0.9, 0.3, 0.25)), Segment("left lung", left_mask, (0.25, 0.55, 0.9))],
+    save_segments(out_dir / "demo.seg.nrrd", volume, [Segment("right lung", right_mask, palette_color(0)),
+                                                      Segment("left lung", left_mask, palette_color(1))],
                   replace_same_name=True)
     say(f"right lung (3D box):               Dice {scores['right lung']:.3f}")
     say(f"left lung (2D box on slice {middle_k}, propagated): Dice {scores['left lung']:.3f}")

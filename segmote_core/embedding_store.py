@@ -1,5 +1,8 @@
 """On-disk store of frozen-encoder outputs, so that training embeds each slice once.
 
+A backend, not an encoder: ``Engine.store_embeddings`` embeds what is missing with the engine's one encoder loop and
+writes it here; training then reads every slice from the store.
+
 The encoder is frozen, so a slice's embedding (256, 64, 64) and early feature (C, 64, 64) never change while the
 adapters train. The store keeps them as ``.npy`` files read back memory-mapped (``np.load(mmap_mode="r")``): a
 dataset larger than RAM trains from disk, and the OS page cache keeps the hot slices in memory.
@@ -20,12 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
-
-from .devices import default_encoder_batch
 from .files import atomic_write, atomic_write_text
 from .normalize import Normalization
 
@@ -54,17 +54,14 @@ def _array_checksum(array: np.ndarray) -> str:
 class EmbeddingStore:
     """Embeddings of slices for one (backbone, normalisation) pair, on disk under ``root``.
 
-    ``get(slices_raw, slices01)`` returns one (embedding, early) pair of read-only memory-mapped float32 arrays per
-    slice, computing (batched) only the missing or damaged entries.
+    ``get(slices_raw)`` returns one (embedding, early) pair of read-only memory-mapped float32 arrays per slice, or
+    None for a missing or damaged entry; ``Engine.store_embeddings`` fills them.
     """
 
-    def __init__(self, root: str | Path, backbone, normalization: Normalization,
-                 batch_size: int | None = None):
+    def __init__(self, root: str | Path, backbone, normalization: Normalization):
         self.root = Path(root).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.backbone = backbone
         self.normalization = normalization
-        self.batch_size = batch_size or default_encoder_batch(backbone.device)
         identity = {
             "version": FORMAT_VERSION, "backbone": backbone.name, "input_size": int(backbone.input_size),
             "weights": backbone_checksum(backbone), "rule": normalization.rule_dict(),
@@ -86,7 +83,7 @@ class EmbeddingStore:
         return (self.root / f"{key}.embedding.npy", self.root / f"{key}.early.npy", self.root / f"{key}.json")
 
     # ---- reading ------------------------------------------------------------------------------------------
-    def _load(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    def load(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
         """The entry, memory-mapped, or None if absent or damaged (its checksums are verified on every call)."""
         embedding_path, early_path, meta_path = self.paths(key)
         try:
@@ -103,52 +100,14 @@ class EmbeddingStore:
     def exists(self, key: str) -> bool:
         return any(path.exists() for path in self.paths(key))
 
-    def get(self, slices_raw: Sequence[np.ndarray], slices01: Sequence[np.ndarray] | Callable[[int], np.ndarray],
-            progress: Callable[[int, int], None] | None = None,
-            only: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray] | None]:
-        """(embedding (256, h, w), early (C, h, w)) per slice; missing ones are embedded in batches.
-
-        slices_raw: the raw slices (they key the store); slices01: the same slices normalised to [0, 1] (a list, or
-        a function index -> slice, called only for slices that must be embedded). only: compute just these indices
-        (DDP ranks share the work); the others are returned if already stored, else None.
-        """
-        keys = [self.key(s) for s in slices_raw]
-        results: list = [self._load(k) for k in keys]
-        allowed = set(range(len(keys))) if only is None else set(only)
-        missing = [i for i, value in enumerate(results) if value is None and i in allowed]
-        done = len(keys) - len(missing)
-        if progress:
-            progress(done, len(keys))
-        for start in range(0, len(missing), self.batch_size):
-            batch = missing[start:start + self.batch_size]
-            images = [slices01(i) if callable(slices01) else slices01[i] for i in batch]
-            self._compute([keys[i] for i in batch], images)
-            for i in batch:
-                results[i] = self._load(keys[i])
-                if results[i] is None:  # pragma: no cover - the disk lost what was just written
-                    raise OSError(f"embedding store {self.root}: entry {keys[i]} unreadable right after writing")
-            done += len(batch)
-            if progress:
-                progress(done, len(keys))
-        return results
+    def get(self, slices_raw: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """(embedding (256, h, w), early (C, h, w)) per raw slice, read-only and memory-mapped; None where the store
+        has no intact entry."""
+        return [self.load(self.key(s)) for s in slices_raw]
 
     # ---- writing ------------------------------------------------------------------------------------------
-    def _compute(self, keys: Sequence[str], images01: Sequence[np.ndarray]) -> None:
-        """Embed one batch of same-shape slices (grouped by shape otherwise) and write their entries."""
-        groups: dict[tuple, list[int]] = {}
-        for index, image in enumerate(images01):
-            groups.setdefault(tuple(image.shape), []).append(index)
-        for indices in groups.values():
-            batch = torch.from_numpy(np.stack([np.asarray(images01[i], dtype=np.float32) for i in indices]))
-            with torch.inference_mode():
-                x = self.backbone.preprocess(batch.to(self.backbone.device))
-                embedding, early = self.backbone.encode(x)
-            embedding = embedding.float().cpu().numpy()
-            early = early.float().cpu().numpy()
-            for row, index in enumerate(indices):
-                self._write(keys[index], embedding[row], early[row])
-
-    def _write(self, key: str, embedding: np.ndarray, early: np.ndarray) -> None:
+    def write(self, key: str, embedding: np.ndarray, early: np.ndarray) -> None:
+        """Write one entry atomically, its JSON (with the checksums) last."""
         embedding_path, early_path, meta_path = self.paths(key)
         if self.exists(key):
             self.recomputed += 1

@@ -280,6 +280,19 @@ class Engine:
         except _MovedToCpu:  # out of GPU memory even at batch 1: everything restarts on the CPU
             return self._embeddings(prepared, indices, progress, cancel, keep)
 
+    def add_embeddings(self, prepared: Prepared, computed: dict[int, tuple[np.ndarray, np.ndarray | None]]) -> None:
+        """Cache embeddings computed elsewhere by the same encoder on the same normalised slices (a training run's
+        embedding store), so they are not computed again. computed: slice index -> (embedding (256, h, w), early
+        feature (C, h, w), needed only with an adapter)."""
+        early = self.needs_early_features
+        for index, (embedding, early_feature) in computed.items():
+            if early and early_feature is None:
+                raise InputError(f"slice {index}: the adapter needs the early feature, none was given")
+            value = (torch.from_numpy(np.array(embedding, dtype=np.float32))[None].to(self.device),
+                     torch.from_numpy(np.array(early_feature, dtype=np.float32))[None].to(self.device)
+                     if early else None)
+            self.cache.put(prepared.key + (index, early), value)
+
     def embedding_bytes(self) -> int:
         """Bytes one slice's cache entry takes (embedding, plus the early feature when an adapter needs it)."""
         height, width = self.backbone.embedding_size
@@ -296,15 +309,28 @@ class Engine:
                 missing.append(index)
             else:
                 found[index] = value
-        done = len(found)
+
+        def computed(index: int, embedding: torch.Tensor, early_feature: torch.Tensor) -> None:
+            value = (embedding.clone(), early_feature.clone() if early else None)
+            if keep:
+                self.cache.put(prepared.key + (index, early), value)
+            found[index] = value
+
+        self._encode(prepared, missing, computed, progress, cancel, len(found), len(indices))
+        return found
+
+    def _encode(self, prepared: Prepared, indices: Sequence[int], computed, progress: ProgressFn | None,
+                cancel: CancelFn | None, done: int, total: int) -> None:
+        """The encoder loop: embed the slices in batches (halved on out-of-memory), calling computed(index,
+        embedding (1, 256, h, w), early feature (1, C, h, w)) for each."""
         if progress:
-            progress(done, len(indices))
+            progress(done, total)
         stack = prepared.stack.to_stack(prepared.volume.array)
         start = 0
-        while start < len(missing):
+        while start < len(indices):
             if cancel and cancel():
                 raise Cancelled("cancelled while embedding slices; nothing was changed")
-            batch = missing[start:start + self.batch_size]
+            batch = indices[start:start + self.batch_size]
             try:
                 with torch.inference_mode():
                     x = self.backbone.preprocess(self._normalized_batch(stack, batch, prepared.normalization))
@@ -315,17 +341,31 @@ class Engine:
                 self._after_out_of_memory(len(batch))
                 continue  # same start, smaller batch
             for offset, index in enumerate(batch):
-                value = (embedding[offset:offset + 1].clone(),
-                         early_feature[offset:offset + 1].clone() if early else None)
-                if keep:
-                    self.cache.put(prepared.key + (index, early), value)
+                computed(index, embedding[offset:offset + 1], early_feature[offset:offset + 1])
                 self.cache.misses += 1
-                found[index] = value
             start += len(batch)
             done += len(batch)
             if progress:
-                progress(done, len(indices))
-        return found
+                progress(done, total)
+
+    def store_embeddings(self, prepared: Prepared, indices: Sequence[int], store, progress: ProgressFn | None = None,
+                         cancel: CancelFn | None = None) -> int:
+        """Make sure an on-disk ``EmbeddingStore`` (made for this backbone and ``prepared.normalization``) holds the
+        given slices: entries missing or failing their checksums are embedded by this engine's encoder and written;
+        the in-memory cache is left alone. Returns how many slices were embedded."""
+        stack = prepared.stack.to_stack(prepared.volume.array)
+        keys = {index: store.key(stack[index]) for index in indices}
+        missing = [index for index in indices if store.load(keys[index]) is None]
+
+        def computed(index: int, embedding: torch.Tensor, early_feature: torch.Tensor) -> None:
+            store.write(keys[index], embedding[0].cpu().numpy(), early_feature[0].cpu().numpy())
+
+        try:
+            self._encode(prepared, missing, computed, progress, cancel, len(indices) - len(missing), len(indices))
+        except _MovedToCpu:  # out of GPU memory even at batch 1: the rest is embedded on the CPU
+            rest = [index for index in missing if store.load(keys[index]) is None]
+            self._encode(prepared, rest, computed, progress, cancel, len(indices) - len(rest), len(indices))
+        return len(missing)
 
     def _compile_encoder(self) -> None:
         """torch.compile (inductor) the image encoder for two static shapes, batch 1 (interactive) and the engine's

@@ -19,3 +19,7 @@ class DeviceError(SegMoTEError):
 
 class Cancelled(SegMoTEError):
     """The user cancelled a long operation; nothing was written."""
+
+
+class TrainingError(SegMoTEError):
+    """Training had to stop (non-finite loss, unusable resume state); the message says where and why."""

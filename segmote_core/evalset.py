@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .datasets import resolve_path
+from .metrics import dice
 from .volume import Volume, read_volume
 
 MNI_DIR = "pkg:nilearn/datasets/data"
@@ -101,10 +102,6 @@ def innermost_point(mask2d: np.ndarray) -> tuple[int, int]:
     distance = ndimage.distance_transform_edt(np.pad(mask2d, 1))[1:-1, 1:-1]
     row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
     return int(row), int(col)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2.0 * (a & b).sum() / max(int(a.sum()) + int(b.sum()), 1))
 
 
 def evaluate(engine, case: EvalCase, structures=None, slices=None, modes=("box", "click"),

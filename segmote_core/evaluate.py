@@ -2,8 +2,9 @@
 
 Segments are matched by name (a label map's segments are named ``label N``). Both files must lie on one voxel grid
 (a Slicer segmentation cropped to its extent is pasted into the ground truth's grid; any other mismatch is a
-one-line error naming both geometries). The metrics are MONAI's: ``monai.metrics.compute_dice`` and
-``monai.metrics.compute_surface_dice`` with the voxel spacing in millimetres, so the surface tolerance is physical.
+one-line error naming both geometries). Dice is the project's one rule, ``segmote_core.metrics.dice`` (equal to
+MONAI's ``compute_dice``; tests compare them); surface Dice is ``monai.metrics.compute_surface_dice`` with the voxel
+spacing in millimetres, so the surface tolerance is physical.
 
 Conventions: both masks empty -> Dice 1 and surface Dice 1 (nothing to find, nothing found); a ground-truth segment
 without a prediction of the same name scores 0 and is flagged ``missing``; predicted segments without ground truth
@@ -26,6 +27,7 @@ import torch
 
 from .errors import InputError
 from .files import atomic_write_text, refuse_input_as_output
+from .metrics import dice
 
 DEFAULT_TOLERANCE_MM = 2.0
 
@@ -41,13 +43,8 @@ class SegmentScore:
 
 
 def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
-    """MONAI Dice of two bool masks (any dimension); 1.0 when both are empty."""
-    from monai.metrics import compute_dice
-
-    pred_t, gt_t = _as_batch(pred), _as_batch(gt)
-    if not gt_t.any() and not pred_t.any():
-        return 1.0
-    return float(compute_dice(pred_t, gt_t, include_background=True, ignore_empty=False)[0, 0])
+    """Dice of two bool masks (any dimension); 1.0 when both are empty (``segmote_core.metrics.dice``)."""
+    return dice(pred, gt)
 
 
 def surface_dice_score(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> float:

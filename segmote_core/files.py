@@ -8,6 +8,7 @@ under the real name and an existing file survives any failure.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -152,3 +153,12 @@ def _exit_on_signal(signum, frame) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> Path:
     """atomic_write for text (JSON, YAML, CSV built in memory)."""
     return atomic_write(path, lambda temporary: temporary.write_text(text), mode)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks so multi-GB checkpoints never sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import SegMoTEError
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, sha256_file
 
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
 EXPORTER_VERSION = 1  # bump when the exported graphs change
@@ -132,14 +132,6 @@ def tensors_sha256(*modules: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached_export(part: str, identity: dict, export: Callable[[Path], None], folder: Path | None = None) -> Path:
     """The exported file for `part` and `identity` (what it was exported from): verified by its checksum, exported
     (atomically) when missing, stale or damaged."""
@@ -149,10 +141,10 @@ def cached_export(part: str, identity: dict, export: Callable[[Path], None], fol
     path = folder / f"{part}-{key}.onnx"
     checksum = path.with_suffix(".sha256")
     if path.is_file() and checksum.is_file():
-        if checksum.read_text().strip() == file_sha256(path):
+        if checksum.read_text().strip() == sha256_file(path):
             return path
     atomic_write(path, export)
-    atomic_write_text(checksum, file_sha256(path))
+    atomic_write_text(checksum, sha256_file(path))
     return path
 
 

@@ -23,14 +23,11 @@ import numpy as np
 import SimpleITK as sitk
 import slicerio
 
+from .colors import palette_color
 from .errors import InputError
 from .files import atomic_write, output_lock
-from .volume import Volume, check_output_path, is_segmentation_path, read_volume
+from .volume import Volume, check_output_path, is_segmentation_path, read_volume, same_grid
 
-PALETTE = [  # distinguishable colours (0-1 RGB) for segments without a colour of their own
-    (0.90, 0.30, 0.25), (0.25, 0.55, 0.90), (0.30, 0.75, 0.35), (0.95, 0.75, 0.20), (0.65, 0.40, 0.85),
-    (0.20, 0.80, 0.80), (0.95, 0.50, 0.70), (0.60, 0.45, 0.25), (0.55, 0.75, 0.20), (0.45, 0.45, 0.95),
-]
 
 
 @dataclass
@@ -41,7 +38,7 @@ class Segment:
 
 
 def _grid_mismatch(volume: Volume, shape_ijk, ijk_to_lps) -> str | None:
-    if tuple(shape_ijk) == volume.shape_ijk and np.allclose(ijk_to_lps, volume.ijk_to_lps, atol=1e-3):
+    if same_grid(shape_ijk, ijk_to_lps, volume.shape_ijk, volume.ijk_to_lps):
         return None
     origin = np.round(np.asarray(ijk_to_lps)[:3, 3], 3).tolist()
     spacing = np.round(np.linalg.norm(np.asarray(ijk_to_lps)[:3, :3], axis=0), 4).tolist()
@@ -101,7 +98,7 @@ def read_segments(path: str | Path) -> tuple[Volume, list[Segment]]:
         return grid, segments
     labels, names = _read_labelmap(path)
     values = [int(v) for v in np.unique(labels.array) if v != 0]
-    return labels, [Segment(names.get(v, f"label {v}"), labels.array == v, PALETTE[(v - 1) % len(PALETTE)])
+    return labels, [Segment(names.get(v, f"label {v}"), labels.array == v, palette_color(v - 1))
                     for v in values]
 
 
@@ -206,7 +203,7 @@ def _save_seg_nrrd(path: Path, volume: Volume, segments: list[Segment], replace_
         seg = slicerio.create_segmentation(volume.shape_ijk, volume.ijk_to_lps)
     used_colors = len(seg["segments"])
     for index, segment in enumerate(segments):
-        color = segment.color or PALETTE[(used_colors + index) % len(PALETTE)]
+        color = segment.color or palette_color(used_colors + index)
         slicerio.add_segment(seg, np.transpose(segment.mask.astype(bool), (2, 1, 0)),
                              {"name": segment.name, "color": [float(c) for c in color]})
     atomic_write(path, lambda temp: slicerio.write_segmentation(str(temp), seg))

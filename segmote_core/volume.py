@@ -27,6 +27,16 @@ from .errors import InputError
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 ANATOMICAL_AXES = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}  # index into LPS coordinates
 AXIS_NAMES = {0: "sagittal (L-R)", 1: "coronal (A-P)", 2: "axial (S-I)"}
+# Two grids are one grid when their voxel counts match and their ijk -> LPS matrices (spacing x direction, origin)
+# differ by at most this, in mm: headers written by different tools round differently, and a thousandth of a
+# millimetre is far below any scanner's resolution.
+GRID_TOLERANCE_MM = 1e-3
+
+
+def same_grid(shape_ijk_a, ijk_to_lps_a, shape_ijk_b, ijk_to_lps_b) -> bool:
+    """The one rule for "the same voxel grid" (images, segmentations, label maps, crops)."""
+    return (tuple(int(n) for n in shape_ijk_a) == tuple(int(n) for n in shape_ijk_b)
+            and np.allclose(ijk_to_lps_a, ijk_to_lps_b, atol=GRID_TOLERANCE_MM))
 
 
 def ijk_inside(points_ijk, shape_ijk) -> np.ndarray:
@@ -152,8 +162,8 @@ class Volume:
         signs[signs == 0] = 1
         return anatomy, signs.astype(int)
 
-    def same_grid(self, other: "Volume", tolerance: float = 1e-4) -> bool:
-        return self.shape_ijk == other.shape_ijk and np.allclose(self.ijk_to_lps, other.ijk_to_lps, atol=tolerance)
+    def same_grid(self, other: "Volume") -> bool:
+        return same_grid(self.shape_ijk, self.ijk_to_lps, other.shape_ijk, other.ijk_to_lps)
 
     def describe_grid(self) -> str:
         return (f"{'x'.join(map(str, self.shape_ijk))} voxels, spacing {np.round(self.spacing, 4).tolist()} mm, "
@@ -514,6 +524,16 @@ class SliceStack:
         for dim, (numpy_dim, flip) in enumerate(zip(self.numpy_dims, self.flipped)):
             coordinate = points[:, 2 - numpy_dim]
             out[:, dim] = (sizes[numpy_dim] - 1 - coordinate) if flip else coordinate
+        return out
+
+    def stack_to_ijk(self, points_stack) -> np.ndarray:
+        """(N, 3) continuous (slice, row, col) -> (N, 3) continuous voxel (i, j, k); the inverse of ijk_to_stack."""
+        points = np.atleast_2d(np.asarray(points_stack, dtype=float))
+        sizes = self.volume.array.shape
+        out = np.empty_like(points)
+        for dim, (numpy_dim, flip) in enumerate(zip(self.numpy_dims, self.flipped)):
+            coordinate = points[:, dim]
+            out[:, 2 - numpy_dim] = (sizes[numpy_dim] - 1 - coordinate) if flip else coordinate
         return out
 
 

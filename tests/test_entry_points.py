@@ -25,8 +25,6 @@ CASES = {
     "curate: missing image": (["curate", "--image", "{tmp}/nope.nrrd", "--segmentation", "{tmp}/s.seg.nrrd",
                                "--out", "{tmp}/m.json"], "not found"),
     "curate: folder without data": (["curate", "{tmp}", "--out", "{tmp}/m.json"], "no .seg.nrrd files"),
-    "bench: unknown model": (["bench", "--model", "nope", "--quiet"], "unknown model"),
-    "bench: unknown device": (["bench", "--device", "gpu", "--quiet"], "unknown device"),
     "weights: unknown name": (["weights", "download", "nope"], "unknown model"),
     "eval: missing prediction": (["eval", "--pred", "{tmp}/p.seg.nrrd", "--gt", "{tmp}/g.seg.nrrd"], "not found"),
     "auto: missing image": (["auto", "{tmp}/nope.nrrd", "--adapter", str(SHIPPED_ADAPTER), "--out",

@@ -34,6 +34,28 @@ def test_dice_of_two_cubes_with_known_overlap():
     assert dice_score(a, np.zeros_like(a)) == 0.0
 
 
+def test_the_one_dice_rule_agrees_with_monai():
+    """segmote_core.metrics.dice (used by every command, report and benchmark) against MONAI's compute_dice."""
+    import torch
+    from monai.metrics import compute_dice
+
+    from segmote_core.metrics import dice, pooled_dice
+
+    rng = np.random.default_rng(0)
+    for density in (0.01, 0.3, 0.9):
+        a, b = rng.random((2, 12, 20, 16)) < density
+        expected = float(compute_dice(torch.from_numpy(a)[None, None].float(), torch.from_numpy(b)[None, None].float(),
+                                      include_background=True, ignore_empty=False)[0, 0])
+        assert dice(a, b) == pytest.approx(expected, abs=1e-6)
+        # Pooled over slices it is the Dice of the stacked slices.
+        assert pooled_dice(zip(a, b)) == pytest.approx(expected, abs=1e-6)
+    empty = np.zeros((4, 4), bool)
+    assert dice(empty, empty) == 1.0 and pooled_dice([(empty, empty)]) == 1.0
+    assert np.isnan(pooled_dice([]))  # nothing measured
+    with pytest.raises(ValueError, match="shapes"):
+        dice(empty, np.zeros((4, 5), bool))
+
+
 def test_surface_dice_of_a_one_voxel_shift_uses_physical_spacing():
     # Boundaries: 488 voxels each (10^3 - 8^3). With the shift, 324 boundary voxels of each cube lie on the other's
     # boundary (the 9 shared layers' rims, 36 each); every other boundary voxel is exactly one step (0.5 mm along

