@@ -10,6 +10,7 @@ A DICOM SEG is written whole and atomically; adding segments to an existing one 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,8 @@ def write_dicom_seg(path: str | Path, volume: Volume, segments: list[Segment], s
         if len(segment.name) > MAX_LABEL_LENGTH:
             raise InputError(f"segment name '{segment.name[:40]}...' is {len(segment.name)} characters long; "
                              f"a DICOM segment label holds at most {MAX_LABEL_LENGTH}")
+        if "\\" in segment.name:
+            raise InputError(f"segment name '{segment.name}' holds a backslash, which separates values in DICOM")
         if segment.name in names:
             raise InputError(f"two new segments are both named '{segment.name}'")
         if segment.mask.shape != volume.array.shape:
@@ -125,6 +128,9 @@ def write_dicom_seg(path: str | Path, volume: Volume, segments: list[Segment], s
                                         slice_thickness=round(float(thickness), 10) if thickness else spacing[2],
                                         spacing_between_slices=spacing[2])
     masks = np.stack([np.asarray(segment.mask, bool) for segment in segments], axis=-1).astype(np.uint8)
+    log = logging.getLogger("highdicom")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its notes (e.g. on an all-empty mask) would read as problems on the command line
     try:
         seg = hd.seg.Segmentation(
             source_images=sources,
@@ -147,5 +153,7 @@ def write_dicom_seg(path: str | Path, volume: Volume, segments: list[Segment], s
     except (ValueError, AttributeError, TypeError, KeyError) as error:  # highdicom's view of unusual source series
         raise InputError(f"cannot build a DICOM SEG on this series: {type(error).__name__}: "
                          f"{str(error).strip().splitlines()[0][:150] if str(error).strip() else ''}") from None
+    finally:
+        log.setLevel(level)
     atomic_write(path, lambda temporary: seg.save_as(temporary, enforce_file_format=True))
     return [int(np.count_nonzero(segment.mask)) for segment in segments]

@@ -54,6 +54,9 @@ def plan_output(out: str | Path, output_format: str | None, image: str | Path, s
         raise InputError(f"--output-format seg.nrrd needs an output ending in .seg.nrrd, got {path.name}")
     if output_format == "nifti" and not name.endswith(NIFTI_SUFFIXES):
         raise InputError(f"--output-format nifti needs an output ending in .nii.gz or .nii, got {path.name}")
+    if output_format is None and not (is_segmentation_path(path) or name.endswith(LABELMAP_SUFFIXES)):
+        raise InputError(f"output {path.name} must end in .seg.nrrd or a label-map format "
+                         f"({', '.join(LABELMAP_SUFFIXES)}), or .dcm for DICOM SEG")
     path = check_output_path(path)
     return OutputTarget(path, "seg.nrrd" if is_segmentation_path(path) else "labelmap", Path(image), series)
 

@@ -281,4 +281,50 @@ def test_series_that_does_not_match_the_volume_is_refused(tmp_path, chest_dicom,
                         [Segment("liver", mask[:33])], folder)
     with pytest.raises(InputError, match="at most 64"):
         write_dicom_seg(out, chest_ct, [Segment("x" * 65, mask)], folder)
+    with pytest.raises(InputError, match="backslash"):
+        write_dicom_seg(out, chest_ct, [Segment("lung\\left", mask)], folder)
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_auto_on_a_dicom_series_writes_one_automatic_segment_per_adapter_class(tmp_path, capsys, chest_ct,
+                                                                                chest_truth):
+    """The shipped adapter on three axial slices of the chest CT stored as DICOM: both lungs, coded, in the
+    adapter's colours, marked AUTOMATIC."""
+    from segmote_core.adapters import read_adapter_header
+
+    adapter = "resources/chest_ct_lungs.safetensors"
+    k0 = int(np.argmax(chest_truth["right lung"].sum(axis=(1, 2)))) - 1
+    crop = Volume(chest_ct.array[k0:k0 + 3], chest_ct.spacing, (chest_ct.ijk_to_lps @ [0, 0, k0, 1])[:3],
+                  chest_ct.direction)
+    sources = write_ct_series(crop, tmp_path / "series")
+    out = tmp_path / "lungs.dcm"
+    code = cli.main(["auto", str(tmp_path / "series"), "--adapter", adapter, "--out", str(out), "--device", "cpu",
+                     "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "terminology" not in err
+    seg, masks = read_seg_masks(out, sources)
+    classes = read_adapter_header(adapter)["classes"]
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == [c["name"] for c in classes]
+    import highdicom as hd
+
+    for item, cls in zip(seg.SegmentSequence, classes):
+        assert item.SegmentAlgorithmType == "AUTOMATIC"
+        assert item.SegmentAlgorithmName == "SegMoTE"
+        expected = hd.color.CIELabColor.from_rgb(*(round(c * 255) for c in cls["color"]))
+        assert list(item.RecommendedDisplayCIELabValue) == list(expected.value)
+        side = "24028007" if cls["name"] == "right lung" else "7771000"
+        assert codes_of(item) == ("123037004", "39607008", side)
+        score = dice(masks[cls["name"]], chest_truth[cls["name"]][k0:k0 + 3])
+        assert score >= 0.85, (cls["name"], score)
+
+
+def test_an_empty_segment_is_stored_empty(tmp_path, chest_dicom, caplog):
+    """A model may find nothing: the SEG still lists the segment, with no voxels, and says nothing about it."""
+    folder, sources = chest_dicom
+    volume = read_volume(folder)
+    empty = np.zeros(volume.array.shape, bool)
+    out = tmp_path / "empty.dcm"
+    assert write_dicom_seg(out, volume, [Segment("liver", empty)], folder) == [0]
+    seg, masks = read_seg_masks(out, sources)
+    assert list(masks) == ["liver"] and not masks["liver"].any() and not caplog.records
