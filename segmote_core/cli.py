@@ -222,7 +222,7 @@ def run_segment(args) -> int:
 
     from .files import refuse_input_as_output
 
-    target = plan_output(args.out, args.output_format, args.image, args.series, args.overwrite)
+    target = plan_output(args.out, args.output_format, args.image, args.series, args.overwrite, names=(args.name,))
     out = target.path
     refuse_input_as_output(out, args.image, args.adapter, args.checkpoint)
     check_header_text(args.name)  # before the model runs

@@ -43,6 +43,18 @@ def check_source(image: str | Path) -> Path:
     return image
 
 
+def check_label(name: str) -> str:
+    """A segment name a DICOM Segment Label (LO) holds exactly: a valid header text, at most 64 characters, no
+    backslash (DICOM's value separator)."""
+    check_header_text(name)
+    if len(name) > MAX_LABEL_LENGTH:
+        raise InputError(f"segment name '{name[:40]}...' is {len(name)} characters long; a DICOM segment label "
+                         f"holds at most {MAX_LABEL_LENGTH}")
+    if "\\" in name:
+        raise InputError(f"segment name '{name}' holds a backslash, which separates values in DICOM")
+    return name
+
+
 def _source_datasets(folder: Path, series: str | None, volume: Volume) -> list:
     """The series' instances in voxel-slice order, each checked to lie on the volume's slice of that index."""
     import pydicom
@@ -86,12 +98,7 @@ def write_dicom_seg(path: str | Path, volume: Volume, segments: list[Segment], s
         raise InputError("no segments to write")
     names = []
     for segment in segments:
-        check_header_text(segment.name)
-        if len(segment.name) > MAX_LABEL_LENGTH:
-            raise InputError(f"segment name '{segment.name[:40]}...' is {len(segment.name)} characters long; "
-                             f"a DICOM segment label holds at most {MAX_LABEL_LENGTH}")
-        if "\\" in segment.name:
-            raise InputError(f"segment name '{segment.name}' holds a backslash, which separates values in DICOM")
+        check_label(segment.name)
         if segment.name in names:
             raise InputError(f"two new segments are both named '{segment.name}'")
         if segment.mask.shape != volume.array.shape:

@@ -30,9 +30,10 @@ class OutputTarget:
 
 
 def plan_output(out: str | Path, output_format: str | None, image: str | Path, series: str | None = None,
-                overwrite: bool = False) -> OutputTarget:
+                overwrite: bool = False, names: tuple[str, ...] = ()) -> OutputTarget:
     """Check the output before any model runs: its format, its suffix, its folder; for DICOM SEG also the input (a
-    DICOM series folder), highdicom, and that no file would be replaced without `overwrite`."""
+    DICOM series folder), highdicom, the segment `names` already known, and that no file would be replaced without
+    `overwrite`."""
     path, name = Path(out), str(out).lower()
     if output_format is not None and output_format not in OUTPUT_FORMATS:
         raise InputError(f"unknown output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
@@ -41,10 +42,12 @@ def plan_output(out: str | Path, output_format: str | None, image: str | Path, s
     if output_format == "dicom-seg":
         if is_segmentation_path(path) or name.endswith(LABELMAP_SUFFIXES):
             raise InputError(f"output {path.name} has the suffix of another format; a DICOM SEG ends in .dcm")
-        from .dicom_seg import check_available, check_source
+        from .dicom_seg import check_available, check_label, check_source
 
         check_source(image)
         check_available()
+        for name in names:
+            check_label(name)
         check_writable_output(path)
         if path.exists() and not overwrite:
             raise InputError(f"output {path.name} exists; a DICOM SEG is written whole, not added to: choose another "

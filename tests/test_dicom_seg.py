@@ -193,6 +193,7 @@ def shared_engine(lite_engine):
     yield
 
 
+@pytest.mark.slow
 def test_cli_segments_a_dicom_series_into_dicom_seg(tmp_path, capsys, shared_engine, chest_dicom, chest_truth):
     """A real prompt on one axial slice of the series (LiteMedSAM), written as DICOM SEG; an unknown name in a
     .seg.nrrd gets the generic code and a warning."""
@@ -234,13 +235,18 @@ def one_error(capsys) -> str:
     return lines[0]
 
 
-def test_dicom_seg_from_a_nifti_input_is_one_line_before_any_model(tmp_path, capsys, chest_ct):
+def test_dicom_seg_from_a_nifti_input_or_with_a_long_name_is_one_line_before_any_model(tmp_path, capsys, chest_ct):
     nifti = tmp_path / "chest.nii.gz"
     sitk.WriteImage(chest_ct.to_sitk(), str(nifti))
     for out, extra in ((tmp_path / "x.dcm", []), (tmp_path / "x.seg", ["--output-format", "dicom-seg"])):
         code = cli.main(["segment", str(nifti), "--out", str(out), "--box-ijk", "1", "1", "1", "9", "9", "1",
                          "--model", "no_such_model", "--quiet", *extra])
         assert code == 1 and "needs a DICOM series folder" in one_error(capsys) and not out.exists()
+    folder = tmp_path / "series"
+    folder.mkdir()
+    code = cli.main(["segment", str(folder), "--out", str(tmp_path / "x.dcm"), "--box-ijk", "1", "1", "1", "9", "9",
+                     "1", "--name", "x" * 65, "--model", "no_such_model", "--quiet"])
+    assert code == 1 and "at most 64" in one_error(capsys)
     code = cli.main(["auto", str(CHEST_CT), "--adapter", "resources/chest_ct_lungs.safetensors",
                      "--out", str(tmp_path / "auto.dcm"), "--model", "no_such_model", "--quiet"])
     assert code == 1 and "needs a DICOM series folder" in one_error(capsys)
@@ -286,6 +292,7 @@ def test_series_that_does_not_match_the_volume_is_refused(tmp_path, chest_dicom,
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_auto_on_a_dicom_series_writes_one_automatic_segment_per_adapter_class(tmp_path, capsys, chest_ct,
                                                                                 chest_truth):
     """The shipped adapter on three axial slices of the chest CT stored as DICOM: both lungs, coded, in the
