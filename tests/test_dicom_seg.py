@@ -335,3 +335,23 @@ def test_an_empty_segment_is_stored_empty(tmp_path, chest_dicom, caplog):
     assert write_dicom_seg(out, volume, [Segment("liver", empty)], folder) == [0]
     seg, masks = read_seg_masks(out, sources)
     assert list(masks) == ["liver"] and not masks["liver"].any() and not caplog.records
+
+
+def test_the_chosen_series_of_a_folder_holding_two_is_the_one_referenced(tmp_path, chest_ct):
+    crop = Volume(chest_ct.array[10:13], chest_ct.spacing, (chest_ct.ijk_to_lps @ [0, 0, 10, 1])[:3],
+                  chest_ct.direction)
+    folder = tmp_path / "study"
+    first, second = write_ct_series(crop, folder), write_ct_series(crop, folder)
+    uid = second[0].SeriesInstanceUID
+    out = tmp_path / "x.dcm"
+    volume = read_volume(folder, uid)
+    mask = np.zeros(volume.array.shape, bool)
+    mask[1, 40:50, 40:50] = True
+    with pytest.raises(InputError, match="holds 2 DICOM series"):  # which one the masks belong to must be said
+        write_dicom_seg(out, volume, [Segment("liver", mask)], folder)
+    assert not out.exists()
+    target = plan_output(out, None, folder, series=uid)
+    save_output(target, volume, [Segment("liver", mask)])
+    seg, masks = read_seg_masks(out, second)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid != first[0].SeriesInstanceUID
+    assert np.array_equal(masks["liver"], mask)
