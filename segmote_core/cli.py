@@ -73,7 +73,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axis", type=int, choices=(0, 1, 2),
                         help="voxel axis to slice along (default: the one closest to superior-inferior)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a segment of the same name in OUT (other segments are always kept)")
+                        help="replace a segment of the same name in OUT (other segments are always kept; a DICOM "
+                             "SEG is replaced whole)")
     parser.add_argument("--output-format", choices=OUTPUT_FORMATS,
                         help="OUT's format (default: from its suffix; .dcm means dicom-seg, which needs a DICOM "
                              "series input)")

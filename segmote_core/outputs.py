@@ -45,6 +45,9 @@ def plan_output(out: str | Path, output_format: str | None, image: str | Path, s
         from .dicom_seg import check_available, check_label, check_source
 
         check_source(image)
+        if Path(image).resolve() in path.resolve().parents:
+            raise InputError(f"output {path.name} lies inside the input DICOM folder {Path(image).name}, where it "
+                             "would be read as a second series of that folder; choose an --out outside it")
         check_available()
         for name in names:
             check_label(name)

@@ -271,6 +271,10 @@ def test_format_from_suffix_and_flag(tmp_path, chest_dicom):
     assert plan_output(tmp_path / "a.mha", None, CHEST_CT).format == "labelmap"
     assert plan_output(tmp_path / "a.DCM", None, folder).format == "dicom-seg"
     assert plan_output(tmp_path / "segmentation", "dicom-seg", folder).format == "dicom-seg"
+    with pytest.raises(InputError, match="inside the input DICOM folder"):  # it would become a second series there
+        plan_output(folder / "seg.dcm", None, folder)
+    with pytest.raises(InputError, match="inside the input DICOM folder"):
+        plan_output(folder / "derived" / "seg.dcm", None, folder)
 
 
 def test_series_that_does_not_match_the_volume_is_refused(tmp_path, chest_dicom, chest_ct):
