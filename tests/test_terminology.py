@@ -45,7 +45,7 @@ def test_every_class_of_the_configs_and_the_shipped_adapter_is_known():
     names = [read_adapter_header(ROOT / "resources" / "chest_ct_lungs.safetensors")["classes"][i]["name"]
              for i in range(2)]
     for config in sorted((ROOT / "configs").glob("*.yaml")):
-        names += yaml.safe_load(config.read_text())["classes"]
+        names += yaml.safe_load(config.read_text(encoding="utf-8"))["classes"]
     assert set(names) >= {"right lung", "left lung"}
     for name in names:
         assert resolve(name).notice is None, name
@@ -99,9 +99,9 @@ def test_the_table_is_well_formed_and_shipped_as_package_data():
     meanings = {}
     for row in rows.values():
         assert meanings.setdefault(row.entry.type.value, row.entry.type.meaning) == row.entry.type.meaning
-    package_data = (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1]
+    package_data = (ROOT / "pyproject.toml").read_text(encoding="utf-8").split("[tool.setuptools.package-data]")[1]
     assert 'segmote_core = ["data/*.csv"]' in package_data and TABLE.is_file()
-    assert "segmote_core/data/terminology.csv" in (ROOT / "CMakeLists.txt").read_text()
+    assert "segmote_core/data/terminology.csv" in (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
 
 
 def test_seg_nrrd_output_carries_terminology_and_keeps_existing_segments(tmp_path, chest_ct):
