@@ -51,6 +51,7 @@ LAZY_COMMANDS = {
 }
 RUNTIME_CHOICES = ("auto", "torch", "onnx", "openvino")  # segmote_core.runtime.RUNTIMES, without importing it
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (default auto)"  # devices.DEVICE_HELP, without importing torch
+OUTPUT_FORMATS = ("seg.nrrd", "nifti", "dicom-seg")  # outputs.OUTPUT_FORMATS, without importing SimpleITK
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +72,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axis", type=int, choices=(0, 1, 2),
                         help="voxel axis to slice along (default: the one closest to superior-inferior)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a segment of the same name in OUT (other segments are always kept)")
+                        help="replace a segment of the same name in OUT (other segments are always kept; a DICOM "
+                             "SEG is replaced whole)")
+    parser.add_argument("--output-format", choices=OUTPUT_FORMATS,
+                        help="OUT's format (default: from its suffix; .dcm means dicom-seg, which needs a DICOM "
+                             "series input)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--series", metavar="UID", help="the DICOM series to read when the folder holds several")
 
@@ -93,7 +98,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     segment = commands.add_parser("segment", help="segment one object from a box and/or points")
     segment.add_argument("image", help="NIfTI, NRRD, MHA file or DICOM series folder")
-    segment.add_argument("--out", required=True, help="OUT.seg.nrrd (Slicer) or a label map (.nii.gz, .nrrd)")
+    segment.add_argument("--out", required=True,
+                         help="OUT.seg.nrrd (Slicer), a label map (.nii.gz, .nrrd) or a DICOM SEG (.dcm)")
     boxes = segment.add_mutually_exclusive_group()
     boxes.add_argument("--box-ras", nargs=6, type=float, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
                        help="box corners in patient RAS mm (3D Slicer's coordinates)")
@@ -210,12 +216,14 @@ def run_segment(args) -> int:
     import numpy as np
 
     from .errors import InputError
-    from .segmentation_io import Segment, check_header_text, save_segments
-    from .volume import check_output_path, read_volume
+    from .outputs import plan_output, save_output
+    from .segmentation_io import Segment, check_header_text
+    from .volume import read_volume
 
     from .files import refuse_input_as_output
 
-    out = check_output_path(args.out)
+    target = plan_output(args.out, args.output_format, args.image, args.series, args.overwrite, names=(args.name,))
+    out = target.path
     refuse_input_as_output(out, args.image, args.adapter, args.checkpoint)
     check_header_text(args.name)  # before the model runs
     normalization = _normalization_args(args)
@@ -243,7 +251,8 @@ def run_segment(args) -> int:
                               **normalization)
     _print_notices(engine)
     result = engine.last_result
-    [stored] = save_segments(out, volume, [Segment(args.name, mask)], replace_same_name=args.overwrite)
+    [stored] = save_output(target, volume, [Segment(args.name, mask)], replace_same_name=args.overwrite)
+    _print_notices(target)
     if not args.quiet:
         print(f"normalisation: {result.normalization.description}")
         print(f"{args.name}: {stored} voxels, {stored * np.prod(volume.spacing) / 1000:.1f} ml, "
@@ -255,10 +264,11 @@ def run_segment(args) -> int:
 
 def run_auto(args) -> int:
     from .files import refuse_input_as_output
-    from .segmentation_io import save_segments
-    from .volume import check_output_path, read_volume
+    from .outputs import plan_output, save_output
+    from .volume import read_volume
 
-    out = check_output_path(args.out)
+    target = plan_output(args.out, args.output_format, args.image, args.series, args.overwrite)
+    out = target.path
     refuse_input_as_output(out, args.image, args.adapter, args.checkpoint)
     normalization = _normalization_args(args)
     _check_adapter_file(args.adapter)
@@ -268,7 +278,8 @@ def run_auto(args) -> int:
         segments = engine.auto(volume, classes=args.classes, keep_largest=not args.all_components,
                                axis=args.axis, progress=progress, **normalization)
     _print_notices(engine)
-    stored = save_segments(out, volume, segments, replace_same_name=args.overwrite)
+    stored = save_output(target, volume, segments, replace_same_name=args.overwrite, automatic=True)
+    _print_notices(target)
     if not args.quiet:
         print(f"normalisation: {engine.last_result.normalization.description}")
         for segment, count in zip(segments, stored):
@@ -277,10 +288,11 @@ def run_auto(args) -> int:
     return 0
 
 
-def _print_notices(engine) -> None:
-    for notice in engine.notices:
+def _print_notices(source) -> None:
+    """Warnings an engine or an output target collected (one line each)."""
+    for notice in source.notices:
         print(f"warning: {notice}", file=sys.stderr)
-    engine.notices.clear()
+    source.notices.clear()
 
 
 def run_demo(args) -> int:

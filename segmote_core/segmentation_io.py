@@ -9,6 +9,10 @@ An existing output must hold a segmentation (judged by content, not by name): a 
 empty one), or a label map (whole, non-negative voxel values, at most MAX_LABELS of them). Anything else (an image,
 a probability map) is refused unless the caller asks to replace the file.
 
+New .seg.nrrd segments carry their standard terminology (SNOMED CT category, type and laterality; see
+terminology.py) in 3D Slicer's TerminologyEntry tag; a segment without a colour of its own gets the colour the
+terminology recommends for it.
+
 Label maps store their segment names in the file's header (key ``SegMoTE_LabelNames``, JSON {value: name}; NIfTI:
 in its 80-character description while they fit). Every name and header string is checked by ``check_header_text``.
 """
@@ -26,6 +30,7 @@ import slicerio
 from .colors import palette_color
 from .errors import InputError
 from .files import atomic_write, output_lock
+from .terminology import resolve as resolve_terminology
 from .volume import Volume, check_output_path, is_segmentation_path, read_volume, same_grid
 
 
@@ -69,7 +74,7 @@ def check_header_text(value: object, what: str = "segment name") -> str:
     return value
 
 
-def _check_color(color, name: str) -> tuple[float, float, float]:
+def check_color(color, name: str) -> tuple[float, float, float]:
     try:
         rgb = tuple(float(c) for c in color)
     except (TypeError, ValueError):
@@ -159,7 +164,7 @@ def save_segments(path: str | Path, volume: Volume, segments: list[Segment], rep
     for segment in segments:
         check_header_text(segment.name)
         if segment.color is not None:
-            segment.color = _check_color(segment.color, segment.name)
+            segment.color = check_color(segment.color, segment.name)
         if segment.mask.shape != volume.array.shape:
             raise InputError(f"segment '{segment.name}' has shape {segment.mask.shape}, image {volume.array.shape}")
         if segment.name in names:
@@ -203,9 +208,11 @@ def _save_seg_nrrd(path: Path, volume: Volume, segments: list[Segment], replace_
         seg = slicerio.create_segmentation(volume.shape_ijk, volume.ijk_to_lps)
     used_colors = len(seg["segments"])
     for index, segment in enumerate(segments):
-        color = segment.color or palette_color(used_colors + index)
+        entry = resolve_terminology(segment.name).entry
+        color = segment.color or entry.color or palette_color(used_colors + index)
         slicerio.add_segment(seg, np.transpose(segment.mask.astype(bool), (2, 1, 0)),
-                             {"name": segment.name, "color": [float(c) for c in color]})
+                             {"name": segment.name, "color": [float(c) for c in color],
+                              "terminology": entry.slicer_terminology()})
     atomic_write(path, lambda temp: slicerio.write_segmentation(str(temp), seg))
     return [int(np.count_nonzero(segment.mask)) for segment in segments]
 

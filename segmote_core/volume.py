@@ -387,8 +387,10 @@ def _check_gzip_complete(path: Path) -> None:
         raise InputError(f"cannot read image {path.name}: truncated or corrupt compressed file ({type(exc).__name__})")
 
 
-def _read_dicom_series(folder: Path, series: str | None = None) -> tuple[sitk.Image, str | None]:
-    """The series (its modality too, DICOM 0008,0060); a folder with several series needs `series`."""
+def dicom_series_files(folder: str | Path, series: str | None = None) -> tuple[str, tuple[str, ...]]:
+    """(SeriesInstanceUID, its files in slice order: file k holds voxel slice k of read_volume's array); a folder
+    with several series needs `series`."""
+    folder = Path(folder)
     reader = sitk.ImageSeriesReader()
     found = reader.GetGDCMSeriesIDs(str(folder))
     if not found:
@@ -400,8 +402,15 @@ def _read_dicom_series(folder: Path, series: str | None = None) -> tuple[sitk.Im
     uid = series or found[0]
     if uid not in files:
         raise InputError(f"folder {folder.name} has no DICOM series {uid}; it has: {', '.join(found)}")
-    _check_even_slices(files[uid], uid)
-    reader.SetFileNames(files[uid])
+    return uid, tuple(files[uid])
+
+
+def _read_dicom_series(folder: Path, series: str | None = None) -> tuple[sitk.Image, str | None]:
+    """The series (its modality too, DICOM 0008,0060); a folder with several series needs `series`."""
+    uid, files = dicom_series_files(folder, series)
+    _check_even_slices(files, uid)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     image = reader.Execute()
     modality = reader.GetMetaData(0, "0008|0060").strip() if reader.HasMetaDataKey(0, "0008|0060") else None
@@ -548,11 +557,17 @@ LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 def check_output_path(path: str | Path) -> Path:
     """An output path that can be written: the right suffix, not a folder, its folder writable (checked before
     any model runs, so a long run does not end in a write error)."""
-    import os
-
     path = Path(path)
     if not (is_segmentation_path(path) or str(path).lower().endswith(LABELMAP_SUFFIXES)):
         raise InputError(f"output {path.name} must end in .seg.nrrd or a label-map format ({', '.join(LABELMAP_SUFFIXES)})")
+    return check_writable_output(path)
+
+
+def check_writable_output(path: str | Path) -> Path:
+    """An output path (any format) that can be written: not a folder, its folder writable."""
+    import os
+
+    path = Path(path)
     if path.exists() and path.is_dir():
         raise InputError(f"output {path} is a folder")
     if path.exists() and not path.is_file():
