@@ -244,6 +244,16 @@ class Engine:
         self.cache.clear()  # entries embedded without early features would be looked up under other keys anyway
         self._use_fast_decoder()
 
+    @property
+    def adapter_rule(self) -> dict | None:
+        """The normalisation rule the loaded adapter was trained with (None: no adapter, or none stored)."""
+        return (self.adapter_header or {}).get("normalization") or None
+
+    @property
+    def boxes_go_to_base(self) -> bool:
+        """Whether a box without points is answered by the frozen decoder (no adapter, or its boxes_to_base)."""
+        return self.segmote is None or bool(self.segmote.config.boxes_to_base)
+
     def unload_adapter(self) -> None:
         """Back to the plain backbone decoder (cached embeddings stay valid)."""
         self.segmote, self.adapter_header = None, None
@@ -255,17 +265,20 @@ class Engine:
 
     # ---- preparing a volume ------------------------------------------------------------------------
     def prepare(self, volume: Volume, axis: int | None = None, normalization: Normalization | None = None,
-                window=None, preset: str | None = None) -> Prepared:
+                window=None, preset: str | None = None, box_alone: bool = False) -> Prepared:
         """axis: voxel axis to slice along (None: closest to superior-inferior); window: (level, width); preset: a
         CT_WINDOWS name. Neither: the adapter's stored rule, else the backbone's default for the scan's modality
-        (``choose_normalization``); ``prepared.normalization.description`` says which and why."""
+        (``choose_normalization``); ``prepared.normalization.description`` says which and why.
+        box_alone: the prompts will be boxes without points. An adapter that sends those to the frozen decoder
+        (``boxes_to_base``) then gets the input that decoder was trained for, not the adapter's rule, so a box
+        alone is answered exactly as without the adapter."""
         if min(volume.shape_ijk) < 1:
             raise InputError(f"the image is empty: {volume.shape_ijk}")
         check_contrast(volume)
         if normalization is None:
             normalization = choose_normalization(
                 volume.array, window, preset, modality=getattr(volume, "modality", None), backbone=self.model_name,
-                adapter_rule=(self.adapter_header or {}).get("normalization") or None)
+                adapter_rule=None if box_alone and self.boxes_go_to_base else self.adapter_rule)
         stack = SliceStack.for_axis(volume, axis)
         key = (stack.fingerprint(), normalization.key(), self.model_name,
                getattr(self.backbone, "weights_sha256", ""), self.precision)
@@ -518,7 +531,8 @@ class Engine:
         place and intensity, as propagation does (docs/training.md, "3-D boxes").
         ``self.last_result`` then holds the normalisation used and the model's predicted IoU (``SegmentResult``).
         """
-        prepared = prepared or self.prepare(volume, axis, window=window, preset=preset)
+        prepared = prepared or self.prepare(volume, axis, window=window, preset=preset,
+                                            box_alone=box_ijk is not None and points_ijk is None)
         stack = prepared.stack
         volume_mask = np.zeros(volume.array.shape, dtype=bool)
         result = stack.to_stack(volume_mask)  # a writable view: slices written here land in volume_mask

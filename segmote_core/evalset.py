@@ -110,14 +110,15 @@ def evaluate(engine, case: EvalCase, structures=None, slices=None, modes=("box",
 
     slices: stack indices to use (None: every slice where the structure is present); record: a list to append
     (case, structure, mode, slice, Dice, predicted IoU) to, one tuple per prompt."""
-    prepared = engine.prepare(case.volume)
-    stack = prepared.stack
-    results = {"normalization": prepared.normalization.description}
+    prepared_for = {mode: engine.prepare(case.volume, box_alone=mode == "box") for mode in modes}
+    stack = prepared_for[modes[0]].stack
+    results = {"normalization": {mode: p.normalization.description for mode, p in prepared_for.items()}}
     for name in structures or case.labels:
         truth = stack.to_stack(case.labels[name])
         present = [int(k) for k in np.flatnonzero(truth.any(axis=(1, 2))) if slices is None or k in slices]
         row = {"slices": len(present)}
         for mode in modes:
+            prepared = prepared_for[mode]
             scores, ious = [], []
             for k in present:
                 plane = truth[k]
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
         report[case.name] = {"base": evaluate(engine, case)}
         if args.adapter:
             engine.load_adapter(args.adapter)
-            report[case.name]["adapter"] = evaluate(engine, case, modes=("box",))
+            report[case.name]["adapter"] = evaluate(engine, case)
             engine.unload_adapter()
         print(case.name, json.dumps(report[case.name], indent=1), flush=True)
     if args.json:

@@ -233,10 +233,15 @@ def choose_normalization(array: np.ndarray, window_level_width=None, preset: str
         if preset not in CT_WINDOWS:
             raise InputError(f"unknown CT window preset '{preset}'; choose one of {', '.join(CT_WINDOWS)}")
         return window(*CT_WINDOWS[preset]).with_reason(f"preset {preset}")
+    rule = default_rule(backbone)
     if adapter_rule:
+        if adapter_rule.get("kind") == "window" and detect_modality(array, modality)[0] == "other":
+            # A window is in Hounsfield units: it means nothing on an MR, so the backbone's own default serves.
+            chosen = from_rule(array, rule, modality)
+            return chosen.with_reason(f"automatic: {chosen.reason}; the adapter's CT window does not apply to a "
+                                      f"scan that is not CT; {backbone}'s MR/other default", rule)
         chosen = from_rule(array, adapter_rule, modality)
         return chosen.with_reason("the adapter's stored rule" + (f"; {chosen.reason}" if chosen.reason else ""))
-    rule = default_rule(backbone)
     found, why = detect_modality(array, modality)
     chosen = from_rule(array, rule, modality)
     default = "CT default" if found != "other" else "MR/other default"

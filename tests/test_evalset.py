@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segmote_core.engine import LOW_CONFIDENCE
+from segmote_core.engine import LOW_CONFIDENCE, Engine
 from segmote_core.evalset import evaluate, innermost_point, mni152_case, pydicom_ct_case
+from segmote_core.shipped import shipped_adapter
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def test_mr_box_and_click(lite_engine, mni):
     """LiteMedSAM is weak on this MR (docs/training.md): the floors guard against regressions, and every weak
     result must come with a predicted IoU under the flag threshold, so the user is told."""
     results = evaluate(lite_engine, mni, slices={4, 12})
-    assert "percentiles" in results["normalization"] and "MR" in results["normalization"]
+    assert all("percentiles" in text and "MR" in text for text in results["normalization"].values())
     assert results["brain"]["box"] >= 0.45
     for name in ("brain", "ventricles", "white matter"):
         assert results[name]["slices"] == 2
@@ -43,6 +44,20 @@ def test_mr_box_and_click(lite_engine, mni):
 
 def test_ct_slice_box_and_click(lite_engine):
     results = evaluate(lite_engine, pydicom_ct_case())
-    assert "automatic: CT" in results["normalization"]
+    assert all("automatic: CT" in text for text in results["normalization"].values())
     assert results["vertebra"]["box"] >= 0.65  # 0.701 measured
     assert results["vertebra"]["click_predicted_iou"] < LOW_CONFIDENCE  # the empty click result is flagged
+
+
+def test_the_lung_adapter_leaves_boxes_on_an_mr_and_a_spine_exactly_as_the_base_model_answers_them(lite_engine, mni):
+    """Outside its classes (here: another modality, another structure) an adapter must not make a box worse: a box
+    alone goes to the frozen decoder with the input that decoder was trained for, not the adapter's lung window."""
+    ct = pydicom_ct_case()
+    with_adapter = Engine("lite_medsam", device="cpu", adapter=shipped_adapter("chest_ct_lungs"))
+    for case, slices in ((mni, {8}), (ct, None)):
+        base = evaluate(lite_engine, case, slices=slices, modes=("box",))
+        adapted = evaluate(with_adapter, case, slices=slices, modes=("box",))
+        assert adapted == base, case.name
+    # Clicks go to the adapter's decoder; on the MR its CT window does not apply either.
+    click = evaluate(with_adapter, mni, slices={8}, modes=("click",))
+    assert "adapter's CT window does not apply" in click["normalization"]["click"]

@@ -65,6 +65,16 @@ def test_priority_window_then_preset_then_adapter_rule_then_default(chest_ct):
         choose_normalization(array, preset="lungs")
 
 
+def test_an_adapters_ct_window_is_not_applied_to_an_mr():
+    adapter_rule = {"kind": "window", "level": -700.0, "width": 600.0}
+    on_mr = choose_normalization(mr_like(), adapter_rule=adapter_rule)
+    assert on_mr.rule == choose_normalization(mr_like()).rule and on_mr.rule[0] == "percentiles"
+    assert "adapter's CT window does not apply" in on_mr.description
+    declared_mr = choose_normalization(np.linspace(-1000, 500, 6 * 40 * 40).reshape(6, 40, 40), modality="MR",
+                                       adapter_rule=adapter_rule)
+    assert declared_mr.rule[0] == "percentiles"
+
+
 def test_training_stores_the_automatic_rule_and_it_resolves_per_modality(chest_ct):
     rule = rule_for_training()
     assert rule["kind"] == "auto" and check_rule(rule) is rule

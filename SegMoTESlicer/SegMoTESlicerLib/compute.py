@@ -67,7 +67,10 @@ class EngineRunner:
         engine = self.engineFor(request.settings)
         start = time.perf_counter()
         pieces, slices = [], 0
-        prepared = engine.prepare(request.volume, request.axis, window=request.window)  # once: it hashes the voxels
+        boxAlone = all(task.engineArgs.get("points_ijk") is None and task.engineArgs.get("box_ijk") is not None
+                       for task in request.tasks)
+        prepared = engine.prepare(request.volume, request.axis, window=request.window,  # once: it hashes the voxels
+                                  box_alone=boxAlone)
         for task in request.tasks:
             mask = engine.segment(request.volume, prepared=prepared, progress=job.reportProgress,
                                   cancel=job.cancelRequested, **task.engineArgs)
