@@ -620,7 +620,7 @@ class Engine:
         largest 3-D connected component per class (drops scattered false positives).
         """
         if self.segmote is None:
-            raise InputError("automatic segmentation needs an adapter: pass --adapter FILE")
+            raise InputError("automatic segmentation needs an adapter: load one with automatic classes")
         from .adapters import class_indices
 
         header_classes = self.adapter_header["classes"]

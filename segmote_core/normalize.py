@@ -118,7 +118,7 @@ def percentiles(array: np.ndarray, low_pct: float = DEFAULT_PERCENTILES[0],
 def check_rule(rule, origin: str = "the adapter's") -> dict:
     """A stored rule, validated: one line naming what is wrong (an unknown kind, a missing or non-numeric value)."""
     def bad(why: str) -> InputError:
-        return InputError(f"{origin} normalisation rule {rule!r} is not usable: {why}; pass --window or --preset "
+        return InputError(f"{origin} normalisation rule {rule!r} is not usable: {why}; give a CT window or preset "
                           "to override it, or retrain the adapter")
 
     if not isinstance(rule, dict):
