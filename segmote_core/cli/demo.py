@@ -21,4 +21,4 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     from ..demo import run as run_demo
 
-    return run_demo(args.out_dir, device=args.device, quiet=args.quiet)
+    return run_demo(args.out_dir, device=args.device)
