@@ -83,6 +83,15 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, value):
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is None:
+            return super().emit(record)
+        try:
+            tqdm.tqdm.write(self.format(record), file=sys.stderr)  # above a progress bar, not inside its line
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
         if record.levelno >= logging.ERROR:
