@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -57,6 +60,10 @@ def test_auto_with_an_untrained_adapter_writes_a_valid_segmentation(tmp_path, sm
     assert names == ["right lung", "left lung"]
     assert np.allclose(segmentation["segments"][1]["color"], (0.2, 0.4, 0.9))
     assert segmentation["voxels"].shape[-3:] == sitk.ReadImage(str(small_ct_file)).GetSize()
+    record = json.loads((tmp_path / "auto.json").read_text())  # the run record beside the output
+    assert record["command"] == "auto" and record["adapter"]["classes"] == ["right lung", "left lung"]
+    assert record["adapter"]["sha256"] == hashlib.sha256(fresh_adapter.read_bytes()).hexdigest()
+    assert [s["name"] for s in record["segments"]] == names and record["normalization"].startswith("window")
 
 
 def test_auto_refuses_unknown_classes_and_adapters_for_other_backbones(tmp_path, small_ct_file, fresh_adapter, capsys):

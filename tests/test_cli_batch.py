@@ -231,3 +231,41 @@ def test_malformed_prompt_files_are_one_line_naming_the_entry(tmp_path, capsys, 
                        capsys)
     assert code == 1 and err.strip() == f"error: {error.value}"
     assert not (tmp_path / "o.seg.nrrd").exists()
+
+
+def test_torchrun_shares_the_cases_between_two_processes(tmp_path, chest_ct):
+    """Two CPU processes under torchrun: rank r takes cases r, r + 2, ...; one summary for the whole run."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from segmote_core.volume import Volume
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for start in (15, 16, 17):
+        crop = Volume(chest_ct.array[start:start + 3].copy(), chest_ct.spacing,
+                      chest_ct.ijk_to_lps[:3, 3] + start * chest_ct.ijk_to_lps[:3, 2], chest_ct.direction)
+        sitk.WriteImage(crop.to_sitk(), str(cases / f"crop{start}.nrrd"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root),
+                                                                                os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "segmote_core", "segment", "-i", str(cases), "-o",
+               str(tmp_path / "out"), "--box-ijk", "20", "30", "1", "60", "95", "1", "--preset", "lung_parenchyma",
+               "--device", "cpu", "--runtime", "torch"]
+    finished = subprocess.run(command, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count("3 of 3 cases done") == 1
+    ranks = {name: json.loads((tmp_path / "out" / f"{name}.json").read_text())["process"]
+             for name in ("crop15", "crop16", "crop17")}
+    assert {name: p["rank"] for name, p in ranks.items()} == {"crop15": 0, "crop16": 1, "crop17": 0}
+    assert {p["world_size"] for p in ranks.values()} == {2}
+    for name in ranks:
+        _, (segment,) = read_segments(tmp_path / "out" / f"{name}.seg.nrrd")
+        assert segment.mask[1].sum() > 100  # the lung on the prompted slice

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +83,11 @@ def run_cases(args, kind: str, cases, outputs: dict, collection: bool, segment_c
     Returns the exit status."""
     from ..volume import read_volume
 
+    shard = Shard.start(args) if collection else Shard()
+    cases = cases[shard.rank::shard.world]
     engine = None
     results: list[CaseResult] = []
-    with progress_bar("cases", args.quiet or not collection, unit="case") as progress:
+    with progress_bar("cases", args.quiet or not collection or shard.rank > 0, unit="case") as progress:
         for done, case in enumerate(cases):
             started = time.perf_counter()
             result = CaseResult(case.name, outputs[case.name])
@@ -104,9 +107,50 @@ def run_cases(args, kind: str, cases, outputs: dict, collection: bool, segment_c
             results.append(result)
             if progress:
                 progress(done + 1, len(cases))
-    if collection and not args.quiet:
+    results = shard.gather(results)
+    if collection and not args.quiet and shard.rank == 0:
         print(summary_table(results))
     return 1 if any(r.error for r in results) else 0
+
+
+@dataclass
+class Shard:
+    """This process's share of a folder run: under torchrun (WORLD_SIZE > 1) rank r takes cases r, r + world, ...
+    and the results meet on every rank (torch.distributed, gloo: CPU tensors only), so rank 0 prints one summary
+    and every rank exits 1 if any case failed anywhere."""
+
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+
+    @classmethod
+    def start(cls, args) -> "Shard":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch
+        import torch.distributed as dist
+
+        owns = not dist.is_initialized()
+        if owns:
+            dist.init_process_group("gloo")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if args.device == "auto" and torch.cuda.is_available():
+            args.device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per process
+        return cls(dist.get_rank(), dist.get_world_size(), owns)
+
+    def gather(self, results: list[CaseResult]) -> list[CaseResult]:
+        if self.world == 1:
+            return results
+        import torch.distributed as dist
+
+        everyone: list = [None] * self.world
+        dist.all_gather_object(everyone, results)
+        if self.owns_group:
+            dist.destroy_process_group()
+        merged = [r for part in everyone for r in part]
+        order = {name: n for n, name in enumerate(sorted(r.name for r in merged))}
+        return sorted(merged, key=lambda r: order[r.name])
 
 
 def _one_line(error: Exception) -> str:
@@ -177,6 +221,7 @@ def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, se
         "segments": result.segments,
         "preview": str(preview) if preview else None,
         "wall_time_s": round(seconds, 3),
+        "process": {"rank": int(os.environ.get("RANK", "0")), "world_size": int(os.environ.get("WORLD_SIZE", "1"))},
     }
 
 
