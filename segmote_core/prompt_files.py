@@ -1,6 +1,7 @@
-"""Prompts read from files: 3D Slicer markups (.mrk.json) and a CSV table. See docs/prompt-files.md.
+"""Prompts read from files: 3D Slicer markups (.mrk.json) and a CSV table (README.md, "Prompt files").
 
-Each file yields named objects; each object (a box and/or points) becomes one segment of that name.
+Each file yields named objects; each object (a box and/or points) becomes one segment of that name. Markups apply
+to every case of a run; CSV rows name their case.
 
 - Slicer markups JSON: an ROI markup is a box (its bounding box, if rotated), named by its control point's label;
   a Fiducial (point list) markup gives points, each named by its label with Slicer's automatic counter removed

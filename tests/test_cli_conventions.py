@@ -94,3 +94,13 @@ def test_segment_writes_no_dependency_warnings_and_quiet_prints_nothing(tmp_path
 def test_python_dash_m_segmote_core_is_the_cli(tmp_path):
     done = segmote_process("--version", cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == f"segmote {__version__}"
+
+
+def test_verbose_shows_what_each_case_runs_on(tmp_path, capsys, lite_engine):
+    cli._engines[cli.engine_key("lite_medsam", None, "cpu", None)] = lite_engine
+    prompt = ["--box-ijk", "20", "30", "17", "60", "90", "17", "--device", "cpu"]
+    assert cli.main(["-v", "segment", str(CHEST_CT), "--out", str(tmp_path / "v.seg.nrrd"), *prompt]) == 0
+    verbose = capsys.readouterr().err
+    assert "CTChest4: " in verbose and "128x128x34 voxels" in verbose and "lite_medsam on cpu" in verbose
+    assert cli.main(["segment", str(CHEST_CT), "--out", str(tmp_path / "n.seg.nrrd"), *prompt]) == 0
+    assert "128x128x34 voxels" not in capsys.readouterr().err

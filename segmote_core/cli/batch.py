@@ -95,6 +95,8 @@ def run_cases(args, kind: str, cases, outputs: dict, collection: bool, segment_c
                 volume = read_volume(case.path, args.series)
                 if engine is None:
                     engine = engine_for_args(args)
+                log.debug(f"{case.name}: {case.path}, {volume.describe_grid()}; {engine.model_name} on "
+                          f"{engine.device} ({engine.runtime})")
                 segments, details, prompts = segment_case(engine, volume, case, not (args.quiet or collection))
                 log_notices(engine)
                 write_case(args, kind, engine, volume, case, result, segments, details, prompts, started, collection)
