@@ -69,6 +69,11 @@ def test_usage_and_user_errors_have_their_own_exit_codes(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["segment", "--no-such-option"])
     assert done.value.code == 2
+    for missing_or_twice in ([], ["image.nrrd", "-i", "image.nrrd"]):
+        with pytest.raises(SystemExit) as done:
+            cli.main(["segment", *missing_or_twice, "-o", str(tmp_path / "o.seg.nrrd"), "--box-ijk", *"123456"])
+        assert done.value.code == 2
+        assert "IMAGE or -i/--input" in capsys.readouterr().err
     capsys.readouterr()
     assert cli.main(["eval", "--pred", str(tmp_path / "none.seg.nrrd"), "--gt", str(tmp_path / "none.seg.nrrd")]) == 1
     err = capsys.readouterr().err.strip()

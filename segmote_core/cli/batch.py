@@ -31,6 +31,7 @@ def add_io_options(parser) -> None:
     parser.add_argument("--statistics", action="store_true",
                         help="print a per-segment table (voxels, volume in ml, mean and std intensity) and add it "
                              "to the run record OUT.json")
+    parser.set_defaults(usage_error=parser.error)  # exit 2 with the command's usage line
     parser.add_argument("--preview", nargs="?", const="", metavar="PNG",
                         help="write an axial + coronal overlay picture (default OUT.png beside each output; "
                              "for a folder of cases PNG names a folder)")
@@ -46,12 +47,11 @@ class CaseResult:
 
 
 def input_path(args) -> str:
-    from ..errors import InputError
-
+    """The input, given as IMAGE or -i/--input (exactly one of them: otherwise a usage error)."""
     if args.image and args.input:
-        raise InputError("give the input once: IMAGE or -i/--input, not both")
+        args.usage_error("give the input once: IMAGE or -i/--input, not both")
     if not (args.image or args.input):
-        raise InputError("give an input image or folder: IMAGE or -i/--input")
+        args.usage_error("give an input image or folder: IMAGE or -i/--input")
     return args.image or args.input
 
 
