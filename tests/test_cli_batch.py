@@ -269,3 +269,15 @@ def test_torchrun_shares_the_cases_between_two_processes(tmp_path, chest_ct):
     for name in ranks:
         _, (segment,) = read_segments(tmp_path / "out" / f"{name}.seg.nrrd")
         assert segment.mask[1].sum() > 100  # the lung on the prompted slice
+
+
+def test_a_preview_naming_an_input_or_the_output_is_refused_before_anything_is_written(tmp_path, capsys):
+    image = tmp_path / "ct.nrrd"
+    shutil.copy(CHEST_CT, image)
+    before = image.read_bytes()
+    out = tmp_path / "o.seg.nrrd"
+    for preview, message in ((image, "is one of the inputs"), (out, "would overwrite the segmentation")):
+        code, _, err = run(["segment", str(image), "--out", str(out), "--box-ijk", "20", "30", "17", "60", "90", "17",
+                            "--preview", str(preview)], capsys)
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert image.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd"]

@@ -31,10 +31,10 @@ def add_io_options(parser) -> None:
     parser.add_argument("--statistics", action="store_true",
                         help="print a per-segment table (voxels, volume in ml, mean and std intensity) and add it "
                              "to the run record OUT.json")
-    parser.set_defaults(usage_error=parser.error)  # exit 2 with the command's usage line
     parser.add_argument("--preview", nargs="?", const="", metavar="PNG",
                         help="write an axial + coronal overlay picture (default OUT.png beside each output; "
                              "for a folder of cases PNG names a folder)")
+    parser.set_defaults(usage_error=parser.error)  # exit 2 with the command's usage line
 
 
 @dataclass
@@ -75,6 +75,11 @@ def plan_outputs(args, inputs: str, extra_inputs=()) -> tuple[list, dict, bool]:
     for case in cases:
         refuse_input_as_output(outputs[case.name], case.path, *extra_inputs, option="--out")
         refuse_input_as_output(record_path(outputs[case.name]), case.path, *extra_inputs, option="run record")
+        if args.preview is not None:
+            preview = preview_path(args.preview, outputs[case.name], case.name, into_folder=collection)
+            refuse_input_as_output(preview, case.path, *extra_inputs, option="--preview")
+            if preview.resolve() in (outputs[case.name].resolve(), record_path(outputs[case.name]).resolve()):
+                raise InputError(f"--preview {preview.name} would overwrite the segmentation or its run record")
     return cases, outputs, collection
 
 
@@ -110,6 +115,10 @@ def run_cases(args, kind: str, cases, outputs: dict, collection: bool, segment_c
             if progress:
                 progress(done + 1, len(cases))
     results = shard.gather(results)
+    if args.statistics and not args.quiet and shard.rank == 0:
+        for result in results:
+            if not result.error:
+                print(statistics_table(result.name, result.segments))
     if collection and not args.quiet and shard.rank == 0:
         print(summary_table(results))
     return 1 if any(r.error for r in results) else 0
@@ -180,8 +189,9 @@ def write_case(args, kind, engine, volume, case, result: CaseResult, segments, d
         result.segments.append(row)
     preview = None
     if args.preview is not None:
-        preview = preview_path(args.preview, result.output, case.name, into_folder=collection)
         from ..preview import save_overlay_png
+
+        preview = preview_path(args.preview, result.output, case.name, into_folder=collection)
 
         save_overlay_png(preview, volume, {s.name: s.mask for s in segments}, engine.last_result.normalization,
                          title=f"{case.name}: {', '.join(s.name for s in segments)}")
@@ -189,8 +199,6 @@ def write_case(args, kind, engine, volume, case, result: CaseResult, segments, d
     from ..files import atomic_write_text
 
     atomic_write_text(record_path(result.output), json.dumps(record, indent=1))
-    if args.statistics and not args.quiet:
-        print(statistics_table(case.name, result.segments))
 
 
 def preview_path(given: str, output: Path, case_name: str, into_folder: bool) -> Path:
