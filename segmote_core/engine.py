@@ -204,7 +204,7 @@ class Engine:
             return
         if self.precision != "fp32" or self.compiled:
             if runtime != "auto":
-                self.notices.append(f"--runtime {runtime} runs fp32 without torch.compile: using PyTorch")
+                self.notices.append(f"runtime {runtime} runs fp32 without torch.compile: using PyTorch")
             return
         if not runtimes.installed(chosen):
             self.notices.append(f"{runtimes._RUNTIME_PACKAGES[chosen]} is not installed: using PyTorch "
