@@ -112,7 +112,7 @@ def load_backbone(name: str, checkpoint: str | Path | None = None, device: str |
     path = Path(checkpoint) if checkpoint else default_checkpoint(name)
     if path is None:
         raise CheckpointError(
-            f"no weights for {name}: pass --checkpoint FILE or run `segmote weights download {name}` first"
+            f"no weights for {name}: give a checkpoint file, or download them first (segmote weights download {name})"
         )
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")

@@ -28,23 +28,19 @@ whose one line says how many samples each filter removed.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from scipy import ndimage
 
-from .errors import InputError, SegMoTEError
+from .errors import InputError
 from .files import atomic_write, atomic_write_text
 from .normalize import choose_normalization, normalize, rule_for_training
-from .volume import SliceStack
 
 HISTOGRAM_BINS = 64
 THUMBNAIL = 32
@@ -149,6 +145,7 @@ class CurationResult:
 # ---- scores ----------------------------------------------------------------------------------------------
 def image_scores(image01: np.ndarray) -> dict[str, float]:
     """clarity (variance of the Laplacian), contrast (std), entropy (bits) of one normalised slice."""
+    from scipy import ndimage
     image = np.asarray(image01, dtype=np.float64)
     histogram, _ = np.histogram(image, bins=HISTOGRAM_BINS, range=(0.0, 1.0))
     p = histogram[histogram > 0] / max(histogram.sum(), 1)
@@ -161,6 +158,7 @@ def image_scores(image01: np.ndarray) -> dict[str, float]:
 
 def mask_scores(mask: np.ndarray) -> dict[str, float | int]:
     """foreground_ratio, components (8-connected), area and smallest_component (pixels) of one 2-D mask."""
+    from scipy import ndimage
     mask = np.asarray(mask, dtype=bool)
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
     sizes = np.bincount(labels.reshape(-1))[1:] if count else np.zeros(0, int)
@@ -174,6 +172,7 @@ def mask_scores(mask: np.ndarray) -> dict[str, float | int]:
 
 def thumbnail(array: np.ndarray) -> np.ndarray:
     """A THUMBNAIL x THUMBNAIL float version of a 2-D array (area averaging), for near-duplicate checks."""
+    from scipy import ndimage
     array = np.asarray(array, dtype=np.float32)
     zoom = (THUMBNAIL / array.shape[0], THUMBNAIL / array.shape[1])
     small = ndimage.zoom(array, zoom, order=1, prefilter=False, grid_mode=True, mode="nearest")
@@ -314,6 +313,7 @@ def curate_cases(cases, config: CurationConfig | None = None, window=None, prese
     """Curate dataset cases (``segmote_core.datasets.Case``): axial slices normalised by one rule."""
 
     def volumes():
+        from .volume import SliceStack
         for number, case in enumerate(cases):
             volume, labels = case.load()
             norm = choose_normalization(volume.array, window, preset, adapter_rule=rule, modality=volume.modality)
@@ -346,65 +346,3 @@ def read_manifest(path: str | Path) -> set[tuple[str, int, str]]:
         return {(r["case"], int(r["slice"]), r["label"]) for r in document["samples"] if r["kept"]}
     except (OSError, KeyError, ValueError, TypeError, json.JSONDecodeError) as error:
         raise InputError(f"cannot read curation manifest {path.name}: {' '.join(str(error).split())}") from None
-
-
-# ---- CLI ---------------------------------------------------------------------------------------------------
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "curate", help="score (slice, label) samples and keep a balanced high-quality subset",
-        description="Score every (slice, label) sample of a dataset (clarity, contrast, entropy, foreground ratio, "
-                    "connected components, area, near-duplicates) and write a manifest with every score and the "
-                    "reason for every rejection.")
-    parser.add_argument("data", nargs="?", help="nnU-Net raw folder or folder of scans with .seg.nrrd files")
-    parser.add_argument("--image", help="one scan (with --segmentation) instead of a folder")
-    parser.add_argument("--segmentation", help="the .seg.nrrd or label map of --image")
-    parser.add_argument("--layout", default="auto", choices=("auto", "nnunet", "slicer"))
-    parser.add_argument("--modality", default="unknown", help="modality of Slicer pairs (nnU-Net: from dataset.json)")
-    parser.add_argument("--classes", nargs="+", help="class names to score (default: all)")
-    parser.add_argument("--out", required=True, help="manifest to write (.json or .csv)")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--budget", type=int, help="keep at most this many samples")
-    size.add_argument("--fraction", type=float, help="keep this fraction of the samples that pass the filters")
-    norm = parser.add_mutually_exclusive_group()
-    norm.add_argument("--window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"), help="CT window")
-    norm.add_argument("--preset", help="CT window preset (lung, soft_tissue, ...)")
-    defaults = CurationConfig()
-    for name in ("min_clarity", "min_contrast", "min_entropy", "min_foreground", "max_foreground",
-                 "max_components", "min_area", "duplicate_threshold"):
-        value = getattr(defaults, name)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
-                            help=f"(default {value})")
-    parser.set_defaults(func=handler)
-    return parser
-
-
-def handler(args) -> int:
-    from .datasets import find_cases
-
-    try:
-        config = CurationConfig(
-            min_clarity=args.min_clarity, min_contrast=args.min_contrast, min_entropy=args.min_entropy,
-            min_foreground=args.min_foreground, max_foreground=args.max_foreground,
-            max_components=args.max_components, min_area=args.min_area,
-            duplicate_threshold=args.duplicate_threshold, budget=args.budget, fraction=args.fraction)
-        cases = find_cases(args.data, args.layout, args.image, args.segmentation, args.modality)
-        result = curate_cases(cases, config, tuple(args.window) if args.window else None, args.preset, args.classes)
-        path = result.write(args.out)
-    except SegMoTEError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1  # a user error, as in every command
-    summary = result.summary()
-    removed = ", ".join(f"{k} {v}" for k, v in summary["removed_by"].items()) or "none"
-    print(f"kept {summary['kept']} of {summary['samples']} samples (removed: {removed}); manifest {path}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m segmote_core.curate ARGS` is `segmote curate ARGS` (the same errors and exit codes)."""
-    from .cli import main as segmote
-
-    return segmote(["curate", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

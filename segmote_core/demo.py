@@ -8,6 +8,7 @@ The boxes are the ones a user would drag around each lung; here they come from t
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -16,10 +17,12 @@ import numpy as np
 
 from .colors import palette_color
 from .metrics import dice
-from .normalize import CT_WINDOWS
+from .normalize import CT_WINDOWS, window
+from .preview import save_overlay_png
 from .segmentation_io import Segment, read_segments, save_segments
 from .shipped import ADAPTER_DIR
 
+log = logging.getLogger(__name__)
 SHIPPED_ADAPTER = ADAPTER_DIR / "chest_ct_lungs.safetensors"
 
 
@@ -38,43 +41,8 @@ def _box_ras(volume, mask: np.ndarray, slice_k: int | None = None) -> np.ndarray
     return volume.ijk_to_ras_points([low, high]).reshape(-1)
 
 
-def save_overlay_png(path: Path, volume, predictions: dict[str, np.ndarray], truth: dict[str, np.ndarray],
-                     title: str) -> None:
-    """Axial and coronal views: predictions filled, ground truth as contours."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .normalize import normalize, window
-    from .volume import SliceStack
-
-    image = normalize(volume.array, window(*CT_WINDOWS["lung"]))
-    colors = [palette_color(index) for index in range(4)]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 5.2), dpi=110)
-    for ax, (axis_name, lps_axis) in zip(axes, (("axial", 2), ("coronal", 1))):
-        stack = SliceStack(volume, lps_axis)
-        any_mask = stack.to_stack(np.any(list(predictions.values()), axis=0))
-        index = int(np.argmax(any_mask.sum(axis=(1, 2))))
-        spacing_rows = volume.spacing[2] if lps_axis == 1 else volume.spacing[1]
-        aspect = spacing_rows / volume.spacing[0]
-        ax.imshow(stack.to_stack(image)[index], cmap="gray", aspect=aspect)
-        for color, (name, mask) in zip(colors, predictions.items()):
-            plane = stack.to_stack(mask)[index]
-            overlay = np.zeros(plane.shape + (4,))
-            overlay[plane] = (*color, 0.45)
-            ax.imshow(overlay, aspect=aspect)
-            if name in truth:
-                ax.contour(stack.to_stack(truth[name])[index], levels=[0.5], colors=[color], linewidths=1.0)
-        ax.set_title(f"{axis_name} slice {index}")
-        ax.axis("off")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-
-
-def run(out_dir: str | Path = "segmote-demo", device: str = "auto", quiet: bool = False) -> int:
+def run(out_dir: str | Path = "segmote-demo", device: str = "auto") -> int:
+    """The demo; what it finds is logged at INFO level (the CLI shows it unless asked to be quiet)."""
     from .engine import Engine
     from .volume import read_volume
 
@@ -83,13 +51,12 @@ def run(out_dir: str | Path = "segmote-demo", device: str = "auto", quiet: bool 
     volume = read_volume(image_path)
     _, truth_segments = read_segments(truth_path)
     truth = {s.name: s.mask for s in truth_segments}
-    say = (lambda *a: None) if quiet else print
-    say(f"chest CT {volume.describe_grid()}")
+    log.info(f"chest CT {volume.describe_grid()}")
 
     started = time.perf_counter()
     engine = Engine("lite_medsam", device=device)
     prepared = engine.prepare(volume)  # no window: the model's own default for the scan's modality
-    say(f"normalisation: {prepared.normalization.description}")
+    log.info(f"normalisation: {prepared.normalization.description}")
     right = truth["right lung"]
     right_box = volume.ras_to_ijk(_box_ras(volume, right).reshape(2, 3)).reshape(-1)
     right_mask = engine.segment(volume, box_ijk=right_box, prepared=prepared)
@@ -105,9 +72,9 @@ def run(out_dir: str | Path = "segmote-demo", device: str = "auto", quiet: bool 
     save_segments(out_dir / "demo.seg.nrrd", volume, [Segment("right lung", right_mask, palette_color(0)),
                                                       Segment("left lung", left_mask, palette_color(1))],
                   replace_same_name=True)
-    say(f"right lung (3D box):               Dice {scores['right lung']:.3f}")
-    say(f"left lung (2D box on slice {middle_k}, propagated): Dice {scores['left lung']:.3f}")
-    say(f"prompted segmentation took {elapsed:.1f} s on {engine.device} ({engine.cache.misses} slices embedded)")
+    log.info(f"right lung (3D box):               Dice {scores['right lung']:.3f}")
+    log.info(f"left lung (2D box on slice {middle_k}, propagated): Dice {scores['left lung']:.3f}")
+    log.info(f"prompted segmentation took {elapsed:.1f} s on {engine.device} ({engine.cache.misses} slices embedded)")
 
     if SHIPPED_ADAPTER.is_file():
         engine.load_adapter(SHIPPED_ADAPTER)
@@ -117,17 +84,17 @@ def run(out_dir: str | Path = "segmote-demo", device: str = "auto", quiet: bool 
         for segment in automatic:
             if segment.name in truth:
                 rows = held_out if held_out is not None else slice(None)
-                say(f"automatic {segment.name}: Dice {dice(segment.mask[rows], truth[segment.name][rows]):.3f}"
+                log.info(f"automatic {segment.name}: Dice {dice(segment.mask[rows], truth[segment.name][rows]):.3f}"
                     f"{' on held-out slices' if held_out is not None else ''}")
         save_segments(out_dir / "demo-auto.seg.nrrd", volume, automatic, replace_same_name=True)
-        say(f"automatic segmentation took {time.perf_counter() - started:.1f} s")
+        log.info(f"automatic segmentation took {time.perf_counter() - started:.1f} s")
     else:
-        say(f"no shipped adapter found ({SHIPPED_ADAPTER}): skipping automatic segmentation")
+        log.info(f"no shipped adapter found ({SHIPPED_ADAPTER}): skipping automatic segmentation")
 
-    save_overlay_png(out_dir / "demo.png", volume, predictions, truth,
+    save_overlay_png(out_dir / "demo.png", volume, predictions, window(*CT_WINDOWS["lung"]), truth,
                      f"SegMoTE demo (LiteMedSAM): right lung 3D box Dice {scores['right lung']:.3f}, "
                      f"left lung 2D box + propagation Dice {scores['left lung']:.3f}; lines = ground truth")
-    say(f"wrote {out_dir / 'demo.seg.nrrd'} and {out_dir / 'demo.png'}")
+    log.info(f"wrote {out_dir / 'demo.seg.nrrd'} and {out_dir / 'demo.png'}")
     return 0
 
 

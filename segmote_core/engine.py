@@ -204,7 +204,7 @@ class Engine:
             return
         if self.precision != "fp32" or self.compiled:
             if runtime != "auto":
-                self.notices.append(f"--runtime {runtime} runs fp32 without torch.compile: using PyTorch")
+                self.notices.append(f"runtime {runtime} runs fp32 without torch.compile: using PyTorch")
             return
         if not runtimes.installed(chosen):
             self.notices.append(f"{runtimes._RUNTIME_PACKAGES[chosen]} is not installed: using PyTorch "
@@ -674,7 +674,7 @@ class Engine:
         largest 3-D connected component per class (drops scattered false positives).
         """
         if self.segmote is None:
-            raise InputError("automatic segmentation needs an adapter: pass --adapter FILE")
+            raise InputError("automatic segmentation needs an adapter: load one with automatic classes")
         from .adapters import class_indices
 
         header_classes = self.adapter_header["classes"]

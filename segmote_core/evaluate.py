@@ -13,20 +13,16 @@ are listed as ``unmatched`` and not scored.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from .errors import InputError
-from .files import atomic_write_text, refuse_input_as_output
 from .metrics import dice
 
 DEFAULT_TOLERANCE_MM = 2.0
@@ -53,7 +49,10 @@ def surface_dice_score(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float
     The share of both boundaries that lies within ``tolerance_mm`` of the other boundary; 1.0 when both masks are
     empty, 0.0 when exactly one is.
     """
-    from monai.metrics import compute_surface_dice
+    try:
+        from monai.metrics import compute_surface_dice
+    except ModuleNotFoundError:
+        raise InputError("surface Dice needs MONAI: pip install 'segmote[eval]'") from None
 
     if tolerance_mm < 0 or not math.isfinite(tolerance_mm):
         raise InputError(f"the surface tolerance must be a finite number of mm >= 0, got {tolerance_mm}")
@@ -69,8 +68,10 @@ def surface_dice_score(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float
     return float(value[0, 0])
 
 
-def _as_batch(mask: np.ndarray) -> torch.Tensor:
+def _as_batch(mask: np.ndarray) -> "torch.Tensor":
     """(spatial...) bool -> (1, 1, spatial...) float tensor, MONAI's (batch, channel, ...) layout."""
+    import torch  # here, not at the top: `segmote --help` builds this command's parser without torch
+
     return torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)).float()[None, None]
 
 
@@ -137,43 +138,3 @@ def format_table(report: dict) -> str:
     if report["unmatched"]:
         lines.append(f"not scored (no ground truth of that name): {', '.join(report['unmatched'])}")
     return "\n".join(lines)
-
-
-# ---- CLI ---------------------------------------------------------------------------------------------------
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "eval", help="Dice and normalised surface Dice of a segmentation against ground truth",
-        description="Per-segment Dice and normalised surface Dice (MONAI, physical spacing); segments are matched "
-                    "by name. Prints a table; --json also writes the numbers.")
-    parser.add_argument("--pred", required=True, help="predicted segmentation (.seg.nrrd or label map)")
-    parser.add_argument("--gt", required=True, help="ground-truth segmentation (.seg.nrrd or label map)")
-    parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM,
-                        help=f"surface Dice tolerance in mm (default {DEFAULT_TOLERANCE_MM:g})")
-    parser.add_argument("--json", help="also write the report as JSON to this file ('-' for stdout)")
-    parser.set_defaults(func=handler)
-    return parser
-
-
-def handler(args) -> int:
-    """Errors go up to the CLI's one policy (a user error: one `error:` line, exit 1)."""
-    if args.json and args.json != "-":
-        refuse_input_as_output(args.json, args.pred, args.gt, option="--json")
-    report = evaluate_files(args.pred, args.gt, args.tolerance_mm)
-    if args.json == "-":
-        print(json.dumps(report, indent=1))
-    else:
-        print(format_table(report))
-        if args.json:
-            atomic_write_text(args.json, json.dumps(report, indent=1))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m segmote_core.evaluate ARGS` is `segmote eval ARGS` (the same errors and exit codes)."""
-    from .cli import main as segmote
-
-    return segmote(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

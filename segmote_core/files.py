@@ -94,7 +94,7 @@ def _reason(error: OSError, path: Path) -> str:
 
 
 def refuse_input_as_output(output: str | os.PathLike, *inputs: str | os.PathLike | None,
-                           option: str = "--out") -> None:
+                           option: str = "output") -> None:
     """An output that names one of the command's inputs (the image, the ground truth...) would destroy it."""
     out = Path(output)
     for given in inputs:

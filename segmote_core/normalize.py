@@ -47,7 +47,7 @@ class Normalization:
     low: float
     high: float
     rule: tuple = ()  # ("window", level, width) or ("percentiles", low_pct, high_pct, voxels)
-    reason: str = field(default="", compare=False)  # why this rule: "automatic: CT ...", "--window", ...
+    reason: str = field(default="", compare=False)  # why this rule: "automatic: CT ...", "the window given", ...
     auto_rule: dict | None = field(default=None, compare=False, hash=False)  # set when the rule was automatic
 
     def key(self) -> tuple[float, float]:
@@ -118,7 +118,7 @@ def percentiles(array: np.ndarray, low_pct: float = DEFAULT_PERCENTILES[0],
 def check_rule(rule, origin: str = "the adapter's") -> dict:
     """A stored rule, validated: one line naming what is wrong (an unknown kind, a missing or non-numeric value)."""
     def bad(why: str) -> InputError:
-        return InputError(f"{origin} normalisation rule {rule!r} is not usable: {why}; pass --window or --preset "
+        return InputError(f"{origin} normalisation rule {rule!r} is not usable: {why}; give a CT window or preset "
                           "to override it, or retrain the adapter")
 
     if not isinstance(rule, dict):
@@ -188,7 +188,7 @@ def detect_modality(array: np.ndarray, modality: str | None = None) -> tuple[str
         raise InputError("the image holds no finite intensities; no normalisation can be chosen")
     if float(sample.min()) == float(sample.max()):
         raise InputError(f"cannot choose a normalisation automatically: every voxel is {float(sample[0]):g}; "
-                         "pass --window LEVEL WIDTH or --preset NAME")
+                         "give a window (level, width) or a preset")
     declared = _declared(modality)
     air = float(np.mean((sample >= AIR_HU[0]) & (sample <= AIR_HU[1])))
     if declared == "ct":
@@ -200,8 +200,8 @@ def detect_modality(array: np.ndarray, modality: str | None = None) -> tuple[str
         return "other", f"{str(modality).strip()} per the file's metadata, not CT"
     if air >= MIN_AIR_SHARE:
         return "ct", f"CT ({100 * air:.0f} % of voxels at air, -1000 HU)"
-    return "other", ("not CT in Hounsfield units (no air at -1000 HU; a CT stored with an offset needs --window "
-                     "or --preset in its own values)")
+    return "other", ("not CT in Hounsfield units (no air at -1000 HU; a CT stored with an offset needs a window "
+                     "or preset in its own values)")
 
 
 # ---- the resolver ---------------------------------------------------------------------------------------

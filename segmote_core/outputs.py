@@ -29,6 +29,11 @@ class OutputTarget:
     notices: list[str] = field(default_factory=list)  # for the caller to show as warnings after saving
 
 
+def output_suffix(output_format: str | None) -> str:
+    """The file suffix a folder run gives each case's output in this format (None: the default, seg.nrrd)."""
+    return {"nifti": ".nii.gz", "dicom-seg": DICOM_SEG_SUFFIX}.get(output_format or "seg.nrrd", ".seg.nrrd")
+
+
 def plan_output(out: str | Path, output_format: str | None, image: str | Path, series: str | None = None,
                 overwrite: bool = False, names: tuple[str, ...] = ()) -> OutputTarget:
     """Check the output before any model runs: its format, its suffix, its folder; for DICOM SEG also the input (a

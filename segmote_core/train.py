@@ -1,7 +1,6 @@
-"""`segmote train` and ``python -m segmote_core.train`` (what torchrun starts): the training package's command.
+"""``python -m segmote_core.train`` (what ``torchrun -m segmote_core.train`` starts): the same as `segmote train`.
 
-The code lives in ``segmote_core.training``; this module is where the CLI finds the command (``add_cli``) and what
-``torchrun -m segmote_core.train`` runs.
+The training code lives in ``segmote_core.training``, its command line in ``segmote_core.cli.train``.
 """
 
 from __future__ import annotations
@@ -9,9 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from .training.cli import add_cli
-
-__all__ = ["add_cli", "main"]
+__all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -398,7 +398,7 @@ def dicom_series_files(folder: str | Path, series: str | None = None) -> tuple[s
     files = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in found}
     if series is None and len(found) > 1:
         listing = "; ".join(f"{uid} ({len(files[uid])} slices)" for uid in found)
-        raise InputError(f"folder {folder.name} holds {len(found)} DICOM series: {listing}; choose one with --series UID")
+        raise InputError(f"folder {folder.name} holds {len(found)} DICOM series: {listing}; choose one by its series UID")
     uid = series or found[0]
     if uid not in files:
         raise InputError(f"folder {folder.name} has no DICOM series {uid}; it has: {', '.join(found)}")
@@ -495,7 +495,7 @@ class SliceStack:
         if voxel_axis is None:
             return cls(volume, 2)
         if voxel_axis not in (0, 1, 2):
-            raise InputError(f"--axis must be 0, 1 or 2 (voxel I, J or K), got {voxel_axis}")
+            raise InputError(f"slicing axis must be 0, 1 or 2 (voxel I, J or K), got {voxel_axis}")
         anatomy, _ = volume.anatomical_axes()
         return cls(volume, int(anatomy[voxel_axis]))
 

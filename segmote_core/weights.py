@@ -7,7 +7,6 @@ this module does no I/O. Every download is checked against a SHA-256 pinned in t
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -102,6 +101,11 @@ def _cache_root() -> Path:
     if xdg_cache:
         return Path(xdg_cache).expanduser() / "segmote"
     return Path.home() / ".cache" / "segmote"
+
+
+def weights_folder() -> Path:
+    """Where downloaded checkpoints go (not created here)."""
+    return _weights_dir()
 
 
 def _weights_dir() -> Path:
@@ -427,84 +431,3 @@ def download_progress(name: str) -> tuple[int, int]:
         return _part_path(destination).stat().st_size, total
     except OSError:  # not started yet, or renamed into place just now
         return (total if destination.is_file() else 0), total
-
-
-# ---------------------------------------------------------------------------------------------------------
-# CLI: segmote weights {download,list,path}
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _human_size(size_bytes: int | None) -> str:
-    if size_bytes is None:
-        return "unknown"
-    if size_bytes >= 1 << 30:
-        return f"{size_bytes / (1 << 30):.2f} GiB"
-    if size_bytes >= 1 << 20:
-        return f"{size_bytes / (1 << 20):.0f} MiB"
-    return f"{size_bytes} B"
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``weights`` (download / list / path) on an argparse subparsers object."""
-    known = ", ".join(KNOWN_WEIGHTS)
-    parser = subparsers.add_parser(
-        "weights",
-        help="download and locate backbone checkpoints",
-        description="Download and locate the Segment Anything backbone checkpoints.",
-    )
-    actions = parser.add_subparsers(dest="weights_action", metavar="ACTION", required=True)
-
-    download = actions.add_parser("download", help="download a checkpoint into the cache (resumable)")
-    # No argparse `choices`: an unknown name gets our one-line error listing the known names.
-    download.add_argument("name", metavar="NAME", help=f"one of: {known}")
-    download.add_argument(
-        "--url", help="mirror to download from; the file must still match the pinned SHA-256"
-    )
-    download.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    actions.add_parser("list", help="list known checkpoints and where they are cached")
-
-    path = actions.add_parser("path", help="print the cached checkpoint's path")
-    path.add_argument("name", metavar="NAME", help=f"one of: {known}")
-
-    parser.set_defaults(func=run_weights_command)
-    return parser
-
-
-def run_weights_command(args: argparse.Namespace) -> int:
-    """Handler for ``segmote weights ...``; returns the process exit code."""
-    try:
-        if args.weights_action == "download":
-            print(download_weights(args.name, url=args.url, progress=not args.quiet))
-            return 0
-        if args.weights_action == "list":
-            return _print_list()
-        if args.weights_action == "path":
-            found = cached_weights(args.name)
-            if found is None:
-                print(
-                    f"error: {args.name} is not downloaded; run: segmote weights download {args.name}",
-                    file=sys.stderr,
-                )
-                return 1
-            print(found)
-            return 0
-        raise InputError(f"unknown weights action '{args.weights_action}'")
-    except SegMoTEError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume the download", file=sys.stderr)
-        return 130
-
-
-def _print_list() -> int:
-    rows = []
-    for name, info in KNOWN_WEIGHTS.items():  # table order: smallest backbone first
-        cached = cached_weights(name)
-        rows.append((name, _human_size(info.size_bytes), str(cached) if cached else "not downloaded"))
-    name_width = max(len(row[0]) for row in rows)
-    size_width = max(len(row[1]) for row in rows)
-    for name, size, where in rows:
-        print(f"{name:<{name_width}}  {size:>{size_width}}  {where}")
-    return 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -57,6 +60,10 @@ def test_auto_with_an_untrained_adapter_writes_a_valid_segmentation(tmp_path, sm
     assert names == ["right lung", "left lung"]
     assert np.allclose(segmentation["segments"][1]["color"], (0.2, 0.4, 0.9))
     assert segmentation["voxels"].shape[-3:] == sitk.ReadImage(str(small_ct_file)).GetSize()
+    record = json.loads((tmp_path / "auto.json").read_text())  # the run record beside the output
+    assert record["command"] == "auto" and record["adapter"]["classes"] == ["right lung", "left lung"]
+    assert record["adapter"]["sha256"] == hashlib.sha256(fresh_adapter.read_bytes()).hexdigest()
+    assert [s["name"] for s in record["segments"]] == names and record["normalization"].startswith("window")
 
 
 def test_auto_refuses_unknown_classes_and_adapters_for_other_backbones(tmp_path, small_ct_file, fresh_adapter, capsys):
@@ -72,3 +79,20 @@ def test_auto_refuses_unknown_classes_and_adapters_for_other_backbones(tmp_path,
     code = cli.main(["auto", str(small_ct_file), "--adapter", str(other), "--out", str(out), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 1 and "sam_vit_tiny" in err and "lite_medsam" in err and not out.exists()
+
+
+def test_auto_over_a_folder_writes_one_result_per_case(tmp_path, small_ct_file, fresh_adapter, capsys):
+    import shutil
+
+    cases = tmp_path / "imagesTs"
+    cases.mkdir()
+    shutil.copy(small_ct_file, cases / "chest_001_0000.nrrd")
+    sitk.WriteImage(sitk.ReadImage(str(small_ct_file)), str(cases / "chest_002_0000.nii.gz"))
+    out = tmp_path / "results"
+    code = cli.main(["auto", "-i", str(cases), "-o", str(out), "--adapter", str(fresh_adapter), "--device", "cpu"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["chest_001.json", "chest_001.seg.nrrd", "chest_002.json",
+                                                    "chest_002.seg.nrrd"]
+    first, second = (slicerio.read_segmentation(str(out / f"chest_00{n}.seg.nrrd"))["voxels"] for n in (1, 2))
+    assert np.array_equal(first, second)  # the same scan stored twice
+    assert "2 of 2 cases done" in capsys.readouterr().out

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from segmote_core import curate
 from segmote_core.curate import CurationConfig, curate_arrays, image_scores, mask_scores, read_manifest
 from segmote_core.errors import InputError
 
@@ -137,16 +135,13 @@ def test_cli_writes_a_manifest_and_reports_errors_in_one_line(tmp_path, capsys):
     sitk.WriteImage(image, str(tmp_path / "scan.nrrd"))
     labels = sitk.GetImageFromArray(masks.astype(np.uint8))
     sitk.WriteImage(labels, str(tmp_path / "labels.nrrd"))
-    parser = argparse.ArgumentParser()
-    curate.add_cli(parser.add_subparsers())
-    args = parser.parse_args(["curate", "--image", str(tmp_path / "scan.nrrd"), "--segmentation",
-                              str(tmp_path / "labels.nrrd"), "--window", "0", "1000",
-                              "--out", str(tmp_path / "m.json")])
-    assert args.func(args) == 0
+    from segmote_core.cli import main
+
+    assert main(["curate", "--image", str(tmp_path / "scan.nrrd"), "--segmentation",
+                 str(tmp_path / "labels.nrrd"), "--window", "0", "1000", "--out", str(tmp_path / "m.json")]) == 0
     assert "kept 2 of 8 samples" in capsys.readouterr().out
     assert read_manifest(tmp_path / "m.json") == {("scan", 0, "label 1"), ("scan", 7, "label 1")}
-    args = parser.parse_args(["curate", "--image", str(tmp_path / "scan.nrrd"), "--segmentation",
-                              str(tmp_path / "labels.nrrd"), "--classes", "liver", "--out", str(tmp_path / "x.json")])
-    assert args.func(args) != 0
+    assert main(["curate", "--image", str(tmp_path / "scan.nrrd"), "--segmentation",
+                 str(tmp_path / "labels.nrrd"), "--classes", "liver", "--out", str(tmp_path / "x.json")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "liver" in err and "\n" not in err

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 
-from segmote_core import evaluate
 from segmote_core.errors import InputError
 from segmote_core.evaluate import dice_score, evaluate_files, evaluate_segments, surface_dice_score
 from segmote_core.segmentation_io import Segment, save_segments
@@ -99,11 +97,10 @@ def test_files_and_cli(tmp_path, capsys):
     assert scores["kidney"]["dice"] == 1.0
     assert report["mean_dice"] == pytest.approx(0.95)
 
-    parser = argparse.ArgumentParser()
-    evaluate.add_cli(parser.add_subparsers())
-    args = parser.parse_args(["eval", "--pred", str(tmp_path / "pred.seg.nrrd"), "--gt", str(tmp_path / "gt.seg.nrrd"),
-                              "--tolerance-mm", "0.4", "--json", str(tmp_path / "r.json")])
-    assert args.func(args) == 0
+    from segmote_core.cli import main
+
+    assert main(["eval", "--pred", str(tmp_path / "pred.seg.nrrd"), "--gt", str(tmp_path / "gt.seg.nrrd"),
+                 "--tolerance-mm", "0.4", "--json", str(tmp_path / "r.json")]) == 0
     table = capsys.readouterr().out
     assert "liver" in table and "NSD@0.4mm" in table and "0.9000" in table
     written = json.loads((tmp_path / "r.json").read_text())

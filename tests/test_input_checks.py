@@ -46,7 +46,7 @@ def test_a_folder_with_two_series_lists_them_and_reads_the_chosen_one(tmp_path, 
         read_volume(tmp_path)
     message = str(error.value)
     assert "2 DICOM series" in message and ".101 (4 slices)" in message and ".202 (3 slices)" in message
-    assert "--series UID" in message and "\n" not in message
+    assert "series UID" in message and "\n" not in message
     assert read_volume(tmp_path, series=STUDY + ".202").array.shape == (3, 5, 6)
     assert read_volume(tmp_path, series=STUDY + ".101").spacing[2] == pytest.approx(2.0)
     with pytest.raises(InputError, match="has no DICOM series 9.9"):

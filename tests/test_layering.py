@@ -97,7 +97,7 @@ def test_the_checker_resolves_relative_imports():
     assert ("segmote_core.training.objective", None) in found  # from .objective import ...
     assert ("segmote_core.checkpoints", "build_backbone") in found  # a lazy `from ..checkpoints import ...`
     assert ("segmote_core.errors.TrainingError", None) in found
-    assert ("segmote_core.cli", "main") in {(n, f) for n, _, f in imports(CORE / "curate.py")}
+    assert any(n.startswith("segmote_core.cli") and f == "main" for n, _, f in imports(CORE / "train.py"))
 
 
 def test_models_know_no_files_and_no_gui():
@@ -138,7 +138,7 @@ def test_library_modules_do_not_import_the_cli():
     is_cli = lambda path: module_name(path) == "segmote_core.cli" or module_name(path).startswith("segmote_core.cli.")  # noqa: E731
     bad = []
     for path in python_files(CORE) + python_files(SLICER_LIB):
-        if is_cli(path):
+        if is_cli(path) or path.name == "__main__.py":  # `python -m segmote_core` is the command line itself
             continue
         bad += [f"{where(path, line)} imports {name}" for name, line, function in imports(path)
                 if is_under(name, cli) and function != "main"]  # main(): the module's `python -m` entry point

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
@@ -305,10 +304,9 @@ def test_cached_weights_checks_size_only(test_model, payload, cache):
 
 
 def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="segmote")
-    weights.add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
+    from segmote_core.cli import main
+
+    return main(list(argv))
 
 
 def test_cli_unknown_model_is_one_line_error(cache, capsys):

@@ -1,0 +1,268 @@
+"""Running `segment` or `auto` over the cases of an input: one file, a DICOM folder, or a folder of images.
+
+One engine (one model load) serves every case. A single case behaves as the command always did (its errors are
+the command's errors); in a folder run each failing case is one `error: case NAME: ...` line, the other cases go
+on, and the exit status is 1 if any failed. Next to every output OUT.seg.nrrd the run record OUT.json says how it
+was made (tool, model and adapter digests, normalisation, prompts, device, volumes, predicted quality, time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .common import engine_for_args, log_notices, progress_bar
+
+log = logging.getLogger("segmote_core.cli")
+
+
+def add_io_options(parser) -> None:
+    """Input and output of segment/auto: the positional IMAGE or -i, and -o/--out."""
+    parser.add_argument("image", nargs="?", help="NIfTI, NRRD, MHA file, DICOM series folder, or a folder of images "
+                        "(one case each; nnU-Net imagesTs/ with _0000 channel suffixes too); same as -i")
+    parser.add_argument("-i", "--input", metavar="PATH", help="the input, as IMAGE")
+    parser.add_argument("-o", "--out", "--output", dest="out", required=True, metavar="OUT",
+                        help="OUT.seg.nrrd (Slicer), a label map (.nii.gz, .nrrd) or a DICOM SEG (.dcm); for a folder "
+                             "of cases, a folder that receives one CASE.seg.nrrd (or the --output-format's file) per "
+                             "case")
+    parser.add_argument("--statistics", action="store_true",
+                        help="print a per-segment table (voxels, volume in ml, mean and std intensity) and add it "
+                             "to the run record OUT.json")
+    parser.add_argument("--preview", nargs="?", const="", metavar="PNG",
+                        help="write an axial + coronal overlay picture (default OUT.png beside each output; "
+                             "for a folder of cases PNG names a folder)")
+    parser.set_defaults(usage_error=parser.error)  # exit 2 with the command's usage line
+
+
+@dataclass
+class CaseResult:
+    name: str
+    output: Path | None = None
+    segments: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def input_path(args) -> str:
+    """The input, given as IMAGE or -i/--input (exactly one of them: otherwise a usage error)."""
+    if args.image and args.input:
+        args.usage_error("give the input once: IMAGE or -i/--input, not both")
+    if not (args.image or args.input):
+        args.usage_error("give an input image or folder: IMAGE or -i/--input")
+    return args.image or args.input
+
+
+def plan_outputs(args, inputs: str, extra_inputs=(), names: tuple[str, ...] = ()) -> tuple[list, dict, bool]:
+    """(cases, {case name: OutputTarget}, whether this is a folder run), every output checked (format, suffix,
+    folder, for DICOM SEG its source series) before any model runs; a file output before the input's cases are
+    even looked for."""
+    from ..cases import find_input_cases, is_folder_output, record_path
+    from ..errors import InputError
+    from ..files import refuse_input_as_output
+    from ..outputs import output_suffix, plan_output
+
+    out, source = Path(args.out), Path(inputs)
+    plan = lambda path, image: plan_output(path, args.output_format, image, args.series, args.overwrite,  # noqa: E731
+                                           names=names)
+    if not is_folder_output(out, collection=False):
+        plan(out, source)
+    cases = find_input_cases(source)
+    collection = source.is_dir() and not (len(cases) == 1 and cases[0].path == source)
+    into_folder = is_folder_output(out, collection)
+    if into_folder and out.exists() and not out.is_dir():
+        raise InputError(f"output {out} is a file; the outputs of a folder of cases go into a folder")
+    suffix = output_suffix(args.output_format)
+    targets = {case.name: plan(out / f"{case.name}{suffix}" if into_folder else out, case.path) for case in cases}
+    for case in cases:
+        output = targets[case.name].path
+        refuse_input_as_output(output, case.path, *extra_inputs, option="--out")
+        refuse_input_as_output(record_path(output), case.path, *extra_inputs, option="run record")
+        if args.preview is not None:
+            preview = preview_path(args.preview, output, case.name, into_folder=collection)
+            refuse_input_as_output(preview, case.path, *extra_inputs, option="--preview")
+            if preview.resolve() in (output.resolve(), record_path(output).resolve()):
+                raise InputError(f"--preview {preview.name} would overwrite the segmentation or its run record")
+    return cases, targets, collection
+
+
+def run_cases(args, kind: str, cases, targets: dict, collection: bool, segment_case) -> int:
+    """segment_case(engine, volume, case, show_slice_progress) -> (segments, details per segment, prompts record).
+    Returns the exit status."""
+    from ..volume import read_volume
+
+    shard = Shard.start(args) if collection else Shard()
+    cases = cases[shard.rank::shard.world]
+    engine = None
+    results: list[CaseResult] = []
+    with progress_bar("cases", args.quiet or not collection or shard.rank > 0, unit="case") as progress:
+        for done, case in enumerate(cases):
+            started = time.perf_counter()
+            result = CaseResult(case.name, targets[case.name].path)
+            try:
+                volume = read_volume(case.path, args.series)
+                if engine is None:
+                    engine = engine_for_args(args)
+                log.debug(f"{case.name}: {case.path}, {volume.describe_grid()}; {engine.model_name} on "
+                          f"{engine.device} ({engine.runtime})")
+                segments, details, prompts = segment_case(engine, volume, case, not (args.quiet or collection))
+                log_notices(engine)
+                write_case(args, kind, engine, volume, case, targets[case.name], result, segments, details, prompts,
+                           started, collection)
+            except Exception as error:  # noqa: BLE001 - a folder run reports the case and goes on
+                if not collection:
+                    raise
+                result.error = _one_line(error)
+                log.error(f"case {case.name}: {result.error}")
+            result.seconds = time.perf_counter() - started
+            results.append(result)
+            if progress:
+                progress(done + 1, len(cases))
+    results = shard.gather(results)
+    if args.statistics and not args.quiet and shard.rank == 0:
+        for result in results:
+            if not result.error:
+                print(statistics_table(result.name, result.segments))
+    if collection and not args.quiet and shard.rank == 0:
+        print(summary_table(results))
+    return 1 if any(r.error for r in results) else 0
+
+
+@dataclass
+class Shard:
+    """This process's share of a folder run: under torchrun (WORLD_SIZE > 1) rank r takes cases r, r + world, ...
+    and the results meet on every rank (torch.distributed, gloo: CPU tensors only), so rank 0 prints one summary
+    and every rank exits 1 if any case failed anywhere."""
+
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+
+    @classmethod
+    def start(cls, args) -> "Shard":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch
+        import torch.distributed as dist
+
+        owns = not dist.is_initialized()
+        if owns:
+            dist.init_process_group("gloo")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if args.device == "auto" and torch.cuda.is_available():
+            args.device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per process
+        return cls(dist.get_rank(), dist.get_world_size(), owns)
+
+    def gather(self, results: list[CaseResult]) -> list[CaseResult]:
+        if self.world == 1:
+            return results
+        import torch.distributed as dist
+
+        everyone: list = [None] * self.world
+        dist.all_gather_object(everyone, results)
+        if self.owns_group:
+            dist.destroy_process_group()
+        merged = [r for part in everyone for r in part]
+        order = {name: n for n, name in enumerate(sorted(r.name for r in merged))}
+        return sorted(merged, key=lambda r: order[r.name])
+
+
+def _one_line(error: Exception) -> str:
+    from ..errors import SegMoTEError
+
+    text = " ".join(str(error).split())[:300]
+    return text if isinstance(error, SegMoTEError) else f"internal error ({type(error).__name__}: {text})"
+
+
+def write_case(args, kind, engine, volume, case, target, result: CaseResult, segments, details, prompts, started,
+               collection: bool) -> None:
+    import numpy as np
+
+    from ..cases import record_path
+    from ..outputs import save_output
+
+    stored = save_output(target, volume, segments, replace_same_name=args.overwrite, automatic=kind == "auto")
+    log_notices(target)
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    for segment, count, detail in zip(segments, stored, details):
+        row = {"name": segment.name, "voxels": int(count), "volume_ml": round(count * voxel_ml, 3), **detail}
+        if args.statistics:
+            values = volume.array[segment.mask]
+            row["mean_intensity"] = float(values.mean()) if values.size else None
+            row["std_intensity"] = float(values.std()) if values.size else None
+        result.segments.append(row)
+    preview = None
+    if args.preview is not None:
+        from ..preview import save_overlay_png
+
+        preview = preview_path(args.preview, result.output, case.name, into_folder=collection)
+
+        save_overlay_png(preview, volume, {s.name: s.mask for s in segments}, engine.last_result.normalization,
+                         title=f"{case.name}: {', '.join(s.name for s in segments)}")
+    record = run_record(args, kind, engine, volume, case, result, prompts, time.perf_counter() - started, preview)
+    from ..files import atomic_write_text
+
+    atomic_write_text(record_path(result.output), json.dumps(record, indent=1))
+
+
+def preview_path(given: str, output: Path, case_name: str, into_folder: bool) -> Path:
+    from ..cases import record_path
+
+    if not given:
+        return record_path(output).with_suffix(".png")
+    given = Path(given)
+    return given / f"{case_name}.png" if into_folder or given.is_dir() else given
+
+
+def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, seconds: float, preview) -> dict:
+    from .. import __version__
+    from ..checkpoints import sha256_file
+
+    adapter = None
+    if engine.adapter_header is not None and getattr(args, "adapter", None):
+        adapter = {"path": str(Path(args.adapter).resolve()), "sha256": sha256_file(args.adapter),
+                   "classes": [c.get("name") for c in engine.adapter_header.get("classes", [])]}
+    return {
+        "tool": "segmote", "version": __version__, "command": kind,
+        "input": str(Path(case.path).resolve()), "case": case.name, "output": str(Path(result.output).resolve()),
+        "grid": volume.describe_grid(),
+        "model": {"name": engine.model_name, "weights_sha256": getattr(engine.backbone, "weights_sha256", None),
+                  "precision": args.precision, "compiled": bool(engine.compiled)},
+        "adapter": adapter,
+        "normalization": engine.last_result.normalization.description,
+        "prompts": prompts,
+        "device": str(engine.device), "runtime": engine.runtime,
+        "segments": result.segments,
+        "preview": str(preview) if preview else None,
+        "wall_time_s": round(seconds, 3),
+        "process": {"rank": int(os.environ.get("RANK", "0")), "world_size": int(os.environ.get("WORLD_SIZE", "1"))},
+    }
+
+
+def summary_table(results: list[CaseResult]) -> str:
+    rows = [("case", "status", "segments", "ml", "s", "output")]
+    for r in results:
+        rows.append((r.name, "failed" if r.error else "ok", str(len(r.segments)),
+                     f"{sum(s['volume_ml'] for s in r.segments):.1f}" if not r.error else "-", f"{r.seconds:.1f}",
+                     str(r.output) if not r.error else r.error[:60]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    failed = sum(1 for r in results if r.error)
+    lines.append(f"{len(results) - failed} of {len(results)} cases done" + (f", {failed} failed" if failed else ""))
+    return "\n".join(lines)
+
+
+def statistics_table(case_name: str, segments: list[dict]) -> str:
+    rows = [("segment", "voxels", "ml", "mean", "std")]
+    for s in segments:
+        mean = "-" if s.get("mean_intensity") is None else f"{s['mean_intensity']:.1f}"
+        std = "-" if s.get("std_intensity") is None else f"{s['std_intensity']:.1f}"
+        rows.append((s["name"], str(s["voxels"]), f"{s['volume_ml']:.2f}", mean, std))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = [f"{case_name}:"] + ["  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                                                  enumerate(zip(row, widths))) for row in rows]
+    return "\n".join(lines)
