@@ -186,7 +186,9 @@ def write_case(args, kind, engine, volume, case, target, result: CaseResult, seg
     from ..outputs import save_output
 
     stored = save_output(target, volume, segments, replace_same_name=args.overwrite, automatic=kind == "auto")
-    log_notices(target)
+    if getattr(args, "terminology_notices", True):
+        log_notices(target)
+    target.notices.clear()
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     for segment, count, detail in zip(segments, stored, details):
         row = {"name": segment.name, "voxels": int(count), "volume_ml": round(count * voxel_ml, 3), **detail}
@@ -220,11 +222,13 @@ def preview_path(given: str, output: Path, case_name: str, into_folder: bool) ->
 
 def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, seconds: float, preview) -> dict:
     from .. import __version__
-    from ..checkpoints import sha256_file
+    from ..files import sha256_file
+    from ..shipped import resolve_adapter
 
     adapter = None
     if engine.adapter_header is not None and getattr(args, "adapter", None):
-        adapter = {"path": str(Path(args.adapter).resolve()), "sha256": sha256_file(args.adapter),
+        adapter_file = resolve_adapter(args.adapter)
+        adapter = {"path": str(adapter_file.resolve()), "sha256": sha256_file(adapter_file),
                    "classes": [c.get("name") for c in engine.adapter_header.get("classes", [])]}
     return {
         "tool": "segmote", "version": __version__, "command": kind,

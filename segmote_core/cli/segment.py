@@ -10,6 +10,7 @@ from .common import add_model_options, check_adapter_file, normalization_args, p
 log = logging.getLogger("segmote_core.cli")
 
 HELP = "segment one object from a box and/or points"
+DEFAULT_NAME = "segment"
 
 
 def add_parser(commands) -> None:
@@ -37,7 +38,8 @@ def add_parser(commands) -> None:
     segment.add_argument("--fill-box", action="store_true",
                          help="3-D box: segment every slice inside it while the model is confident, instead of "
                               "stopping where a slice stops continuing the object (may take neighbouring organs)")
-    segment.add_argument("--name", default="segment", help="segment name of a command-line prompt (default: segment)")
+    segment.add_argument("--name", help=f"segment name of a command-line prompt, ideally a structure the terminology "
+                         f"table knows (default: {DEFAULT_NAME}, stored with the generic code Tissue)")
     segment.add_argument("--adapter", metavar="CKPT", help="SegMoTE adapter (.safetensors): MoTE decoder for prompts")
     add_model_options(segment)
     segment.set_defaults(func=run)
@@ -64,6 +66,9 @@ def command_line_prompts(args):
 
 
 def run(args) -> int:
+    # A name the user chose and the terminology table lacks gets a warning; the default name is generic by design.
+    args.terminology_notices = args.name is not None or bool(args.prompts)
+    args.name = args.name or DEFAULT_NAME
     from ..errors import InputError
     from ..prompt_files import read_prompts
     from ..segmentation_io import check_header_text
