@@ -2,6 +2,8 @@
 
 This file holds the Slicer-facing parts only: the module description, the parameter node, the panel (thin: it
 turns clicks into calls of the GUI-free ``SegMoTESlicerLib.logic.SegMoTESlicerLogic``) and the self-test.
+It is about 650 lines because a Qt panel is long to build by hand (Slicer's scripted modules keep the widget in
+the module file); no logic is decided here.
 """
 
 from __future__ import annotations

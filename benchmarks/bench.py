@@ -28,6 +28,10 @@ What is measured (every scenario once for the project's ``Engine`` and once for 
 Peak process RAM (Linux VmHWM, reset per side through /proc/self/clear_refs; ru_maxrss elsewhere) and, on CUDA,
 peak VRAM (``torch.cuda.max_memory_allocated``) are recorded per scenario and side. Ratios are project / peer:
 below 1.0 the project is faster. Timings are wall-clock and include host<->device copies.
+
+Why one file of about 1,000 lines: each scenario runs the project and the peer's own code side by side in the same
+process, and the two sides and their reporting are easiest to check against each other in one place. It is not
+part of the installed package.
 """
 
 from __future__ import annotations

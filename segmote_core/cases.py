@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .volume import LABELMAP_SUFFIXES, is_segmentation_path
-
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+from .volume import IMAGE_SUFFIXES, LABELMAP_SUFFIXES, is_segmentation_path, strip_image_suffix
 CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -23,13 +21,6 @@ class InputCase:
     name: str
     path: Path
 
-
-def strip_image_suffix(name: str) -> str | None:
-    lower = name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
 
 
 def _holds_dicom(folder: Path) -> bool:

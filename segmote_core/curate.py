@@ -130,7 +130,7 @@ class CurationResult:
         path = Path(path)
         if path.suffix.lower() == ".csv":
             def write_csv(temporary: Path):
-                with open(temporary, "w", newline="") as handle:
+                with open(temporary, "w", newline="", encoding="utf-8") as handle:
                     writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(Sample)])
                     writer.writeheader()
                     for sample in self.samples:
@@ -339,10 +339,10 @@ def read_manifest(path: str | Path) -> set[tuple[str, int, str]]:
         raise InputError(f"curation manifest not found: {path}")
     try:
         if path.suffix.lower() == ".csv":
-            with open(path, newline="") as handle:
+            with open(path, newline="", encoding="utf-8") as handle:
                 rows = list(csv.DictReader(handle))
             return {(r["case"], int(r["slice"]), r["label"]) for r in rows if r["kept"] in ("True", "true", "1")}
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_text(encoding="utf-8"))
         return {(r["case"], int(r["slice"]), r["label"]) for r in document["samples"] if r["kept"]}
     except (OSError, KeyError, ValueError, TypeError, json.JSONDecodeError) as error:
         raise InputError(f"cannot read curation manifest {path.name}: {' '.join(str(error).split())}") from None

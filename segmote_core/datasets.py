@@ -34,9 +34,8 @@ import numpy as np
 
 from .errors import InputError
 from .segmentation_io import read_segments
-from .volume import GRID_TOLERANCE_MM, Volume, is_segmentation_path, read_volume
+from .volume import GRID_TOLERANCE_MM, IMAGE_SUFFIXES, Volume, is_segmentation_path, read_volume, strip_image_suffix
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass
@@ -75,13 +74,6 @@ def resolve_path(path: str | Path) -> Path:
         raise InputError(f"{text}: no installed Python package named {package!r}")
     return Path(list(spec.submodule_search_locations)[0]) / relative
 
-
-def _strip_image_suffix(name: str) -> str | None:
-    lower = name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
 
 
 # ---- labels on the image grid ----------------------------------------------------------------------------
@@ -156,7 +148,7 @@ def load_nnunet(root: str | Path, patient_regex: str | None = None) -> list[Case
     if not description.is_file():
         raise InputError(f"{root} is not an nnU-Net dataset: no dataset.json")
     try:
-        info = json.loads(description.read_text())
+        info = json.loads(description.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise InputError(f"cannot read {description}: {' '.join(str(error).split())}") from None
     if not isinstance(info, dict) or "labels" not in info:
@@ -179,7 +171,7 @@ def load_nnunet(root: str | Path, patient_regex: str | None = None) -> list[Case
     else:  # v1: the "training" list
         for entry in info.get("training", []):
             label = (root / entry["label"]).resolve()
-            case_id = _strip_image_suffix(label.name) or label.stem
+            case_id = strip_image_suffix(label.name) or label.stem
             image = (root / entry["image"]).resolve()
             if not image.is_file():  # v1 lists the case name; files carry the _0000 channel suffix
                 suffix = next((s for s in IMAGE_SUFFIXES if image.name.endswith(s)), "")
@@ -215,8 +207,8 @@ def pair_scan(seg: Path) -> Path:
     """The scan a ``.seg.nrrd`` belongs to: same name without ``.seg``, else the only scan in its folder."""
     stem = seg.name[: -len(".seg.nrrd")]
     scans = sorted(p for p in seg.parent.iterdir()
-                   if p.is_file() and not is_segmentation_path(p) and _strip_image_suffix(p.name) is not None)
-    same = [p for p in scans if _strip_image_suffix(p.name) == stem]
+                   if p.is_file() and not is_segmentation_path(p) and strip_image_suffix(p.name) is not None)
+    same = [p for p in scans if strip_image_suffix(p.name) == stem]
     if same:
         return same[0]
     if len(scans) == 1:
@@ -232,7 +224,7 @@ def single_pair(image: str | Path, segmentation: str | Path, modality: str = "un
     for path in (image, segmentation):
         if not path.exists():
             raise InputError(f"not found: {path}")
-    case_id = _strip_image_suffix(image.name) or image.stem
+    case_id = strip_image_suffix(image.name) or image.stem
     return [Case(case_id, image, segmentation, modality)]
 
 

@@ -87,7 +87,7 @@ class EmbeddingStore:
         """The entry, memory-mapped, or None if absent or damaged (its checksums are verified on every call)."""
         embedding_path, early_path, meta_path = self.paths(key)
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
             embedding = np.load(embedding_path, mmap_mode="r")
             early = np.load(early_path, mmap_mode="r")
         except (OSError, ValueError, json.JSONDecodeError):

@@ -152,7 +152,7 @@ def _exit_on_signal(signum, frame) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> Path:
     """atomic_write for text (JSON, YAML, CSV built in memory)."""
-    return atomic_write(path, lambda temporary: temporary.write_text(text), mode)
+    return atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"), mode)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -103,7 +103,7 @@ def read_prompts(path: str | Path) -> PromptTable:
 # ---- Slicer markups ---------------------------------------------------------------------------------------------
 def read_markups(path: Path) -> PromptTable:
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"cannot read {path.name}: not valid JSON ({' '.join(str(error).split())})") from None
     markups = document.get("markups") if isinstance(document, dict) else None
@@ -179,7 +179,7 @@ def _read_fiducials(table: PromptTable, markup: dict, where: str) -> None:
 def read_csv(path: Path) -> PromptTable:
     table = PromptTable(path.name)
     try:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             missing = [c for c in ("case", "name", "kind", "x", "y", "z") if c not in (reader.fieldnames or [])]
             if missing:

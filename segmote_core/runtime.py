@@ -141,7 +141,7 @@ def cached_export(part: str, identity: dict, export: Callable[[Path], None], fol
     path = folder / f"{part}-{key}.onnx"
     checksum = path.with_suffix(".sha256")
     if path.is_file() and checksum.is_file():
-        if checksum.read_text().strip() == sha256_file(path):
+        if checksum.read_text(encoding="utf-8").strip() == sha256_file(path):
             return path
     atomic_write(path, export)
     atomic_write_text(checksum, sha256_file(path))

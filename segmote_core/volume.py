@@ -11,6 +11,9 @@ axis, independent of how the file stores its voxels (sagittal, flipped, DICOM or
 rows running anterior -> posterior and columns patient-right -> patient-left (radiological view); coronal and
 sagittal stacks have superior at the top. The permutation and flips are exact (no resampling), so masks map back
 to the file's voxel grid bit for bit.
+
+Why one module of about 600 lines: it is the one geometry-exact reader/writer (as nnU-Net keeps one), so every
+rule about voxel grids, orientations, RAS/LPS and slice stacks sits together and is tested together.
 """
 
 from __future__ import annotations
@@ -552,6 +555,16 @@ def is_segmentation_path(path: str | Path) -> bool:
 
 
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = LABELMAP_SUFFIXES  # the single-file image formats read_volume takes (and label maps are written in)
+
+
+def strip_image_suffix(name: str) -> str | None:
+    """A file name without its image suffix (``case_0000.nii.gz`` -> ``case_0000``); None if it has none."""
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
 
 
 def check_output_path(path: str | Path) -> Path:

@@ -10,6 +10,7 @@ from segmote_core.engine import Engine, largest_component
 from segmote_core.errors import InputError
 from segmote_core.models.backbones import build_tiny_sam_vit
 from segmote_core.models.segmote import SegMoTE
+from segmote_core.normalize import rule_for_training
 from segmote_core.volume import Volume
 
 
@@ -25,10 +26,11 @@ def _engine(**kwargs):
     return Engine(backbone=build_tiny_sam_vit(), device="cpu", **kwargs)
 
 
-def _adapter(engine, path, padding=0):
+def _adapter(engine, path, padding=0, rule=None):
     torch.manual_seed(0)
-    return save_adapter(path, SegMoTE(engine.backbone), ["organ"], {"kind": "range", "low": -100.0, "high": 400.0},
-                        extra={"pad": " " * padding}, backbone_sha256=None)
+    rule = rule or {"kind": "range", "low": -100.0, "high": 400.0}
+    return save_adapter(path, SegMoTE(engine.backbone), ["organ"], rule, extra={"pad": " " * padding},
+                        backbone_sha256=None)
 
 
 def test_engine_takes_a_built_backbone():
@@ -50,8 +52,11 @@ def test_auto_embeds_each_slice_once_even_when_the_cache_is_too_small(tmp_path):
 
 
 def test_auto_caches_a_volume_that_fits_so_prompts_afterwards_need_no_encoder(tmp_path):
+    """With the rule `segmote train` stores by default (the backbone's own), a box alone after the automatic run
+    finds its embeddings; an adapter with a window of its own makes a box alone embed its slices once more, since
+    the frozen decoder answering it gets the backbone's input."""
     engine = _engine(batch_size=2)
-    engine.load_adapter(_adapter(engine, tmp_path / "a.safetensors"))
+    engine.load_adapter(_adapter(engine, tmp_path / "a.safetensors", rule=rule_for_training(backbone="sam_vit_tiny")))
     volume = _volume()
     assert 6 * engine.embedding_bytes() <= engine.cache.max_bytes
     engine.auto(volume)

@@ -41,7 +41,7 @@ def module_name(path: Path) -> str:
 def imports(path: Path) -> list[tuple[str, int, str | None]]:
     """(imported module, line, enclosing top-level function or None) for every import in the file, relative ones
     resolved; ``from package import name`` also yields ``package.name`` (it may be a submodule)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     found = []
 
@@ -68,7 +68,7 @@ def imports(path: Path) -> list[tuple[str, int, str | None]]:
 def attribute_chains(path: Path) -> list[tuple[str, int]]:
     """Dotted names used in the file (``slicer.util.confirmOkCancelDisplay``), with their lines."""
     chains = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Attribute):
             parts, value = [node.attr], node.value
             while isinstance(value, ast.Attribute):

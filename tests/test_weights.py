@@ -328,7 +328,8 @@ def test_cli_download_list_and_path(test_model, payload, cache, capsys):
     assert capsys.readouterr().out.strip() == str(cache / TEST_FILENAME)
 
     assert run_cli("weights", "list") == 0
-    lines = capsys.readouterr().out.splitlines()
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.startswith(f"downloads go to {cache / 'weights'}") or str(cache) in header
     assert len(lines) == len(weights.KNOWN_WEIGHTS)
     listed = {line.split()[0]: line for line in lines}
     assert listed[TEST_MODEL].endswith(str(cache / TEST_FILENAME))

@@ -39,7 +39,7 @@ def run(args) -> int:
         from ..cases import record_path
 
         output = outputs[cases[0].name].path
-        record = json.loads(record_path(output).read_text())
+        record = json.loads(record_path(output).read_text(encoding="utf-8"))
         print(f"normalisation: {record['normalization']}")
         for s in record["segments"]:
             print(f"{s['name']}: {s['voxels']} voxels")

@@ -134,7 +134,7 @@ def print_single(args, output) -> None:
 
     from ..cases import record_path
 
-    record = json.loads(record_path(output).read_text())
+    record = json.loads(record_path(output).read_text(encoding="utf-8"))
     print(f"normalisation: {record['normalization']}")
     for s in record["segments"]:
         print(f"{s['name']}: {s['voxels']} voxels, {s['volume_ml']:.1f} ml, {s['confidence']} -> {output}")

@@ -56,6 +56,9 @@ where the IoU token is the decoder's output state in the coarse (first) pass.
 
 Balance loss: ``CV²(importance) + CV²(load)`` per block (see ``balance_loss``), summed over blocks and passes,
 always computed and returned next to the masks; the training loop weights it (paper: 0.01).
+
+Why one module of about 600 lines: MoTE and PPT share the decoder pass they are woven into (the step-0 identity
+with the frozen decoder depends on both), so the model reads as one piece next to the paper.
 """
 
 from __future__ import annotations

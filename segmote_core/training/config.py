@@ -172,7 +172,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         if not path.is_file():
             raise InputError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
             raise InputError(f"config {path.name} is not valid YAML: {' '.join(str(error).split())[:200]}") from None
         if not isinstance(loaded, dict):
