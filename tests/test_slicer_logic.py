@@ -588,6 +588,8 @@ def test_auto_segment_writes_one_segment_per_class_and_undo_removes_them(scene, 
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
     existing = add_segment(volume, segmentation, "left lung", np.zeros_like(truth["left lung"]))
     before = snapshot(volume, segmentation)
+    users_tag = vtk.reference("")
+    segmentation.GetSegmentation().GetSegment(existing).GetTag("TerminologyEntry", users_tag)
     calls = {}
 
     def fake_auto(self, vol, classes=None, axis=None, window=None, progress=None, cancel=None, **kwargs):
@@ -610,6 +612,12 @@ def test_auto_segment_writes_one_segment_per_class_and_undo_removes_them(scene, 
     assert calls["axis"] == 2
     assert np.array_equal(segment_array(volume, segmentation, written[0]), truth["right lung"])
     assert np.array_equal(segment_array(volume, segmentation, written[1]), truth["left lung"])
+    # The new segment carries its SNOMED CT codes (lung, right), as the CLI's files do; the user's segment keeps its own.
+    tag, kept = vtk.reference(""), vtk.reference("")
+    assert segmentation.GetSegmentation().GetSegment(written[0]).GetTag("TerminologyEntry", tag)
+    assert "SCT^39607008^Lung" in str(tag) and "SCT^24028007^Right" in str(tag)
+    segmentation.GetSegmentation().GetSegment(written[1]).GetTag("TerminologyEntry", kept)
+    assert str(kept) == str(users_tag)
     assert own.undo(segmentation)
     assert snapshot(volume, segmentation) == before
 

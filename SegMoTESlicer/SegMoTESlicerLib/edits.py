@@ -117,7 +117,22 @@ def newSegment(segmentationNode, name=None, color=None) -> str:
             number += 1
         name = f"{NEW_SEGMENT_PREFIX} {number}"
     color = color or catalogue.segmentColor(count)
-    return segmentation.AddEmptySegment("", name, [float(c) for c in color])
+    segmentId = segmentation.AddEmptySegment("", name, [float(c) for c in color])
+    tagTerminology(segmentation.GetSegment(segmentId), name)
+    return segmentId
+
+
+def tagTerminology(segment, name: str) -> None:
+    """A segment named after a structure the terminology table knows (an adapter's classes) carries its SNOMED CT
+    codes in Slicer's TerminologyEntry tag, as the CLI's .seg.nrrd and DICOM SEG do; other names keep Slicer's
+    default."""
+    from segmote_core.terminology import resolve
+
+    resolution = resolve(name)
+    if resolution.notice is None:
+        from slicerio.segmentation import terminology_entry_to_string  # the tag's text, as slicerio writes files
+
+        segment.SetTag("TerminologyEntry", terminology_entry_to_string(resolution.entry.slicer_terminology()))
 
 
 def replaceRegions(segmentationNode, grid, segmentId, pieces, created, changes) -> np.ndarray:
