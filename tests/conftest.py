@@ -20,6 +20,14 @@ LUNG_WINDOW = (-700.0, 600.0)  # level, width: lung parenchyma against everythin
 # an ONNX export per randomly initialised test model would cost seconds each.
 os.environ.setdefault("SEGMOTE_RUNTIME", "torch")
 
+# Property-based tests draw the same examples on every run, so a result (red or green) reproduces on any machine;
+# HYPOTHESIS_PROFILE=explore draws new ones each run, to look for more failing cases.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("reproducible", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
+
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, bool), np.asarray(b, bool)

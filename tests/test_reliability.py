@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import CHEST_SEG
@@ -239,6 +239,9 @@ def test_disk_full_while_writing_keeps_the_previous_file(tmp_path, chest_ct, mon
 @settings(max_examples=60, deadline=None)
 @given(st.tuples(*[st.floats(-0.49, 127.49)] * 2), st.floats(-0.49, 33.49))
 def test_prompt_conversion_lands_on_the_voxel(chest_ct, ij, k):
+    # A point exactly on the boundary between two voxels (x.5) belongs to either; the flips of the stack may round it
+    # to the other one, so such points say nothing about the conversion.
+    assume(all(abs(abs(value - np.floor(value)) - 0.5) > 1e-6 for value in (*ij, k)))
     point = np.array([[ij[0], ij[1], k]])
     ras = chest_ct.ijk_to_ras_points(point)
     stack = SliceStack.for_axis(chest_ct, None)
