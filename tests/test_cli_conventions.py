@@ -54,7 +54,8 @@ def test_every_option_of_every_command_has_help():
 @pytest.mark.parametrize("argv", [["-q", "weights", "list"], ["weights", "list", "-q"], ["--quiet", "eval", "--pred",
                                                                                            "a", "--gt", "b"]])
 def test_quiet_is_taken_before_or_after_the_command(argv):
-    args = cli.build_parser(argv[0]).parse_args(argv)
+    command = next(word for word in argv if not word.startswith("-"))  # as main() finds it
+    args = cli.build_parser(command).parse_args(argv)
     assert args.quiet is True and args.verbose is False
 
 

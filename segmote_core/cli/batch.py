@@ -66,8 +66,9 @@ def plan_outputs(args, inputs: str, extra_inputs=(), names: tuple[str, ...] = ()
     from ..outputs import output_suffix, plan_output
 
     out, source = Path(args.out), Path(inputs)
-    plan = lambda path, image: plan_output(path, args.output_format, image, args.series, args.overwrite,  # noqa: E731
-                                           names=names)
+    def plan(path, image):
+        return plan_output(path, args.output_format, image, args.series, args.overwrite, names=names)
+
     if not is_folder_output(out, collection=False):
         plan(out, source)
     cases = find_input_cases(source)

@@ -1,4 +1,8 @@
-"""`segmote curate`: score (slice, label) samples of a dataset and keep a balanced high-quality subset."""
+"""`segmote curate`: score (slice, label) samples of a dataset and keep a balanced high-quality subset.
+
+Its flags come from CurationConfig (which needs numpy), so the top-level parser builds this one only when the
+command is `curate` (LAZY_COMMANDS in main.py).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ THRESHOLDS = ("min_clarity", "min_contrast", "min_entropy", "min_foreground", "m
               "max_components", "min_area", "duplicate_threshold")
 
 
-def add_parser(commands) -> None:
+def add_cli(commands) -> None:
     from ..curate import CurationConfig  # numpy only; scipy and the volume layer load when curation runs
 
     parser = commands.add_parser(

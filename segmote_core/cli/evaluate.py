@@ -1,4 +1,8 @@
-"""`segmote eval`: Dice and normalised surface Dice of a segmentation against ground truth."""
+"""`segmote eval`: Dice and normalised surface Dice of a segmentation against ground truth.
+
+Its default tolerance comes from segmote_core.evaluate (which needs numpy), so the top-level parser builds this
+one only when the command is `eval` (LAZY_COMMANDS in main.py).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from .common import add_verbosity_options
 HELP = "Dice and normalised surface Dice of a segmentation against ground truth"
 
 
-def add_parser(commands) -> None:
+def add_cli(commands) -> None:
     from ..evaluate import DEFAULT_TOLERANCE_MM  # torch and MONAI load when scoring runs
 
     parser = commands.add_parser(

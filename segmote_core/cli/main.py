@@ -14,17 +14,19 @@ import sys
 
 from .. import __version__
 from ..errors import SegMoTEError
-from . import auto, curate, demo, evaluate, segment, weights
+from . import auto, demo, segment, weights
 from .common import Parser, add_verbosity_options
 
 EXIT_USER_ERROR = 1
 EXIT_INTERNAL_ERROR = 3
 EXIT_INTERRUPTED = 130
 
-COMMANDS = (segment, auto, demo, weights, curate, evaluate)
-# Commands whose parser needs torch to build: name -> (module in this package, one-line help). The module is
-# imported only when its command runs; tests/test_cli_startup.py checks the help lines match.
+COMMANDS = (segment, auto, demo, weights)
+# Commands whose parser needs numpy or torch to build: name -> (module in this package, one-line help). The
+# module is imported only when its command runs; tests/test_cli_startup.py checks the help lines match.
 LAZY_COMMANDS = {
+    "eval": ("evaluate", "Dice and normalised surface Dice of a segmentation against ground truth"),
+    "curate": ("curate", "score (slice, label) samples and keep a balanced high-quality subset"),
     "train": ("train", "train SegMoTE adapters (MoTE + PPT) on a frozen backbone"),
 }
 
