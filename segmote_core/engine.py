@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from . import boxes
+from .boxes import loose_box
 from .checkpoints import load_backbone
 from .devices import default_cache_bytes, default_encoder_batch, resolve_device, tune_cpu_allocator
 from .errors import Cancelled, InputError, SegMoTEError
@@ -33,11 +35,17 @@ from .volume import SliceStack, Volume, check_contrast, prompt_array
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
 SliceFn = Callable[[int, np.ndarray], None]  # (slice index along the slicing axis, the (K, J, I) mask so far)
-PROPAGATION_MARGIN = (3.0, 0.05)  # pixels, share of the box's longer side: the margin is the larger
 MIN_SCORE = 0.3  # predicted IoU under which propagation stops
 MIN_OVERLAP = 0.6  # share of a new slice's mask that must lie over the previous slice's mask
 MAX_INTENSITY_JUMP = 0.2  # largest change of the mask's mean normalised intensity from one slice to the next
 LOW_CONFIDENCE = 0.75  # predicted IoU under which a result is flagged for the user to check (docs/training.md)
+AUTO_OBJECTNESS = 0.5  # PPT objectness from which a class counts as present on a slice (automatic segmentation)
+# ... and from which its mask may answer a click: only where the adapter is sure (trained adapters give 0.99 on
+# the lung slices of the chest CT; an untrained one about 0.5, so it answers clicks exactly like the base model).
+CLICK_OBJECTNESS = 0.9
+CLASS_ANSWERS_KEPT = 16  # slices whose automatic class answers are kept for further clicks
+CONTINUE_GROWTH = 2  # pixels an object may grow by from one slice to the next where the model's answer breaks off
+CONTINUE_SLACK = 0.05  # normalised intensity beyond the object's 5th-95th percentiles still taken as the object
 
 
 class _MovedToCpu(Exception):
@@ -89,6 +97,9 @@ class Prepared:
     stack: SliceStack
     normalization: Normalization
     key: tuple
+    # What the frozen decoder gets for boxes when it differs (an adapter's rule chosen automatically): the box
+    # search behind a click asks the frozen decoder, with the input it was trained for (segmote_core.boxes).
+    box_normalization: Normalization | None = None
 
     @property
     def num_slices(self) -> int:
@@ -141,17 +152,6 @@ class SlicePrediction:
     score: float  # predicted IoU
 
 
-def mask_box(mask: np.ndarray, margin: float = 0.0) -> np.ndarray | None:
-    """Tight box (x0, y0, x1, y1) of a 2-D mask, grown by `margin` pixels; None if empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    height, width = mask.shape
-    return np.array([max(cols[0] - margin, 0), max(rows[0] - margin, 0),
-                     min(cols[-1] + margin, width - 1), min(rows[-1] + margin, height - 1)], dtype=float)
-
-
 class Engine:
     """Holds one backbone (and optionally a SegMoTE adapter) and serves prompts on volumes."""
 
@@ -190,6 +190,7 @@ class Engine:
             self._compile_encoder()
         self.segmote = None
         self.adapter_header: dict | None = None
+        self._class_masks: OrderedDict = OrderedDict()  # (prepared key, slice) -> automatic answers per class
         self.notices: list[str] = []  # things the user should know (shown by the CLI and the Slicer panel)
         self.runtime, self._fast, self._fast_decoder = "torch", None, False
         self.last_result: SegmentResult | None = None  # normalisation and predicted IoU of the last segment()
@@ -246,6 +247,7 @@ class Engine:
         self.segmote, self.adapter_header = segmote, header
         self.segmote.to(self.device).eval()
         self.cache.clear()  # entries embedded without early features would be looked up under other keys anyway
+        self._class_masks.clear()
         self._use_fast_decoder()
 
     @property
@@ -261,6 +263,7 @@ class Engine:
     def unload_adapter(self) -> None:
         """Back to the plain backbone decoder (cached embeddings stay valid)."""
         self.segmote, self.adapter_header = None, None
+        self._class_masks.clear()
         self._use_fast_decoder()
 
     @property
@@ -279,14 +282,27 @@ class Engine:
         if min(volume.shape_ijk) < 1:
             raise InputError(f"the image is empty: {volume.shape_ijk}")
         check_contrast(volume)
+        box_normalization = None
         if normalization is None:
-            normalization = choose_normalization(
-                volume.array, window, preset, modality=getattr(volume, "modality", None), backbone=self.model_name,
-                adapter_rule=None if box_alone and self.boxes_go_to_base else self.adapter_rule)
+            def choose(adapter_rule):
+                return choose_normalization(volume.array, window, preset, modality=getattr(volume, "modality", None),
+                                            backbone=self.model_name, adapter_rule=adapter_rule)
+
+            base_rule = self.adapter_rule is None or (self.boxes_go_to_base and box_alone)
+            normalization = choose(None if base_rule else self.adapter_rule)
+            if not base_rule and self.boxes_go_to_base and window is None and preset is None:
+                box_normalization = choose(None)
         stack = SliceStack.for_axis(volume, axis)
         key = (stack.fingerprint(), normalization.key(), self.model_name,
                getattr(self.backbone, "weights_sha256", ""), self.precision)
-        return Prepared(volume, stack, normalization, key)
+        return Prepared(volume, stack, normalization, key, box_normalization)
+
+    def _for_boxes(self, prepared: Prepared) -> Prepared:
+        """The same volume with the frozen decoder's input for boxes (itself when that is the same)."""
+        if prepared.box_normalization is None or prepared.box_normalization.key() == prepared.normalization.key():
+            return prepared
+        key = (prepared.key[0], prepared.box_normalization.key(), *prepared.key[2:])
+        return Prepared(prepared.volume, prepared.stack, prepared.box_normalization, key)
 
     # ---- embeddings ------------------------------------------------------------------------------------
     def embeddings(self, prepared: Prepared, indices: Sequence[int], progress: ProgressFn | None = None,
@@ -486,9 +502,53 @@ class Engine:
     def predict_slice(self, prepared: Prepared, index: int, points: np.ndarray | None = None,
                       point_labels: np.ndarray | None = None, box: np.ndarray | None = None,
                       mask_input: torch.Tensor | None = None) -> SlicePrediction:
-        """Prompt one slice. points: (N, 2) slice xy; point_labels: (N,) 1/0; box: (4,) x0 y0 x1 y1."""
+        """Prompt one slice. points: (N, 2) slice xy; point_labels: (N,) 1/0; box: (4,) x0 y0 x1 y1.
+
+        Clicks without a box (or mask) are answered with the box around the object under them (segmote_core.boxes):
+        an adapter class's automatic mask, else the frozen decoder's surest box answer that fits the clicks, else
+        the decoder's own answer to the clicks."""
         if points is None and box is None:
             raise InputError("give at least one point or a box")
+        if points is not None and box is None and mask_input is None:
+            labels = np.ones(len(points), int) if point_labels is None else np.asarray(point_labels)
+            return self._answer_clicks(prepared, index, np.asarray(points, float), labels)
+        return self._decode_slice(prepared, index, points, point_labels, box, mask_input)
+
+    def _answer_clicks(self, prepared: Prepared, index: int, points: np.ndarray, labels: np.ndarray) -> SlicePrediction:
+        # The adapter answers clicks only on scans its rule fits (a lung adapter knows nothing of an MR).
+        in_domain = self.segmote is not None and prepared.normalization.adapter_applies
+        if in_domain:
+            chosen = boxes.class_under_clicks(self._class_answers(prepared, index), points, labels)
+            if chosen is not None:
+                position, mask, score = chosen
+                return SlicePrediction(mask, self._class_masks[(prepared.key, index)][position].low_res_logits, score)
+        for_boxes = self._for_boxes(prepared)
+        found = boxes.search_box(lambda box: self._decode_slice(for_boxes, index, box=box),
+                                 for_boxes.slice01(index), points, labels)
+        return found or self._decode_slice(prepared, index, points, labels, frozen=not in_domain)
+
+    def _class_answers(self, prepared: Prepared, index: int) -> list[SlicePrediction | None]:
+        """The adapter's automatic answer per class on one slice (None where objectness says absent); the last
+        few slices are kept, so that more clicks on a slice cost no decoder pass."""
+        key = (prepared.key, index)
+        if key not in self._class_masks:
+            embedding, early = self.embeddings(prepared, [index])[index]
+            answers = []
+            with torch.inference_mode():
+                for class_index in range(self.segmote.config.num_classes):
+                    out = self.segmote.auto_decode(embedding, early, class_index, refine_passes=1)
+                    mask = (self.backbone.postprocess(out.logits, prepared.slice_shape)[0, 0] > 0).cpu().numpy()
+                    present = float(out.objectness[0]) >= CLICK_OBJECTNESS
+                    answers.append(SlicePrediction(mask, out.logits, float(out.iou[0, 0])) if present else None)
+            while len(self._class_masks) >= CLASS_ANSWERS_KEPT:
+                self._class_masks.popitem(last=False)
+            self._class_masks[key] = answers
+        return self._class_masks[key]
+
+    def _decode_slice(self, prepared: Prepared, index: int, points: np.ndarray | None = None,
+                      point_labels: np.ndarray | None = None, box: np.ndarray | None = None,
+                      mask_input: torch.Tensor | None = None, frozen: bool = False) -> SlicePrediction:
+        """One decoder pass on one slice, as prompted; frozen: the backbone's own decoder even with an adapter."""
         embedding, early = self.embeddings(prepared, [index])[index]
         shape = prepared.slice_shape
         to_model = self.backbone.slice_to_model_xy
@@ -502,8 +562,8 @@ class Engine:
                 bx = to_model(corners, shape).view(1, 4)
             box_alone_to_base = (self.segmote is not None and pts is None and bx is not None
                                  and self.segmote.config.boxes_to_base)  # the adapter's rule, on every runtime
-            if box_alone_to_base:
-                logits, iou = self.backbone.decode(embedding, None, None, bx, mask_input, multimask=False)
+            if box_alone_to_base or (frozen and self.segmote is not None):
+                logits, iou = self.backbone.decode(embedding, pts, lbl, bx, mask_input, multimask=False)
             elif self._fast_decoder:
                 logits, iou = self._fast.decode(embedding, early, pts, lbl, bx, mask_input)
             elif self.segmote is not None:
@@ -605,48 +665,49 @@ class Engine:
     def _propagate(self, prepared: Prepared, start: int, first: SlicePrediction, result: np.ndarray,
                    scores: dict[int, float], slice_range: tuple[int, int], clip_box: np.ndarray | None,
                    progress: ProgressFn | None, cancel: CancelFn | None,
-                   notify: Callable[[int], None] | None = None, fill_box: bool = True) -> None:
+                   notify: Callable[[int], None] | None = None, fill_box: bool = False) -> None:
         """From a prompted slice, up and down: each next slice prompted by the previous mask's box.
 
-        The box grows by a margin (PROPAGATION_MARGIN) (objects change size between slices, and SAM-family models
-        are trained on slightly loose boxes); with clip_box (the user's 3-D box) it never leaves that box, and with
-        fill_box the continuity checks do not end it inside the box: only an answer the model is unsure of (or an
-        empty one, also when prompted with the user's box itself) ends the object there. The user drew the box
-        around the object, so a jump in shape or intensity inside it (a thick slice, the narrow end of an organ) is
-        the object changing, not a different object. The price (docs/training.md): at an organ's thin ends the
-        model is often confidently too large, so filling every slice can lower the overall Dice."""
+        The box grows by a margin (boxes.BOX_MARGIN) (objects change size between slices, and SAM-family models
+        are trained on slightly loose boxes); with clip_box (the user's 3-D box) it never leaves that box.
+        Without clip_box the object ends at the first slice that does not continue it (below). Inside the user's
+        3-D box the user has said the object is there, so a break does not end it: the slice keeps the part of
+        the object that continues the previous slice (``continue_object``), and the next slice is asked again.
+        Only an empty continuation ends it. fill_box instead keeps the model's whole answer while it is sure
+        (docs/training.md: at an organ's thin ends the model is often confidently too large)."""
         total, done = slice_range[1] - slice_range[0] + 1, 1
         for step in (1, -1):
             previous = first.mask
             previous_mean = prepared.slice01(start)[first.mask].mean()
+            # The object's intensity, from the prompted slice only: the model's answers nearer the ends may
+            # already hold some of a neighbour.
+            alike = np.percentile(prepared.slice01(start)[first.mask], [5, 95])
             index = start + step
             while slice_range[0] <= index <= slice_range[1]:
                 if cancel and cancel():
                     raise Cancelled("cancelled during propagation; nothing was changed")
-                box = mask_box(previous)
-                box = mask_box(previous, margin=max(PROPAGATION_MARGIN[0],
-                                                    PROPAGATION_MARGIN[1] * max(box[2] - box[0], box[3] - box[1])))
+                box = loose_box(previous)
                 if clip_box is not None:
                     box = np.concatenate([np.maximum(box[:2], clip_box[:2]), np.minimum(box[2:], clip_box[2:])])
                 prediction = self._predict_within(prepared, index, box, clip_box)
                 area, previous_area = prediction.mask.sum(), previous.sum()
                 overlap = (prediction.mask & previous).sum() / max(area, 1)
-                mean = prepared.slice01(index)[prediction.mask].mean() if area else 0.0
+                image = prepared.slice01(index)
+                mean = image[prediction.mask].mean() if area else 0.0
                 # The object has ended when the model finds (almost) nothing, is unsure, or jumps to a region
                 # that does not continue the previous slice's object: anatomy is continuous across slices in
                 # place and in intensity.
                 if (area < max(4, 0.05 * previous_area) or prediction.score < MIN_SCORE
                         or overlap < MIN_OVERLAP or abs(mean - previous_mean) > MAX_INTENSITY_JUMP):
-                    if clip_box is None or not fill_box:
+                    if clip_box is None:
                         break
-                    # Inside the user's 3-D box only an unsure (or empty) answer ends the object; if the
-                    # previous mask's box finds nothing, the object may have moved: try the user's box.
-                    if area < 4 or prediction.score < MIN_SCORE:
-                        prediction = self._predict_within(prepared, index, clip_box, clip_box)
-                        area = prediction.mask.sum()
-                        if area < 4 or prediction.score < MIN_SCORE:
+                    if fill_box and area >= 4 and prediction.score >= MIN_SCORE:
+                        mean = image[prediction.mask].mean()
+                    else:
+                        prediction.mask = continue_object(prediction.mask, previous, image, alike, clip_box)
+                        if not prediction.mask.any():
                             break
-                    mean = prepared.slice01(index)[prediction.mask].mean()
+                        mean = previous_mean  # a continuation keeps the object's intensity by construction
                 previous_mean = mean
                 result[index], scores[index] = prediction.mask, prediction.score
                 if notify:
@@ -669,7 +730,7 @@ class Engine:
 
     # ---- automatic segmentation (needs a SegMoTE adapter with PPT classes) ----------------------------
     def auto(self, volume: Volume, classes: Sequence[str] | None = None, keep_largest: bool = True,
-             axis: int | None = None, window=None, refine_passes: int = 1, objectness_threshold: float = 0.5,
+             axis: int | None = None, window=None, refine_passes: int = 1, objectness_threshold: float = AUTO_OBJECTNESS,
              progress: ProgressFn | None = None, cancel: CancelFn | None = None,
              preset: str | None = None) -> list[Segment]:
         """One segment per adapter class (names and colours from the checkpoint), no prompts.
@@ -729,6 +790,32 @@ class Engine:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:160]}" if text else type(error).__name__
+
+
+def continue_object(answer: np.ndarray, previous: np.ndarray, image: np.ndarray, alike: np.ndarray,
+                    clip_box: np.ndarray) -> np.ndarray:
+    """The part of a slice that continues the previous slice's object, where the model's answer does not.
+
+    Object-like pixels: within CONTINUE_GROWTH pixels of the previous mask, inside the user's box, with the
+    object's intensity (``alike``: its 5th-95th percentiles on the prompted slice, plus slack). The model's answer limited to them, or (if that keeps almost nothing: the model answered another
+    organ) the object-like pixels themselves; only the parts that touch the previous mask."""
+    from scipy import ndimage
+
+    near = ndimage.binary_dilation(previous, iterations=CONTINUE_GROWTH)
+    x0, y0, x1, y1 = np.round(clip_box).astype(int)
+    inside = np.zeros_like(near)
+    inside[y0:y1 + 1, x0:x1 + 1] = True
+    like = near & inside & (image >= alike[0] - CONTINUE_SLACK) & (image <= alike[1] + CONTINUE_SLACK)
+    wanted = max(4, 0.05 * previous.sum())
+    # In order: the answer where it looks like the object; the pixels that look like it; the answer where the
+    # object was (an object's thin end blurred by a thick slice no longer has the object's intensity).
+    for kept in (answer & like, like, answer & near & inside):
+        parts, _ = ndimage.label(kept)
+        touching = np.unique(parts[previous & kept])
+        kept = np.isin(parts, touching[touching > 0])
+        if kept.sum() >= wanted:
+            return kept
+    return kept
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -49,6 +49,9 @@ class Normalization:
     rule: tuple = ()  # ("window", level, width) or ("percentiles", low_pct, high_pct, voxels)
     reason: str = field(default="", compare=False)  # why this rule: "automatic: CT ...", "the window given", ...
     auto_rule: dict | None = field(default=None, compare=False, hash=False)  # set when the rule was automatic
+    # False when an adapter's stored rule was set aside because it does not fit the scan (a CT window on an MR):
+    # the scan is then outside the adapter's domain.
+    adapter_applies: bool = field(default=True, compare=False)
 
     def key(self) -> tuple[float, float]:
         return (round(self.low, 4), round(self.high, 4))
@@ -82,8 +85,8 @@ class Normalization:
             rule["voxels"] = self.rule[3]
         return rule
 
-    def with_reason(self, reason: str, auto_rule: dict | None = None) -> "Normalization":
-        return Normalization(self.low, self.high, self.rule, reason, auto_rule)
+    def with_reason(self, reason: str, auto_rule: dict | None = None, adapter_applies: bool = True) -> "Normalization":
+        return Normalization(self.low, self.high, self.rule, reason, auto_rule, adapter_applies)
 
 
 # ---- the rule kinds -------------------------------------------------------------------------------------
@@ -239,7 +242,8 @@ def choose_normalization(array: np.ndarray, window_level_width=None, preset: str
             # A window is in Hounsfield units: it means nothing on an MR, so the backbone's own default serves.
             chosen = from_rule(array, rule, modality)
             return chosen.with_reason(f"automatic: {chosen.reason}; the adapter's CT window does not apply to a "
-                                      f"scan that is not CT; {backbone}'s MR/other default", rule)
+                                      f"scan that is not CT; {backbone}'s MR/other default", rule,
+                                      adapter_applies=False)
         chosen = from_rule(array, adapter_rule, modality)
         return chosen.with_reason("the adapter's stored rule" + (f"; {chosen.reason}" if chosen.reason else ""))
     found, why = detect_modality(array, modality)
