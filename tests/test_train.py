@@ -221,7 +221,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 def test_heldout_report_scores_the_shipped_adapter_through_the_engine(tmp_path, tiny_data, monkeypatch):
     """Slice split with the real LiteMedSAM: the held-out report runs Engine.auto and single-click / box prompts on
-    the held-out slices, with the engines seeded from the training store (nothing embedded twice)."""
+    the held-out slices, with the engines seeded from the training store (nothing embedded twice with one input)."""
     from segmote_core import engine as engine_module
 
     config = tiny_config(tiny_data, tmp_path / "run", backbone="lite_medsam", steps=2, final_report=True,
@@ -244,7 +244,9 @@ def test_heldout_report_scores_the_shipped_adapter_through_the_engine(tmp_path, 
     assert report["classes"]["label 1"]["slices_with_class"] == 2
     assert json.loads((tmp_path / "run" / "report.json").read_text()) == report
     assert read_adapter_header(tmp_path / "shipped.safetensors")["extra"]["heldout_report"] == report
-    assert len(embedded) == 8  # the training store's 8 slices, once; the report's engines embedded nothing
+    # The training store's 8 slices, once; the report's engines add only the held-out slices with the backbone's own
+    # input, which the box search behind a click asks the frozen decoder with (segmote_core/boxes.py).
+    assert embedded == list(range(8)) + [1, 5]
 
 
 def test_two_process_ddp_under_torchrun(tmp_path, tiny_data):

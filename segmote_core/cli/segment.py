@@ -36,8 +36,8 @@ def add_parser(commands) -> None:
     segment.add_argument("--propagate", action="store_true",
                          help="carry a one-slice result up and down the slicing axis until the object ends")
     segment.add_argument("--fill-box", action="store_true",
-                         help="3-D box: segment every slice inside it while the model is confident, instead of "
-                              "stopping where a slice stops continuing the object (may take neighbouring organs)")
+                         help="3-D box: keep the model's whole answer on every slice while it is confident, "
+                              "instead of only the part that continues the object (may take neighbouring organs)")
     segment.add_argument("--name", help=f"segment name of a command-line prompt, ideally a structure the terminology "
                          f"table knows (default: {DEFAULT_NAME}, stored with the generic code Tissue)")
     segment.add_argument("--adapter", metavar="CKPT", help="SegMoTE adapter (.safetensors): MoTE decoder for prompts")

@@ -32,9 +32,10 @@ def heldout_report(config: TrainConfig, data: TrainData, adapter: Path, device, 
 
     automatic: ``Engine(adapter=...).auto(volume)`` (whole volume, largest 3-D component kept), scored on the
     held-out slices only. single click: one positive click at the centre (farthest from the border) of each class on
-    each held-out slice where it is present; base backbone vs the trained MoTE decoder; Dice over those slices.
-    box (base): the tight box, base backbone, for reference. The engines' embedding caches are seeded from the
-    training store (same encoder, normalisation and slices), so nothing is embedded twice.
+    each held-out slice where it is present, answered as the engine answers clicks (segmote_core/boxes.py), base
+    backbone vs the adapter; Dice over those slices. box (base): the tight box, base backbone, for reference. The
+    engines' embedding caches are seeded from the training store (same encoder, normalisation and slices); only the
+    box search behind the adapter's clicks embeds the held-out slices once more, with the backbone's own input.
     """
     from ..engine import Engine
 
