@@ -518,10 +518,11 @@ class Engine:
         # The adapter answers clicks only on scans its rule fits (a lung adapter knows nothing of an MR).
         in_domain = self.segmote is not None and prepared.normalization.adapter_applies
         if in_domain:
-            chosen = boxes.class_under_clicks(self._class_answers(prepared, index), points, labels)
+            answers = self._class_answers(prepared, index)
+            chosen = boxes.class_under_clicks(answers, points, labels)
             if chosen is not None:
                 position, mask, score = chosen
-                return SlicePrediction(mask, self._class_masks[(prepared.key, index)][position].low_res_logits, score)
+                return SlicePrediction(mask, answers[position].low_res_logits, score)
         for_boxes = self._for_boxes(prepared)
         found = boxes.search_box(lambda box: self._decode_slice(for_boxes, index, box=box),
                                  for_boxes.slice01(index), points, labels)
@@ -701,9 +702,7 @@ class Engine:
                         or overlap < MIN_OVERLAP or abs(mean - previous_mean) > MAX_INTENSITY_JUMP):
                     if clip_box is None:
                         break
-                    if fill_box and area >= 4 and prediction.score >= MIN_SCORE:
-                        mean = image[prediction.mask].mean()
-                    else:
+                    if not (fill_box and area >= 4 and prediction.score >= MIN_SCORE):
                         prediction.mask = continue_object(prediction.mask, previous, image, alike, clip_box)
                         if not prediction.mask.any():
                             break
