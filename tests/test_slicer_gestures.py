@@ -290,3 +290,24 @@ def test_leaving_the_module_stops_reacting_and_esc_cancels(session, chest_truth)
     session.controller.waitIdle()
     assert session.logic.undoSteps(session.segmentation) == 0, "a cancelled run wrote the segment"
     assert session.segmentation.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_one_click_in_red_with_the_lung_adapter_segments_the_lung(session, chest_truth):
+    """The most common gesture: one include point in Red on a lung, with the shipped lung adapter chosen in the
+    panel, on a slice the adapter never trained on. One run, one undo step, the lung on that slice only."""
+    from segmote_core.evalset import innermost_point
+
+    k = 19  # held out (configs/chest_ct_lungs.yaml holds out slices 1, 4, 7, ...)
+    session.logic.adapterPath = str(SHIPPED_ADAPTER)
+    truth = chest_truth["left lung"]
+    row, col = innermost_point(truth[k])
+    session.showSlice("Red", (col, row, k))
+    session.controller.startPlacing("positive")
+    session.views["Red"].click(*session.xy("Red", (col, row, k)))
+    session.controller.waitIdle()
+    assert session.controller.lastError is None, session.controller.lastError
+    assert session.controller.runsStarted == 1 and session.logic.undoSteps(session.segmentation) == 1
+    mask = session.segment()
+    assert np.flatnonzero(mask.any(axis=(1, 2))).tolist() == [k]
+    score = dice(mask[k], truth[k])
+    assert score >= 0.90, f"one click Dice {score:.3f}"
