@@ -1,16 +1,16 @@
 """Boxes from masks and from clicks: what the engine prompts LiteMedSAM-style decoders with.
 
 LiteMedSAM (and MedSAM) were trained with boxes only: one positive click gives an empty mask (Dice about 0.01 on
-the chest CT), while a box gives a good one on almost any structure. So a click is answered with the box around
-the object under it (``object_under_clicks``):
+the chest CT), while a box gives a good one on almost any structure. So ``Engine.predict_slice`` answers clicks
+with the box around the object under them:
 
-1. With an adapter, the automatic (PPT) mask of one of its classes on that slice, if it holds every positive
-   click and no negative one: the user clicked on a structure the adapter knows. The parts of that mask under the
-   positive clicks are the answer.
-2. Otherwise a search with the frozen decoder: boxes of growing size around the positive clicks
-   (``CLICK_BOX_SIDES``); of the answers that hold every positive click and no negative one, the one the model is
-   surest of (predicted IoU), then refined with the box around it (``CLICK_BOX_REFINES``). No labels and no
-   training: it asks the decoder the question it was trained for.
+1. ``class_under_clicks``: with an adapter that applies to the scan, the automatic (PPT) mask of one of its
+   classes on that slice, if it holds every positive click and no negative one (the user clicked on a structure
+   the adapter knows); the parts of that mask under the positive clicks are the answer.
+2. ``search_box``: otherwise the frozen decoder with square boxes of growing size around the positive clicks
+   (``CLICK_BOX_SIDES``); of the answers that hold every positive click, no negative one, and whose intensities
+   include the clicked pixels', the one the model is surest of (predicted IoU), refined with the box around it
+   (``CLICK_BOX_REFINES``). No labels and no training: it asks the decoder the question it was trained for.
 3. Nothing found: the decoder's own answer to the clicks.
 
 Measured in docs/training.md ("One click").
