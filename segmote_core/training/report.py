@@ -32,10 +32,11 @@ def heldout_report(config: TrainConfig, data: TrainData, adapter: Path, device, 
 
     automatic: ``Engine(adapter=...).auto(volume)`` (whole volume, largest 3-D component kept), scored on the
     held-out slices only. single click: one positive click at the centre (farthest from the border) of each class on
-    each held-out slice where it is present, answered as the engine answers clicks (segmote_core/boxes.py), base
-    backbone vs the adapter; Dice over those slices. box (base): the tight box, base backbone, for reference. The
-    engines' embedding caches are seeded from the training store (same encoder, normalisation and slices); only the
-    box search behind the adapter's clicks embeds the held-out slices once more, with the backbone's own input.
+    each held-out slice where it is present, answered as the engine answers clicks (segmote_core/boxes.py); box: the
+    tight box. Base backbone vs adapter, each with the input a user gets (the base model its own default, the
+    adapter its rule for clicks and the frozen decoder's input for a box alone); Dice over those slices. The
+    adapter's caches are seeded from the training store (same encoder, normalisation and slices); the held-out
+    slices are embedded once more with the backbone's own input, for each engine.
     """
     from ..engine import Engine
 
@@ -44,11 +45,13 @@ def heldout_report(config: TrainConfig, data: TrainData, adapter: Path, device, 
     held = list(data.split["val"])
     tuned = Engine(config.backbone, config.checkpoint, str(device), adapter=adapter)
     base = Engine(config.backbone, config.checkpoint, str(device))
-    tuned_prep = tuned.prepare(volume)
-    base_prep = base.prepare(volume, normalization=tuned_prep.normalization)
+    tuned_prep = tuned.prepare(volume)  # clicks and automatic segmentation: the adapter's rule
+    tuned_boxes = tuned.prepare(volume, box_alone=True)  # a box alone, as the CLI and the Slicer module prepare it
+    base_prep = base.prepare(volume)  # the base model as a user gets it
     computed = {item.index: (item.embedding, item.early) for item in data.train + data.val if item.case == case}
-    for engine, prepared in ((tuned, tuned_prep), (base, base_prep)):
-        engine.add_embeddings(prepared, computed)
+    tuned.add_embeddings(tuned_prep, computed)
+    if base_prep.normalization.key() == tuned_prep.normalization.key():
+        base.add_embeddings(base_prep, computed)
     stack = tuned_prep.stack
     tick = time.time()
     automatic = {s.name: stack.to_stack(s.mask) for s in tuned.auto(volume, data.classes, keep_largest=True,
@@ -65,11 +68,12 @@ def heldout_report(config: TrainConfig, data: TrainData, adapter: Path, device, 
             point_ijk = stack.stack_to_ijk([i, y, x])[0].tolist()
             rows, cols = np.flatnonzero(truth[i].any(1)), np.flatnonzero(truth[i].any(0))
             box = np.array([cols[0], rows[0], cols[-1], rows[-1]], float)
-            for label, engine, prepared in (("base", base, base_prep), ("tuned", tuned, tuned_prep)):
+            for label, engine, for_clicks, for_boxes in (("base", base, base_prep, base_prep),
+                                                         ("tuned", tuned, tuned_prep, tuned_boxes)):
                 mask = stack.to_stack(engine.segment(volume, points_ijk=[point_ijk], point_labels=[1],
-                                                     prepared=prepared))
+                                                     prepared=for_clicks))
                 scores[f"click_{label}"].append((mask[i], truth[i]))
-                scores[f"box_{label}"].append((engine.predict_slice(prepared, i, box=box).mask, truth[i]))
+                scores[f"box_{label}"].append((engine.predict_slice(for_boxes, i, box=box).mask, truth[i]))
         return {"single_click_dice_base": pooled_dice(scores["click_base"]),
                 "single_click_dice_tuned": pooled_dice(scores["click_tuned"]),
                 "box_dice_base": pooled_dice(scores["box_base"]), "box_dice_tuned": pooled_dice(scores["box_tuned"]),
