@@ -104,7 +104,7 @@ def clicks_on(engine, chest_ct, truth, slices):
 @pytest.mark.parametrize("lung", ["right lung", "left lung"])
 def test_one_click_on_held_out_lung_slices_with_the_shipped_adapter(lung_adapter_engine, chest_ct, chest_truth, lung):
     """Done-when of issue 12: one positive click at the lung's innermost point, held-out slices, Dice >= 0.90
-    (0.963 / 0.963 measured; the adapter's own click decoder gave 0.64)."""
+    (0.952 / 0.973 measured; the adapter's own click decoder asked with the click gives 0.56 / 0.58)."""
     assert pooled_dice(clicks_on(lung_adapter_engine, chest_ct, chest_truth[lung], HELD_OUT)) >= 0.90
 
 
