@@ -7,9 +7,10 @@ taken from a ``SliceStack`` (slicing follows the anatomy), and in a slice x = co
 Embeddings are cached per (volume content, slicing axis, slice, normalisation, backbone weights), so a second
 prompt on a slice runs only the decoder, and a changed volume or window never reuses a stale embedding.
 
-Why one module of about 750 lines: the Engine's parts (preparing a volume, the embedding cache and its batched
-encoder loop with the out-of-memory fallback, the slice decoder, 3-D boxes and propagation, automatic segmentation)
-share its cache key and device state; the rules they use live elsewhere (normalize, volume, models, metrics).
+Why one module of about 850 lines: the Engine's parts (preparing a volume, the embedding cache and its batched
+encoder loop with the out-of-memory fallback, the slice decoder and its answer to clicks, 3-D boxes and propagation,
+automatic segmentation) share its cache key and device state; the rules they use live elsewhere (normalize,
+volume, boxes, models, metrics).
 """
 
 from __future__ import annotations
