@@ -3,7 +3,8 @@
 The right lung is prompted with a 3-D box, the left with a 2-D box on one axial slice propagated up and down.
 The boxes are the ones a user would drag around each lung; here they come from the ground truth's extent
 (dilated by one voxel in-plane), which is also what makes the run reproducible. With the shipped adapter
-(segmote_core/data/adapters/chest_ct_lungs.safetensors) the demo also runs one-button automatic segmentation.
+(segmote_core/data/adapters/chest_ct_lungs.safetensors) the demo also runs one-button automatic segmentation and
+one click in the middle of each lung on every slice the adapter never trained on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .colors import palette_color
-from .metrics import dice
+from .metrics import dice, pooled_dice
 from .normalize import CT_WINDOWS, window
 from .preview import save_overlay_png
 from .segmentation_io import Segment, read_segments, save_segments
@@ -41,8 +42,11 @@ def _box_ras(volume, mask: np.ndarray, slice_k: int | None = None) -> np.ndarray
     return volume.ijk_to_ras_points([low, high]).reshape(-1)
 
 
-def run(out_dir: str | Path = "segmote-demo", device: str = "auto") -> int:
-    """The demo; what it finds is logged at INFO level (the CLI shows it unless asked to be quiet)."""
+def run(out_dir: str | Path = "segmote-demo", device: str = "auto", engine=None, adapter_engine=None) -> int:
+    """The demo; what it finds is logged at INFO level (the CLI shows it unless asked to be quiet).
+
+    engine: the LiteMedSAM engine for the prompts; adapter_engine: one with the shipped adapter loaded, for the
+    automatic segmentation and the clicks (default: a second engine on the same backbone)."""
     from .engine import Engine
     from .volume import read_volume
 
@@ -54,7 +58,7 @@ def run(out_dir: str | Path = "segmote-demo", device: str = "auto") -> int:
     log.info(f"chest CT {volume.describe_grid()}")
 
     started = time.perf_counter()
-    engine = Engine("lite_medsam", device=device)
+    engine = engine or Engine("lite_medsam", device=device)
     prepared = engine.prepare(volume)  # no window: the model's own default for the scan's modality
     log.info(f"normalisation: {prepared.normalization.description}")
     right = truth["right lung"]
@@ -77,10 +81,11 @@ def run(out_dir: str | Path = "segmote-demo", device: str = "auto") -> int:
     log.info(f"prompted segmentation took {elapsed:.1f} s on {engine.device} ({engine.cache.misses} slices embedded)")
 
     if SHIPPED_ADAPTER.is_file():
-        engine.load_adapter(SHIPPED_ADAPTER)
+        adapter_engine = adapter_engine or Engine(device=str(engine.device), backbone=engine.backbone,
+                                                  adapter=SHIPPED_ADAPTER)
         started = time.perf_counter()
-        automatic = engine.auto(volume)
-        held_out = _held_out_slices(engine.adapter_header, volume.array.shape[0])
+        automatic = adapter_engine.auto(volume)
+        held_out = _held_out_slices(adapter_engine.adapter_header, volume.array.shape[0])
         for segment in automatic:
             if segment.name in truth:
                 rows = held_out if held_out is not None else slice(None)
@@ -88,6 +93,9 @@ def run(out_dir: str | Path = "segmote-demo", device: str = "auto") -> int:
                     f"{' on held-out slices' if held_out is not None else ''}")
         save_segments(out_dir / "demo-auto.seg.nrrd", volume, automatic, replace_same_name=True)
         log.info(f"automatic segmentation took {time.perf_counter() - started:.1f} s")
+        if held_out is not None:
+            for name, score in one_click_dice(adapter_engine, volume, truth, held_out).items():
+                log.info(f"one click on the {name}: Dice {score:.3f} on held-out slices")
     else:
         log.info(f"no shipped adapter found ({SHIPPED_ADAPTER}): skipping automatic segmentation")
 
@@ -96,6 +104,26 @@ def run(out_dir: str | Path = "segmote-demo", device: str = "auto") -> int:
                      f"left lung 2D box + propagation Dice {scores['left lung']:.3f}; lines = ground truth")
     log.info(f"wrote {out_dir / 'demo.seg.nrrd'} and {out_dir / 'demo.png'}")
     return 0
+
+
+def one_click_dice(engine, volume, truth: dict, slices) -> dict[str, float]:
+    """Per lung: one positive click at its innermost point on each of the given axial slices where it is present,
+    the engine's answers pooled into one Dice (what a user gets by clicking once in the middle of a lung)."""
+    from .evalset import innermost_point
+
+    prepared = engine.prepare(volume)
+    scores = {}
+    for name in ("right lung", "left lung"):
+        planes = prepared.stack.to_stack(truth[name])
+        answers = []
+        for k in slices:
+            if planes[k].any():
+                row, col = innermost_point(planes[k])
+                click = engine.predict_slice(prepared, int(k), points=np.array([[col, row]], float),
+                                             point_labels=np.array([1]))
+                answers.append((click.mask, planes[k]))
+        scores[name] = pooled_dice(answers)
+    return scores
 
 
 def _held_out_slices(header: dict | None, num_slices: int):

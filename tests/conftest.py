@@ -69,6 +69,15 @@ def lite_engine():
     return Engine("lite_medsam", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def lung_adapter_engine():
+    """LiteMedSAM with the shipped lung adapter loaded (its own cache: loading an adapter clears an engine's)."""
+    from segmote_core.engine import Engine
+    from segmote_core.shipped import shipped_adapter
+
+    return Engine("lite_medsam", device="cpu", adapter=shipped_adapter("chest_ct_lungs"))
+
+
 def bounding_box_ijk(mask: np.ndarray) -> list[int]:
     """(i0, j0, k0, i1, j1, k1) of a (K, J, I) mask: the box a user would drag around the object."""
     k, j, i = np.nonzero(mask)
