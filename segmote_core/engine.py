@@ -98,8 +98,9 @@ class Prepared:
     stack: SliceStack
     normalization: Normalization
     key: tuple
-    # What the frozen decoder gets for boxes when it differs (an adapter's rule chosen automatically): the box
-    # search behind a click asks the frozen decoder, with the input it was trained for (segmote_core.boxes).
+    # Whether the frozen decoder gets its own input for boxes (an adapter's rule was chosen automatically): the box
+    # search behind a click asks it with the input it was trained for (segmote_core.boxes). Resolved on first use.
+    boxes_have_own_input: bool = False
     box_normalization: Normalization | None = None
 
     @property
@@ -283,24 +284,27 @@ class Engine:
         if min(volume.shape_ijk) < 1:
             raise InputError(f"the image is empty: {volume.shape_ijk}")
         check_contrast(volume)
-        box_normalization = None
+        own_input = False
         if normalization is None:
-            def choose(adapter_rule):
-                return choose_normalization(volume.array, window, preset, modality=getattr(volume, "modality", None),
-                                            backbone=self.model_name, adapter_rule=adapter_rule)
-
             base_rule = self.adapter_rule is None or (self.boxes_go_to_base and box_alone)
-            normalization = choose(None if base_rule else self.adapter_rule)
-            if not base_rule and self.boxes_go_to_base and window is None and preset is None:
-                box_normalization = choose(None)
+            normalization = choose_normalization(
+                volume.array, window, preset, modality=getattr(volume, "modality", None), backbone=self.model_name,
+                adapter_rule=None if base_rule else self.adapter_rule)
+            own_input = (not base_rule and self.boxes_go_to_base and window is None and preset is None
+                         and normalization.adapter_applies)
         stack = SliceStack.for_axis(volume, axis)
         key = (stack.fingerprint(), normalization.key(), self.model_name,
                getattr(self.backbone, "weights_sha256", ""), self.precision)
-        return Prepared(volume, stack, normalization, key, box_normalization)
+        return Prepared(volume, stack, normalization, key, own_input)
 
     def _for_boxes(self, prepared: Prepared) -> Prepared:
         """The same volume with the frozen decoder's input for boxes (itself when that is the same)."""
-        if prepared.box_normalization is None or prepared.box_normalization.key() == prepared.normalization.key():
+        if not prepared.boxes_have_own_input:
+            return prepared
+        if prepared.box_normalization is None:  # once per Prepared: it reads every voxel
+            prepared.box_normalization = choose_normalization(
+                prepared.volume.array, modality=getattr(prepared.volume, "modality", None), backbone=self.model_name)
+        if prepared.box_normalization.key() == prepared.normalization.key():
             return prepared
         key = (prepared.key[0], prepared.box_normalization.key(), *prepared.key[2:])
         return Prepared(prepared.volume, prepared.stack, prepared.box_normalization, key)

@@ -166,6 +166,9 @@ class Shard:
         everyone: list = [None] * self.world
         dist.all_gather_object(everyone, results)
         if self.owns_group:
+            # Every rank past its last collective before any tears gloo down: a rank that destroyed the group
+            # while another still had gloo work in flight aborted ("terminate called without an active exception").
+            dist.barrier()
             dist.destroy_process_group()
         merged = [r for part in everyone for r in part]
         order = {name: n for n, name in enumerate(sorted(r.name for r in merged))}

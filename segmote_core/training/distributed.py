@@ -14,6 +14,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False
 
     @property
     def main(self) -> bool:
@@ -22,6 +23,14 @@ class Dist:
     def barrier(self):
         if self.world > 1:
             dist.barrier()
+
+    def close(self) -> None:
+        """Tear down the process group this run created, every rank at once: left to interpreter exit, gloo's
+        worker threads can abort the process."""
+        if self.world > 1 and self.owns_group:
+            dist.barrier()
+            dist.destroy_process_group()
+            self.owns_group = False
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -43,7 +52,8 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank), device
+    return Dist(rank, world, local_rank, owns), device
 

@@ -182,6 +182,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     result = TrainResult(out, step, losses, val_scores, dict(best), stopped=step < config.steps)
     if result.stopped:
         log(f"paused after step {step}; continue with --resume")
+        ctx.close()
         return result
     log(f"trained {step} steps in {time.time() - started:.0f} s (this call)")
 
@@ -193,5 +194,5 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     if ctx.main and config.export:
         export(chosen, Path(config.export), backbone, result.report, time.time() - started)
         log(f"adapter written to {config.export}")
-    ctx.barrier()
+    ctx.close()
     return result
