@@ -13,6 +13,10 @@ What is measured (every scenario once for the project's ``Engine`` and once for 
 - ``prompt_cached``: prompt -> full-resolution mask with the slice's embedding already cached, p50 and p95 over
   ``prompts`` random boxes (the peer: LiteMedSAM's prompt encoder + mask decoder + ``postprocess_masks`` on a kept
   embedding, as the MedSAM-Lite Slicer plugin does; SAM: ``SamPredictor.predict`` after one ``set_image``).
+- ``prompt_click``: one positive click at the centre of each of those boxes, p50 (the project answers it with the
+  box around the object under it, about ten decoder passes; the peers with one pass of their decoder on the point,
+  as their plugins pass a click: for LiteMedSAM, trained on boxes only, that mask is empty). ``agreement_dice`` is
+  not comparable here; the row is about cost.
 - ``prompt_uncached``: a box on a slice nobody has embedded yet (the peer's ``MedSAMLite.forward`` /
   ``set_image`` + ``predict``; the project: ``Engine.predict_slice`` on a cold cache).
 - ``box3d``: a 3-D box over every slice of the volume from a cold cache (the peer: its per-slice call with the
@@ -300,6 +304,19 @@ class LiteMedSAMPeer:
         return self._mask(low_res, shape)
 
     @torch.no_grad()
+    def click(self, point_xy, shape) -> np.ndarray:
+        """One positive point on the last embedded slice, through the same prompt encoder and decoder."""
+        rows, cols = shape
+        coords = torch.as_tensor(np.asarray(point_xy, float) * [self.size / cols, self.size / rows],
+                                 dtype=torch.float32, device=self.device).view(1, 1, 2)
+        labels = torch.ones(1, 1, dtype=torch.int64, device=self.device)
+        sparse, dense = self.net.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        low_res, _ = self.net.mask_decoder(image_embeddings=self._embedding, image_pe=self.net.prompt_encoder.get_dense_pe(),
+                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                           multimask_output=False)
+        return self._mask(low_res, shape)
+
+    @torch.no_grad()
     def predict(self, slice01: np.ndarray, box_xy) -> np.ndarray:
         """The peer's one-call path: MedSAMLite.forward (encoder + decoder) for one slice and box."""
         shape = slice01.shape
@@ -339,6 +356,11 @@ class SamPredictorPeer:
 
     def decode(self, box_xy, shape) -> np.ndarray:
         masks, _, _ = self.predictor.predict(box=np.asarray(box_xy), multimask_output=False)
+        return masks[0]
+
+    def click(self, point_xy, shape) -> np.ndarray:
+        masks, _, _ = self.predictor.predict(point_coords=np.asarray(point_xy, float).reshape(1, 2),
+                                             point_labels=np.array([1]), multimask_output=False)
         return masks[0]
 
     def predict(self, slice01: np.ndarray, box_xy) -> np.ndarray:
@@ -639,6 +661,18 @@ def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, c
                                     agreement_dice=round(float(np.mean(agreement)), 4)))
             log(f"  prompt (cached) p50: {proj_stats['p50_ms']} vs {peer_stats['p50_ms']} ms; "
                 f"mask agreement Dice {np.mean(agreement):.3f}")
+            centres = [np.array([[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2]]) for b in boxes]
+            proj_s, peer_s = [], []
+            for centre in centres:  # interleaved, click by click
+                proj_s.append(_timed(dev, lambda: engine.predict_slice(prepared, index, points=centre,
+                                                                       point_labels=np.array([1]))))
+                peer_s.append(_timed(dev, lambda: peer.click(centre[0], shape)))
+            proj_stats, peer_stats = _percentiles(proj_s), _percentiles(peer_s)
+            results.append(_row("prompt_click_p50", "ms", proj_stats["p50_ms"], peer_stats["p50_ms"],
+                                f"one positive click -> full-resolution mask, embedding cached, {len(centres)} "
+                                f"clicks (project: box search around the click; peer: one decoder pass on it)",
+                                project_stats=proj_stats, peer_stats=peer_stats))
+            log(f"  click (cached) p50: {proj_stats['p50_ms']} vs {peer_stats['p50_ms']} ms")
             # a slice nobody has embedded: the full path (embedding + decoder)
             cold = (index + 1) % num
 

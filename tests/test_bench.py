@@ -18,7 +18,8 @@ bench = importlib.util.module_from_spec(_spec)
 sys.modules["bench"] = bench  # dataclasses resolve their module by name
 _spec.loader.exec_module(bench)
 
-SCENARIO_ROWS = {"embed_batch1", "embed_batched", "prompt_cached_p50", "prompt_cached_p95", "prompt_uncached",
+SCENARIO_ROWS = {"embed_batch1", "embed_batched", "prompt_cached_p50", "prompt_cached_p95", "prompt_click_p50",
+                 "prompt_uncached",
                  "box3d_first_mask", "box3d", "auto", "startup_help", "startup_weights"}  # ct_box3d, peer_process:
 # LiteMedSAM only
 
