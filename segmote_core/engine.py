@@ -193,6 +193,7 @@ class Engine:
         self.segmote = None
         self.adapter_header: dict | None = None
         self._class_masks: OrderedDict = OrderedDict()  # (prepared key, slice) -> automatic answers per class
+        self._box_inputs: OrderedDict = OrderedDict()  # (scan fingerprint, modality) -> the frozen decoder's input
         self.notices: list[str] = []  # things the user should know (shown by the CLI and the Slicer panel)
         self.runtime, self._fast, self._fast_decoder = "torch", None, False
         self.last_result: SegmentResult | None = None  # normalisation and predicted IoU of the last segment()
@@ -301,9 +302,15 @@ class Engine:
         """The same volume with the frozen decoder's input for boxes (itself when that is the same)."""
         if not prepared.boxes_have_own_input:
             return prepared
-        if prepared.box_normalization is None:  # once per Prepared: it reads every voxel
-            prepared.box_normalization = choose_normalization(
-                prepared.volume.array, modality=getattr(prepared.volume, "modality", None), backbone=self.model_name)
+        if prepared.box_normalization is None:  # once per scan content, not per prompt: it reads every voxel
+            modality = getattr(prepared.volume, "modality", None)
+            found = self._box_inputs.get((prepared.key[0], modality))
+            if found is None:
+                found = choose_normalization(prepared.volume.array, modality=modality, backbone=self.model_name)
+                self._box_inputs[(prepared.key[0], modality)] = found
+                while len(self._box_inputs) > CLASS_ANSWERS_KEPT:
+                    self._box_inputs.popitem(last=False)
+            prepared.box_normalization = found
         if prepared.box_normalization.key() == prepared.normalization.key():
             return prepared
         key = (prepared.key[0], prepared.box_normalization.key(), *prepared.key[2:])
