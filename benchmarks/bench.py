@@ -698,7 +698,7 @@ def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, c
 
             def project_box():
                 engine.cache.clear()
-                voxels.append(int(_streamed_box(engine, volume, box, prepared, firsts["project"]).sum()))
+                voxels.append(int(_streamed_box(engine, volume, box, (40.0, 400.0), firsts["project"]).sum()))
 
             def peer_box():
                 _peer_box(peer, slice01, range(low[0], high[0] + 1), box_xy, firsts["peer"])
@@ -789,7 +789,7 @@ def _median(values: list[float]) -> float | None:
     return round(float(np.median(values)), 3) if values else None
 
 
-def _streamed_box(engine, volume, box, prepared, first_s: list[float]) -> np.ndarray:
+def _streamed_box(engine, volume, box, window, first_s: list[float]) -> np.ndarray:
     """Engine.segment on a 3-D box; appends the seconds until the first mask was streamed to first_s."""
     begin = time.perf_counter()
     seen = []
@@ -798,7 +798,7 @@ def _streamed_box(engine, volume, box, prepared, first_s: list[float]) -> np.nda
         if not seen:
             seen.append(time.perf_counter() - begin)
 
-    mask = engine.segment(volume, box_ijk=box, prepared=prepared, on_slice=on_slice)
+    mask = engine.segment(volume, box_ijk=box, window=window, on_slice=on_slice)
     first_s.append(seen[0] if seen else time.perf_counter() - begin)
     return mask
 
@@ -836,7 +836,7 @@ def _shipped_ct_box(engine, peer, pair, log) -> list[dict]:
 
     def project():
         engine.cache.clear()
-        masks["project"] = _streamed_box(engine, volume, box, prepared, firsts["project"])
+        masks["project"] = _streamed_box(engine, volume, box, CT_WINDOWS["lung"], firsts["project"])
 
     def peer_run():
         per_slice = {}

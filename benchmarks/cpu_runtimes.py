@@ -98,9 +98,9 @@ def main() -> None:
         k = int(np.median(np.nonzero(mask)[0]))
         _, j, i = np.nonzero(mask[k:k + 1])
         box = [i.min(), j.min(), k, i.max(), j.max(), k]
-        reference = engines["torch"].segment(volume, box_ijk=box, prepared=prepared["torch"])
+        reference = engines["torch"].segment(volume, box_ijk=box)
         for name in agreement:
-            found = engines[name].segment(volume, box_ijk=box, prepared=prepared[name])
+            found = engines[name].segment(volume, box_ijk=box)
             agreement[name][structure] = round(dice(found, reference), 4)
     reference = engines["torch"].embeddings(prepared["torch"], [middle])[middle][0]
     for name in agreement:

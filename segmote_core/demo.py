@@ -59,15 +59,15 @@ def run(out_dir: str | Path = "segmote-demo", device: str = "auto", engine=None,
 
     started = time.perf_counter()
     engine = engine or Engine("lite_medsam", device=device)
-    prepared = engine.prepare(volume)  # no window: the model's own default for the scan's modality
-    log.info(f"normalisation: {prepared.normalization.description}")
+    seen = engine.prepare(volume).normalization  # no window: the model's own default for the scan's modality
+    log.info(f"normalisation: {seen.description}")
     right = truth["right lung"]
     right_box = volume.ras_to_ijk(_box_ras(volume, right).reshape(2, 3)).reshape(-1)
-    right_mask = engine.segment(volume, box_ijk=right_box, prepared=prepared)
+    right_mask = engine.segment(volume, box_ijk=right_box)
     left = truth["left lung"]
     middle_k = int(np.median(np.nonzero(left)[0]))
     left_box = volume.ras_to_ijk(_box_ras(volume, left, middle_k).reshape(2, 3)).reshape(-1)
-    left_mask = engine.segment(volume, box_ijk=left_box, propagate=True, prepared=prepared)
+    left_mask = engine.segment(volume, box_ijk=left_box, propagate=True)
     elapsed = time.perf_counter() - started
 
     predictions = {"right lung": right_mask, "left lung": left_mask}

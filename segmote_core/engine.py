@@ -7,10 +7,13 @@ taken from a ``SliceStack`` (slicing follows the anatomy), and in a slice x = co
 Embeddings are cached per (volume content, slicing axis, slice, normalisation, backbone weights), so a second
 prompt on a slice runs only the decoder, and a changed volume or window never reuses a stale embedding.
 
-Why one module of about 850 lines: the Engine's parts (preparing a volume, the embedding cache and its batched
-encoder loop with the out-of-memory fallback, the slice decoder and its answer to clicks, 3-D boxes and propagation,
-automatic segmentation) share its cache key and device state; the rules they use live elsewhere (normalize,
-volume, boxes, models, metrics).
+Prompts on an object are answered by an interactive session (``Engine.open`` -> ``segmote_core.session``), which
+holds the object's 3-D state and decides which decoder answers what; the engine serves it single slices.
+
+Why one module of about 650 lines: the Engine's parts (preparing a volume, the embedding cache and its batched
+encoder loop with the out-of-memory fallback, the slice decoder and its answer to clicks, automatic segmentation)
+share its cache key and device state; the rules they use live elsewhere (normalize, volume, boxes, models,
+metrics).
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import numpy as np
 import torch
 
 from . import boxes
-from .boxes import loose_box
 from .checkpoints import load_backbone
 from .devices import default_cache_bytes, default_encoder_batch, resolve_device, tune_cpu_allocator
 from .errors import Cancelled, InputError, SegMoTEError
@@ -36,17 +38,11 @@ from .volume import SliceStack, Volume, check_contrast, prompt_array
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
 SliceFn = Callable[[int, np.ndarray], None]  # (slice index along the slicing axis, the (K, J, I) mask so far)
-MIN_SCORE = 0.3  # predicted IoU under which propagation stops
-MIN_OVERLAP = 0.6  # share of a new slice's mask that must lie over the previous slice's mask
-MAX_INTENSITY_JUMP = 0.2  # largest change of the mask's mean normalised intensity from one slice to the next
-LOW_CONFIDENCE = 0.75  # predicted IoU under which a result is flagged for the user to check (docs/training.md)
 AUTO_OBJECTNESS = 0.5  # PPT objectness from which a class counts as present on a slice (automatic segmentation)
 # ... and from which its mask may answer a click: only where the adapter is sure (trained adapters give 0.99 on
 # the lung slices of the chest CT; an untrained one about 0.5, so it answers clicks exactly like the base model).
 CLICK_OBJECTNESS = 0.9
 CLASS_ANSWERS_KEPT = 16  # slices whose automatic class answers are kept for further clicks
-CONTINUE_GROWTH = 2  # pixels an object may grow by from one slice to the next where the model's answer breaks off
-CONTINUE_SLACK = 0.05  # normalised intensity beyond the object's 5th-95th percentiles still taken as the object
 
 
 class _MovedToCpu(Exception):
@@ -116,38 +112,6 @@ class Prepared:
 
 
 @dataclass
-class SegmentResult:
-    """What a ``segment`` call decided besides the mask (``Engine.last_result``): how the scan was normalised and
-    how sure the model is. slice_scores: stack slice index -> the model's predicted IoU of the mask kept there."""
-
-    normalization: Normalization
-    slice_scores: dict[int, float]
-    slice_areas: dict[int, int]
-
-    @property
-    def predicted_iou(self) -> float | None:
-        """The model's own estimate of this result's IoU: per-slice predictions weighted by mask area."""
-        total = sum(self.slice_areas.values())
-        if not total:
-            return None
-        return float(sum(self.slice_scores[i] * a for i, a in self.slice_areas.items()) / total)
-
-    @property
-    def low_confidence(self) -> bool:
-        score = self.predicted_iou
-        return score is None or score < LOW_CONFIDENCE
-
-    @property
-    def confidence_text(self) -> str:
-        """One line for the user, e.g. 'predicted IoU 0.93' or 'predicted IoU 0.52 - low: check this result'."""
-        score = self.predicted_iou
-        if score is None:
-            return "empty result - nothing found for this prompt"
-        low = f" - low (under {LOW_CONFIDENCE:g}): check this result" if score < LOW_CONFIDENCE else ""
-        return f"predicted IoU {score:.2f}{low}"
-
-
-@dataclass
 class SlicePrediction:
     mask: np.ndarray  # bool (H, W) on the slice grid
     low_res_logits: torch.Tensor  # (1, 1, 256, 256), usable as the next pass's mask prompt
@@ -196,7 +160,6 @@ class Engine:
         self._box_inputs: OrderedDict = OrderedDict()  # (scan fingerprint, modality) -> the frozen decoder's input
         self.notices: list[str] = []  # things the user should know (shown by the CLI and the Slicer panel)
         self.runtime, self._fast, self._fast_decoder = "torch", None, False
-        self.last_result: SegmentResult | None = None  # normalisation and predicted IoU of the last segment()
         if adapter is not None:
             self.load_adapter(adapter)
         self._use_runtime(runtime or os.environ.get("SEGMOTE_RUNTIME", "auto"))
@@ -275,19 +238,19 @@ class Engine:
 
     # ---- preparing a volume ------------------------------------------------------------------------
     def prepare(self, volume: Volume, axis: int | None = None, normalization: Normalization | None = None,
-                window=None, preset: str | None = None, box_alone: bool = False) -> Prepared:
-        """axis: voxel axis to slice along (None: closest to superior-inferior); window: (level, width); preset: a
-        CT_WINDOWS name. Neither: the adapter's stored rule, else the backbone's default for the scan's modality
-        (``choose_normalization``); ``prepared.normalization.description`` says which and why.
-        box_alone: the prompts will be boxes without points. An adapter that sends those to the frozen decoder
-        (``boxes_to_base``) then gets the input that decoder was trained for, not the adapter's rule, so a box
-        alone is answered exactly as without the adapter."""
+                window=None, preset: str | None = None) -> Prepared:
+        """The volume as the model sees it along one axis. axis: voxel axis to slice along (None: closest to
+        superior-inferior); window: (level, width); preset: a CT_WINDOWS name. Neither: the adapter's stored rule,
+        else the backbone's default for the scan's modality (``choose_normalization``);
+        ``prepared.normalization.description`` says which and why. Boxes alone are answered on ``_for_boxes``:
+        an adapter that sends them to the frozen decoder (``boxes_to_base``) then gives that decoder the input it
+        was trained for, so a box alone is answered exactly as without the adapter."""
         if min(volume.shape_ijk) < 1:
             raise InputError(f"the image is empty: {volume.shape_ijk}")
         check_contrast(volume)
         own_input = False
         if normalization is None:
-            base_rule = self.adapter_rule is None or (self.boxes_go_to_base and box_alone)
+            base_rule = self.adapter_rule is None
             normalization = choose_normalization(
                 volume.array, window, preset, modality=getattr(volume, "modality", None), backbone=self.model_name,
                 adapter_rule=None if base_rule else self.adapter_rule)
@@ -298,8 +261,9 @@ class Engine:
                getattr(self.backbone, "weights_sha256", ""), self.precision)
         return Prepared(volume, stack, normalization, key, own_input)
 
-    def _for_boxes(self, prepared: Prepared) -> Prepared:
-        """The same volume with the frozen decoder's input for boxes (itself when that is the same)."""
+    def boxes_view(self, prepared: Prepared) -> Prepared:
+        """The view a box alone is answered on: the same volume with the frozen decoder's input for boxes (itself
+        when that is the same)."""
         if not prepared.boxes_have_own_input:
             return prepared
         if prepared.box_normalization is None:  # once per scan content, not per prompt: it reads every voxel
@@ -535,7 +499,7 @@ class Engine:
             if chosen is not None:
                 position, mask, score = chosen
                 return SlicePrediction(mask, answers[position].low_res_logits, score)
-        for_boxes = self._for_boxes(prepared)
+        for_boxes = self.boxes_view(prepared)
         found = boxes.search_box(lambda box: self._decode_slice(for_boxes, index, box=box),
                                  for_boxes.slice01(index), points, labels)
         return found or self._decode_slice(prepared, index, points, labels, frozen=not in_domain)
@@ -588,156 +552,29 @@ class Engine:
         return SlicePrediction((full[0, 0] > 0).cpu().numpy(), logits, float(iou[0, 0]))
 
     # ---- volumes -------------------------------------------------------------------------------------
+    def open(self, volume: Volume, axis: int | None = None, window=None, preset: str | None = None,
+             fill_box: bool = False) -> "Session":
+        """An interactive session on one object of `volume` (``segmote_core.session``): prompts, corrections and
+        undo, each answered in 3-D. axis: the voxel axis to slice along (None: closest to superior-inferior);
+        window: (level, width); preset: a CT_WINDOWS name; neither: the default rule (see ``prepare``)."""
+        from .session import Session
+
+        return Session(self, volume, axis, window=window, preset=preset, fill_box=fill_box)
+
     def segment(self, volume: Volume, box_ijk=None, points_ijk=None, point_labels=None, propagate: bool = False,
-                axis: int | None = None, window=None, prepared: Prepared | None = None,
-                progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                on_slice: SliceFn | None = None, preset: str | None = None, fill_box: bool = False) -> np.ndarray:
-        """Segment one object; returns a bool (K, J, I) mask on the volume's grid.
+                axis: int | None = None, window=None, progress: ProgressFn | None = None,
+                cancel: CancelFn | None = None, on_slice: SliceFn | None = None, preset: str | None = None,
+                fill_box: bool = False) -> np.ndarray:
+        """One prompt in a new session (``open``): the object's bool (K, J, I) mask. The session's ``Update``
+        (predicted IoU, normalisation, changed slices) is what the command line and the Slicer module use.
 
-        box_ijk: (i0, j0, k0, i1, j1, k1) voxel corners. If it spans one slice along the slicing axis it is a 2-D
-        box on that slice, otherwise a 3-D box (every slice in its range prompted by its projection).
-        points_ijk: (N, 3) voxel positions with point_labels (N,) 1 positive / 0 negative; all on one slice.
-        propagate: carry a 2-D result up and down the axis until the object ends.
-        on_slice: streaming; called with (slice index, mask so far) as soon as the prompted slice's mask is known
-        (the central slice of a 3-D box: one embedding and one decode after the call), then after each further
-        slice. The mask is the one this call fills and returns (copy it to keep a snapshot). Cancelling raises
-        Cancelled; what on_slice has seen stays the caller's to keep or drop.
-        fill_box: in a 3-D box, go on through every slice while the model is confident. Off by default: a box drawn
-        around an organ also holds its neighbours at the organ's ends (the liver under the lung's base), where the
-        model is confidently wrong; the default stops at the first slice that does not continue the previous one in
-        place and intensity, as propagation does (docs/training.md, "3-D boxes").
-        ``self.last_result`` then holds the normalisation used and the model's predicted IoU (``SegmentResult``).
-        """
-        prepared = prepared or self.prepare(volume, axis, window=window, preset=preset,
-                                            box_alone=box_ijk is not None and points_ijk is None)
-        stack = prepared.stack
-        volume_mask = np.zeros(volume.array.shape, dtype=bool)
-        result = stack.to_stack(volume_mask)  # a writable view: slices written here land in volume_mask
-        notify = (lambda index: on_slice(index, volume_mask)) if on_slice else None
-        points_xy = labels = box_xy = None
-        slices: list[int] = []
-        if points_ijk is not None:
-            points_ijk = prompt_array(points_ijk, 3, "points")
-            labels = (np.ones(len(points_ijk), int) if point_labels is None
-                      else prompt_array(point_labels, 1, "point labels").reshape(-1))
-            if len(labels) != len(points_ijk):
-                raise InputError(f"{len(points_ijk)} points but {len(labels)} point labels")
-            if not set(np.unique(labels)) <= {0, 1}:
-                raise InputError("point labels must be 1 (positive) or 0 (negative)")
-            labels = labels.astype(int)
-            self._check_inside(volume, points_ijk, "point")
-            in_stack = stack.ijk_to_stack(points_ijk)
-            point_slices = np.unique(stack.nearest_index(in_stack)[:, 0])
-            if len(point_slices) > 1:
-                raise InputError(f"points lie on different slices {point_slices.tolist()} along the "
-                                 f"{'IJK'[stack.voxel_axis]} axis; place them on one slice")
-            slices = [int(point_slices[0])]
-            points_xy = in_stack[:, [2, 1]]
-        if box_ijk is not None:
-            corners = prompt_array(box_ijk, 6, "the box", single=True).reshape(2, 3)
-            self._check_inside(volume, corners, "box corner")
-            in_stack = stack.ijk_to_stack(corners)
-            low, high = stack.nearest_index(in_stack.min(axis=0))[0], stack.nearest_index(in_stack.max(axis=0))[0]
-            if high[1] <= low[1] or high[2] <= low[2]:
-                raise InputError("the box is empty: it has no extent in the slice plane")
-            box_xy = np.array([low[2], low[1], high[2], high[1]], dtype=float)
-            box_slices = list(range(low[0], high[0] + 1))
-            if slices and slices[0] not in box_slices:
-                raise InputError("the points and the box are on different slices")
-            slices = slices or box_slices
-        if not slices:
-            raise InputError("give a box or at least one point")
-        scores: dict[int, float] = {}
-        if len(slices) > 1:
-            # A 3-D box: prompt its central slice with the box's projection, then follow the object slice by
-            # slice inside the box (prompting each slice with the whole projection over-segments the object's
-            # narrow ends). The central slice is embedded and shown first; on a CPU the others are embedded as the
-            # propagation reaches them (none past the object's ends), on a GPU in batches.
-            centre = slices[len(slices) // 2]
-            first = self.predict_slice(prepared, centre, box=box_xy)
-            result[centre], scores[centre] = first.mask, first.score
-            if notify:
-                notify(centre)
-            if first.mask.any():
-                if self.batch_size > 1:
-                    self.embeddings(prepared, slices, progress, cancel)
-                self._propagate(prepared, centre, first, result, scores, (slices[0], slices[-1]), box_xy,
-                                progress, cancel, notify, fill_box)
-        else:
-            first = self.predict_slice(prepared, slices[0], points_xy, labels, box_xy)
-            result[slices[0]], scores[slices[0]] = first.mask, first.score
-            if notify:
-                notify(slices[0])
-            if propagate and first.mask.any():
-                self._propagate(prepared, slices[0], first, result, scores, (0, prepared.num_slices - 1), None,
-                                progress, cancel, notify)
-        areas = {index: int(result[index].sum()) for index in scores if result[index].any()}
-        self.last_result = SegmentResult(prepared.normalization, {i: scores[i] for i in areas}, areas)
-        return volume_mask
-
-    def _propagate(self, prepared: Prepared, start: int, first: SlicePrediction, result: np.ndarray,
-                   scores: dict[int, float], slice_range: tuple[int, int], clip_box: np.ndarray | None,
-                   progress: ProgressFn | None, cancel: CancelFn | None,
-                   notify: Callable[[int], None] | None = None, fill_box: bool = False) -> None:
-        """From a prompted slice, up and down: each next slice prompted by the previous mask's box.
-
-        The box grows by a margin (boxes.BOX_MARGIN) (objects change size between slices, and SAM-family models
-        are trained on slightly loose boxes); with clip_box (the user's 3-D box) it never leaves that box.
-        Without clip_box the object ends at the first slice that does not continue it (below). Inside the user's
-        3-D box the user has said the object is there, so a break does not end it: the slice keeps the part of
-        the object that continues the previous slice (``continue_object``), and the next slice is asked again.
-        Only an empty continuation ends it. fill_box instead keeps the model's whole answer while it is sure
-        (docs/training.md: at an organ's thin ends the model is often confidently too large)."""
-        total, done = slice_range[1] - slice_range[0] + 1, 1
-        for step in (1, -1):
-            previous = first.mask
-            previous_mean = prepared.slice01(start)[first.mask].mean()
-            # The object's intensity, from the prompted slice only: the model's answers nearer the ends may
-            # already hold some of a neighbour.
-            alike = np.percentile(prepared.slice01(start)[first.mask], [5, 95])
-            index = start + step
-            while slice_range[0] <= index <= slice_range[1]:
-                if cancel and cancel():
-                    raise Cancelled("cancelled during propagation; nothing was changed")
-                box = loose_box(previous)
-                if clip_box is not None:
-                    box = np.concatenate([np.maximum(box[:2], clip_box[:2]), np.minimum(box[2:], clip_box[2:])])
-                prediction = self._predict_within(prepared, index, box, clip_box)
-                area, previous_area = prediction.mask.sum(), previous.sum()
-                overlap = (prediction.mask & previous).sum() / max(area, 1)
-                image = prepared.slice01(index)
-                mean = image[prediction.mask].mean() if area else 0.0
-                # The object has ended when the model finds (almost) nothing, is unsure, or jumps to a region
-                # that does not continue the previous slice's object: anatomy is continuous across slices in
-                # place and in intensity.
-                if (area < max(4, 0.05 * previous_area) or prediction.score < MIN_SCORE
-                        or overlap < MIN_OVERLAP or abs(mean - previous_mean) > MAX_INTENSITY_JUMP):
-                    if clip_box is None:
-                        break
-                    if not (fill_box and area >= 4 and prediction.score >= MIN_SCORE):
-                        prediction.mask = continue_object(prediction.mask, previous, image, alike, clip_box)
-                        if not prediction.mask.any():
-                            break
-                        mean = previous_mean  # a continuation keeps the object's intensity by construction
-                previous_mean = mean
-                result[index], scores[index] = prediction.mask, prediction.score
-                if notify:
-                    notify(index)
-                previous = prediction.mask
-                index += step
-                done += 1
-                if progress:
-                    progress(done, total)
-
-    def _predict_within(self, prepared: Prepared, index: int, box: np.ndarray,
-                        clip_box: np.ndarray | None) -> SlicePrediction:
-        prediction = self.predict_slice(prepared, index, box=box)
-        if clip_box is not None:  # SAM can spill outside its box; the user's 3-D box is a hard limit
-            x0, y0, x1, y1 = np.round(clip_box).astype(int)
-            inside = np.zeros_like(prediction.mask)
-            inside[y0:y1 + 1, x0:x1 + 1] = True
-            prediction.mask &= inside
-        return prediction
+        box_ijk: (i0, j0, k0, i1, j1, k1) voxel corners: a 2-D box if it spans one slice, else a 3-D box.
+        points_ijk: (N, 3) voxel positions with point_labels (N,) 1 positive / 0 negative, on one slice.
+        propagate: a 2-D prompt gives the whole object (followed while it continues); off: its slice alone.
+        on_slice: streaming, called with (slice index, mask so far) after each slice written."""
+        session = self.open(volume, axis, window=window, preset=preset, fill_box=fill_box)
+        session.progress, session.cancel, session.on_slice = progress, cancel, on_slice
+        return session.prompt(box_ijk, points_ijk, point_labels, slice_only=not propagate).mask
 
     # ---- automatic segmentation (needs a SegMoTE adapter with PPT classes) ----------------------------
     def auto(self, volume: Volume, classes: Sequence[str] | None = None, keep_largest: bool = True,
@@ -757,7 +594,6 @@ class Engine:
         names = list(classes) if classes else [c["name"] for c in header_classes]
         indices = class_indices(self.adapter_header, names)
         prepared = self.prepare(volume, axis, window=window, preset=preset)
-        self.last_result = SegmentResult(prepared.normalization, {}, {})
         num = prepared.num_slices
         masks = np.zeros((len(indices),) + prepared.stack.shape, dtype=bool)
         if progress:
@@ -801,32 +637,6 @@ class Engine:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:160]}" if text else type(error).__name__
-
-
-def continue_object(answer: np.ndarray, previous: np.ndarray, image: np.ndarray, alike: np.ndarray,
-                    clip_box: np.ndarray) -> np.ndarray:
-    """The part of a slice that continues the previous slice's object, where the model's answer does not.
-
-    Object-like pixels: within CONTINUE_GROWTH pixels of the previous mask, inside the user's box, with the
-    object's intensity (``alike``: its 5th-95th percentiles on the prompted slice, plus slack). The model's answer limited to them, or (if that keeps almost nothing: the model answered another
-    organ) the object-like pixels themselves; only the parts that touch the previous mask."""
-    from scipy import ndimage
-
-    near = ndimage.binary_dilation(previous, iterations=CONTINUE_GROWTH)
-    x0, y0, x1, y1 = np.round(clip_box).astype(int)
-    inside = np.zeros_like(near)
-    inside[y0:y1 + 1, x0:x1 + 1] = True
-    like = near & inside & (image >= alike[0] - CONTINUE_SLACK) & (image <= alike[1] + CONTINUE_SLACK)
-    wanted = max(4, 0.05 * previous.sum())
-    # In order: the answer where it looks like the object; the pixels that look like it; the answer where the
-    # object was (an object's thin end blurred by a thick slice no longer has the object's intensity).
-    for kept in (answer & like, like, answer & near & inside):
-        parts, _ = ndimage.label(kept)
-        touching = np.unique(parts[previous & kept])
-        kept = np.isin(parts, touching[touching > 0])
-        if kept.sum() >= wanted:
-            return kept
-    return kept
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -110,7 +110,8 @@ def evaluate(engine, case: EvalCase, structures=None, slices=None, modes=("box",
 
     slices: stack indices to use (None: every slice where the structure is present); record: a list to append
     (case, structure, mode, slice, Dice, predicted IoU) to, one tuple per prompt."""
-    prepared_for = {mode: engine.prepare(case.volume, box_alone=mode == "box") for mode in modes}
+    prepared = engine.prepare(case.volume)
+    prepared_for = {mode: engine.boxes_view(prepared) if mode == "box" else prepared for mode in modes}
     stack = prepared_for[modes[0]].stack
     results = {"normalization": {mode: p.normalization.description for mode, p in prepared_for.items()}}
     for name in structures or case.labels:

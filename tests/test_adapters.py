@@ -258,7 +258,7 @@ def test_shipped_lung_adapter_leaves_a_box_on_the_spine_as_good_as_the_base_mode
     from segmote_core.engine import Engine
 
     tuned = Engine("lite_medsam", device="cpu", adapter=SHIPPED)
-    tuned_prep = tuned.prepare(chest_ct, box_alone=True)
+    tuned_prep = tuned.boxes_view(tuned.prepare(chest_ct))
     base_prep = lite_engine.prepare(chest_ct)
     assert tuned_prep.normalization.key() == base_prep.normalization.key()
     assert tuned.prepare(chest_ct).normalization.rule == ("window", -700.0, 600.0)  # clicks: the adapter's rule

@@ -1,7 +1,7 @@
 """3-D boxes fill the box (chest CT, the same CT at 20 mm slices, an MR), and the predicted IoU reaches the user.
 
 "Fill": every slice of the user's box where the object is gets a mask; inside the box a break in continuity does
-not end the object (segmote_core.engine.continue_object)."""
+not end the object (segmote_core.session.continue_object)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import CHEST_CT, bounding_box_ijk, dice
 from segmote_core import cli
-from segmote_core.engine import LOW_CONFIDENCE, SegmentResult
+from segmote_core.session import LOW_CONFIDENCE, Update
 from segmote_core.models.backbones import input_convention
 from segmote_core.normalize import window
 from segmote_core.volume import Volume
@@ -104,9 +104,10 @@ def test_3d_box_on_mr_fills_the_box(lite_engine, mni_case):
     and flags it; still, no slice of the box where they are is left empty, and nothing leaves the box."""
     truth = mni_case.labels["ventricles"]
     box = bounding_box_ijk(truth)
-    mask = lite_engine.segment(mni_case.volume, box_ijk=box)
-    assert lite_engine.last_result.normalization.rule[0] == "percentiles"
-    assert lite_engine.last_result.low_confidence
+    result = lite_engine.open(mni_case.volume).add_box(box)
+    mask = result.mask
+    assert result.normalization.rule[0] == "percentiles"
+    assert result.low_confidence
     assert empty_slices_inside(mask, truth) == []
     outside = np.ones_like(mask)
     outside[box[2]:box[5] + 1, box[1]:box[4] + 1, box[0]:box[3] + 1] = False
@@ -127,9 +128,9 @@ def test_continuity_checks_still_end_propagation_outside_a_box(lite_engine, ches
 def test_segment_result_reports_normalisation_and_predicted_iou(lite_engine, chest_ct, chest_truth):
     box = bounding_box_ijk(chest_truth["right lung"])
     k = (box[2] + box[5]) // 2
-    lite_engine.segment(chest_ct, box_ijk=[box[0], box[1], k, box[3], box[4], k], window=CT_DEFAULT)
-    result = lite_engine.last_result
-    assert isinstance(result, SegmentResult) and list(result.slice_scores) == [k]
+    result = lite_engine.open(chest_ct, window=CT_DEFAULT).add_box([box[0], box[1], k, box[3], box[4], k],
+                                                                   slice_only=True)
+    assert isinstance(result, Update) and list(result.slice_scores) == [k] and result.changed == (k, k)
     assert result.predicted_iou == pytest.approx(result.slice_scores[k]) and result.predicted_iou > LOW_CONFIDENCE
     assert not result.low_confidence and result.confidence_text.startswith("predicted IoU ")
     assert result.normalization.description == f"window L{CT_DEFAULT[0]:g} W{CT_DEFAULT[1]:g} (the window given)"
@@ -137,8 +138,8 @@ def test_segment_result_reports_normalisation_and_predicted_iou(lite_engine, che
 
 def test_low_predicted_iou_is_flagged():
     norm = window(40, 400)
-    unsure = SegmentResult(norm, {3: 0.4, 4: 0.9}, {3: 300, 4: 100})
+    unsure = Update(np.zeros(1, bool), (3, 4), {3: 0.4, 4: 0.9}, {3: 300, 4: 100}, norm, 2)
     assert unsure.predicted_iou == pytest.approx((0.4 * 300 + 0.9 * 100) / 400)
     assert unsure.low_confidence and "low" in unsure.confidence_text and "check" in unsure.confidence_text
-    empty = SegmentResult(norm, {}, {})
+    empty = Update(np.zeros(1, bool), None, {}, {}, norm, 2)
     assert empty.predicted_iou is None and empty.low_confidence and "empty" in empty.confidence_text

@@ -74,7 +74,15 @@ def test_segment_label_map_output_and_point_prompts(tmp_path, capsys, chest_ct, 
     assert np.allclose(labels.GetDirection(), chest_ct.direction.reshape(-1))
     assert np.allclose(labels.GetOrigin(), chest_ct.origin, atol=1e-4)
     array = sitk.GetArrayFromImage(labels)
-    assert set(np.unique(array)) <= {0, 1} and array[k].any() and not array[k - 2].any()
+    assert set(np.unique(array)) <= {0, 1} and array[k].any()
+    # one click gives the whole lung (followed up and down), not only its slice; --slice-only gives the slice
+    assert array[k - 2].any() and array[k + 2].any() and dice(array, truth) >= 0.8
+    one_slice = tmp_path / "one_slice.nii.gz"
+    code, _, err = run(["segment", str(CHEST_CT), "--out", str(one_slice), "--point-ijk", str(i), str(j), str(k),
+                        "--preset", "lung_parenchyma", "--device", "cpu", "--quiet", "--slice-only"], capsys)
+    assert code == 0, err
+    one = sitk.GetArrayFromImage(sitk.ReadImage(str(one_slice)))
+    assert one[k].any() and np.flatnonzero(one.any(axis=(1, 2))).tolist() == [k]
 
 
 def test_same_ct_stored_with_another_axis_order(tmp_path, capsys, chest_ct, chest_truth):

@@ -20,14 +20,13 @@ def five_slice_lung_box(truth: np.ndarray) -> list[int]:
 
 def test_central_slice_first_then_one_slice_at_a_time(lite_engine, chest_ct, chest_truth):
     box = five_slice_lung_box(chest_truth["right lung"])
-    prepared = lite_engine.prepare(chest_ct, window=LUNG_WINDOW)
     embedded_before = lite_engine.cache.misses
     seen = []
 
     def on_slice(index, mask):
         seen.append((index, mask.copy(), lite_engine.cache.misses - embedded_before))
 
-    streamed = lite_engine.segment(chest_ct, box_ijk=box, prepared=prepared, on_slice=on_slice)
+    streamed = lite_engine.segment(chest_ct, box_ijk=box, window=LUNG_WINDOW, on_slice=on_slice)
     _, first_mask, embedded = seen[0]
     assert embedded <= 1  # only the central slice was embedded before its mask was shown
     assert np.flatnonzero(first_mask.any(axis=(1, 2))).tolist() == [box[2] + 2]  # the box's central slice (k)
@@ -36,7 +35,7 @@ def test_central_slice_first_then_one_slice_at_a_time(lite_engine, chest_ct, che
         assert added.size == 1 and (before <= after).all()  # one new slice per call, nothing taken back
     assert np.array_equal(seen[-1][1], streamed) and len(seen) == 5
     # streaming changes nothing in the answer
-    assert np.array_equal(streamed, lite_engine.segment(chest_ct, box_ijk=box, prepared=prepared))
+    assert np.array_equal(streamed, lite_engine.segment(chest_ct, box_ijk=box, window=LUNG_WINDOW))
 
 
 def test_cancel_keeps_what_was_streamed(lite_engine, chest_ct, chest_truth):

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segmote_core.engine import LOW_CONFIDENCE, Engine
+from segmote_core.engine import Engine
+from segmote_core.session import LOW_CONFIDENCE
 from segmote_core.evalset import evaluate, innermost_point, mni152_case, pydicom_ct_case
 from segmote_core.shipped import shipped_adapter
 

@@ -93,7 +93,7 @@ def test_nan_and_inf_voxels_never_reach_the_model(lite_engine, small_ct):
     volume = Volume(array, small_ct.spacing, small_ct.origin, small_ct.direction)
     prepared = lite_engine.prepare(volume, window=(-700, 600))
     assert np.isfinite(prepared.slice01(1)).all()
-    mask = lite_engine.segment(volume, box_ijk=BOX_2D, prepared=prepared)
+    mask = lite_engine.segment(volume, box_ijk=BOX_2D, window=(-700, 600))
     assert mask[1].sum() > 300
 
 

@@ -66,29 +66,31 @@ class EngineRunner:
         """Run a request's planned tasks; returns the region each one replaces."""
         engine = self.engineFor(request.settings)
         start = time.perf_counter()
-        pieces, slices = [], 0
-        boxAlone = all(task.engineArgs.get("points_ijk") is None and task.engineArgs.get("box_ijk") is not None
-                       for task in request.tasks)
-        prepared = engine.prepare(request.volume, request.axis, window=request.window,  # once: it hashes the voxels
-                                  box_alone=boxAlone)
+        pieces, slices, update, session = [], 0, None, None
         for task in request.tasks:
-            mask = engine.segment(request.volume, prepared=prepared, progress=job.reportProgress,
-                                  cancel=job.cancelRequested, **task.engineArgs)
+            # Each task is one object's prompt, answered by a session as on the command line; one session serves
+            # them all (opening one resolves the normalisation, which reads every voxel).
+            session = session or engine.open(request.volume, request.axis, window=request.window)
+            session.reset()
+            session.progress, session.cancel = job.reportProgress, job.cancelRequested
+            args = task.engineArgs
+            update = session.prompt(args.get("box_ijk"), args.get("points_ijk"), args.get("point_labels"),
+                                    slice_only=not args.get("propagate", False) and task.kind == "2d")
             if job.cancelRequested():
                 raise Cancelled("AI segmentation cancelled; nothing was changed")
-            piece = edits.pieceOf(task, mask, request.axis)
+            piece = edits.pieceOf(task, update.mask, request.axis)
             slices += piece.extent[2 * request.axis + 1] - piece.extent[2 * request.axis] + 1
             pieces.append(piece)
         prefetch = self.prefetchNeighbours
         if prefetch is None:
             prefetch = engine.device.type != "cpu"
-        if prefetch and request.tasks and request.tasks[-1].kind == "2d":
+        if prefetch and session is not None and request.tasks[-1].kind == "2d":
             voxel = np.zeros((1, 3))
             voxel[0, request.axis] = request.tasks[-1].slice
-            engine.prefetch(prepared, int(round(prepared.stack.ijk_to_stack(voxel)[0, 0])))
-        result = engine.last_result
+            engine.prefetch(session.view, int(round(session.stack.ijk_to_stack(voxel)[0, 0])))
+        result = update
         job.summary = (f"{slices} slice(s) in {time.perf_counter() - start:.2f} s ({self.description}); "
-                       f"{result.confidence_text}; intensities: {prepared.normalization.description}")
+                       f"{result.confidence_text}; intensities: {result.normalization.description}")
         job.lowConfidence = bool(result.low_confidence)
         return pieces
 

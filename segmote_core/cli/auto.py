@@ -30,7 +30,8 @@ def run(args) -> int:
         with progress_bar("automatic", not show_progress) as progress:
             segments = engine.auto(volume, classes=args.classes, keep_largest=not args.all_components,
                                    axis=args.axis, progress=progress, **normalization)
-        return segments, [{} for _ in segments], None
+        seen = engine.prepare(volume, args.axis, **normalization).normalization  # as auto() resolved it
+        return segments, [{} for _ in segments], None, seen
 
     code = run_cases(args, "auto", cases, outputs, collection, segment_case)
     if not collection and not args.quiet:

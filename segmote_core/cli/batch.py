@@ -91,8 +91,8 @@ def plan_outputs(args, inputs: str, extra_inputs=(), names: tuple[str, ...] = ()
 
 
 def run_cases(args, kind: str, cases, targets: dict, collection: bool, segment_case) -> int:
-    """segment_case(engine, volume, case, show_slice_progress) -> (segments, details per segment, prompts record).
-    Returns the exit status."""
+    """segment_case(engine, volume, case, show_slice_progress) -> (segments, details per segment, prompts record,
+    the normalisation the model saw). Returns the exit status."""
     from ..volume import read_volume
 
     shard = Shard.start(args) if collection else Shard()
@@ -109,10 +109,11 @@ def run_cases(args, kind: str, cases, targets: dict, collection: bool, segment_c
                     engine = engine_for_args(args)
                 log.debug(f"{case.name}: {case.path}, {volume.describe_grid()}; {engine.model_name} on "
                           f"{engine.device} ({engine.runtime})")
-                segments, details, prompts = segment_case(engine, volume, case, not (args.quiet or collection))
+                segments, details, prompts, normalization = segment_case(engine, volume, case,
+                                                                         not (args.quiet or collection))
                 log_notices(engine)
                 write_case(args, kind, engine, volume, case, targets[case.name], result, segments, details, prompts,
-                           started, collection)
+                           normalization, started, collection)
             except Exception as error:  # noqa: BLE001 - a folder run reports the case and goes on
                 if not collection:
                     raise
@@ -182,8 +183,8 @@ def _one_line(error: Exception) -> str:
     return text if isinstance(error, SegMoTEError) else f"internal error ({type(error).__name__}: {text})"
 
 
-def write_case(args, kind, engine, volume, case, target, result: CaseResult, segments, details, prompts, started,
-               collection: bool) -> None:
+def write_case(args, kind, engine, volume, case, target, result: CaseResult, segments, details, prompts,
+               normalization, started, collection: bool) -> None:
     import numpy as np
 
     from ..cases import record_path
@@ -207,9 +208,10 @@ def write_case(args, kind, engine, volume, case, target, result: CaseResult, seg
 
         preview = preview_path(args.preview, result.output, case.name, into_folder=collection)
 
-        save_overlay_png(preview, volume, {s.name: s.mask for s in segments}, engine.last_result.normalization,
+        save_overlay_png(preview, volume, {s.name: s.mask for s in segments}, normalization,
                          title=f"{case.name}: {', '.join(s.name for s in segments)}")
-    record = run_record(args, kind, engine, volume, case, result, prompts, time.perf_counter() - started, preview)
+    record = run_record(args, kind, engine, volume, case, result, prompts, normalization,
+                        time.perf_counter() - started, preview)
     from ..files import atomic_write_text
 
     atomic_write_text(record_path(result.output), json.dumps(record, indent=1))
@@ -224,7 +226,8 @@ def preview_path(given: str, output: Path, case_name: str, into_folder: bool) ->
     return given / f"{case_name}.png" if into_folder or given.is_dir() else given
 
 
-def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, seconds: float, preview) -> dict:
+def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, normalization, seconds: float,
+               preview) -> dict:
     from .. import __version__
     from ..files import sha256_file
     from ..shipped import resolve_adapter
@@ -241,7 +244,7 @@ def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, se
         "model": {"name": engine.model_name, "weights_sha256": getattr(engine.backbone, "weights_sha256", None),
                   "precision": args.precision, "compiled": bool(engine.compiled)},
         "adapter": adapter,
-        "normalization": engine.last_result.normalization.description,
+        "normalization": normalization.description,
         "prompts": prompts,
         "device": str(engine.device), "runtime": engine.runtime,
         "segments": result.segments,

@@ -33,8 +33,12 @@ def add_parser(commands) -> None:
     segment.add_argument("--prompts", metavar="FILE",
                          help="prompts from a 3D Slicer markups file (.mrk.json: ROI = box, Fiducial = points) or a "
                               "CSV table (case,name,kind,x,y,z[,space]); each named object becomes a segment")
-    segment.add_argument("--propagate", action="store_true",
-                         help="carry a one-slice result up and down the slicing axis until the object ends")
+    extent = segment.add_mutually_exclusive_group()
+    extent.add_argument("--slice-only", action="store_true",
+                        help="a 2-D box or points segment their slice alone (default: the whole object, followed up "
+                             "and down the slicing axis while it continues)")
+    extent.add_argument("--propagate", action="store_true",
+                        help="the default: a 2-D prompt gives the whole object (kept for older scripts)")
     segment.add_argument("--fill-box", action="store_true",
                          help="3-D box: keep the model's whole answer on every slice while it is confident, "
                               "instead of only the part that continues the object (may take neighbouring organs)")
@@ -92,20 +96,20 @@ def run(args) -> int:
     def segment_case(engine, volume, case, show_progress: bool):
         from ..segmentation_io import Segment
 
-        segments, details, prompts = [], [], []
+        segments, details, prompts, result = [], [], [], None
         for obj in table.for_case(case.name):
             box, points, labels = obj.in_voxels(volume)
+            session = engine.open(volume, args.axis, fill_box=args.fill_box, **normalization)  # one object each
             with progress_bar(f"segmenting {obj.name}", not show_progress) as progress:
-                mask = engine.segment(volume, box_ijk=box, points_ijk=points, point_labels=labels,
-                                      propagate=args.propagate, axis=args.axis, progress=progress,
-                                      fill_box=args.fill_box, **normalization)
-            result = engine.last_result
-            segments.append(Segment(obj.name, mask))
+                session.progress = progress
+                result = session.prompt(box, points, labels, slice_only=args.slice_only)
+            segments.append(Segment(obj.name, result.mask))
             details.append({"predicted_iou": result.predicted_iou, "confidence": result.confidence_text})
             prompts.append(prompt_record(volume, obj.name, box, points, labels))
             if result.low_confidence and (args.quiet or collection):  # otherwise it is in the result line
                 log.warning(f"{case.name + ': ' if collection else ''}{obj.name}: {result.confidence_text}")
-        return segments, details, prompts
+        seen = result.normalization if result else engine.prepare(volume, args.axis, **normalization).normalization
+        return segments, details, prompts, seen
 
     code = run_cases(args, "segment", cases, outputs, collection, segment_case)
     if not collection and not args.quiet:

@@ -46,7 +46,7 @@ def heldout_report(config: TrainConfig, data: TrainData, adapter: Path, device, 
     tuned = Engine(config.backbone, config.checkpoint, str(device), adapter=adapter)
     base = Engine(config.backbone, config.checkpoint, str(device))
     tuned_prep = tuned.prepare(volume)  # clicks and automatic segmentation: the adapter's rule
-    tuned_boxes = tuned.prepare(volume, box_alone=True)  # a box alone, as the CLI and the Slicer module prepare it
+    tuned_boxes = tuned.boxes_view(tuned_prep)  # a box alone, as a session answers it
     base_prep = base.prepare(volume)  # the base model as a user gets it
     computed = {item.index: (item.embedding, item.early) for item in data.train + data.val if item.case == case}
     tuned.add_embeddings(tuned_prep, computed)
@@ -68,10 +68,8 @@ def heldout_report(config: TrainConfig, data: TrainData, adapter: Path, device, 
             point_ijk = stack.stack_to_ijk([i, y, x])[0].tolist()
             rows, cols = np.flatnonzero(truth[i].any(1)), np.flatnonzero(truth[i].any(0))
             box = np.array([cols[0], rows[0], cols[-1], rows[-1]], float)
-            for label, engine, for_clicks, for_boxes in (("base", base, base_prep, base_prep),
-                                                         ("tuned", tuned, tuned_prep, tuned_boxes)):
-                mask = stack.to_stack(engine.segment(volume, points_ijk=[point_ijk], point_labels=[1],
-                                                     prepared=for_clicks))
+            for label, engine, for_boxes in (("base", base, base_prep), ("tuned", tuned, tuned_boxes)):
+                mask = stack.to_stack(engine.segment(volume, points_ijk=[point_ijk], point_labels=[1]))
                 scores[f"click_{label}"].append((mask[i], truth[i]))
                 scores[f"box_{label}"].append((engine.predict_slice(for_boxes, i, box=box).mask, truth[i]))
         return {"single_click_dice_base": pooled_dice(scores["click_base"]),
