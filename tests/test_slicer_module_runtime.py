@@ -158,3 +158,20 @@ def test_the_slicer_logic_leaves_the_process_allocator_alone(lite_engine):
     from segmote_core.engine import Engine
 
     assert inspect.signature(Engine).parameters["tune_allocator"].default is True  # the CLI keeps its speed-up
+
+
+def test_closing_slicer_does_not_wait_for_a_running_model_call():
+    """Python joins non-daemon threads at exit: a model call still running must not hold up Slicer's exit."""
+    import subprocess
+
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from SegMoTESlicerLib.worker import EngineWorker\n"
+            "worker = EngineWorker()\n"
+            "worker.submit(time.sleep, 60)\n"
+            "time.sleep(0.2)\n"
+            "print('leaving')\n" % str(MODULE))
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process waited for the 60 s model call before exiting")
+    assert result.returncode == 0 and "leaving" in result.stdout, result.stderr
