@@ -260,7 +260,7 @@ def test_install_asks_once_then_uses_pytorch_utils_and_pip(monkeypatch):
     fake_utils.PyTorchUtilsLogic = FakeTorchLogic
     monkeypatch.setitem(sys.modules, "PyTorchUtils", fake_utils)
     monkeypatch.setattr(dependencies, "_installPackages",
-                        lambda requirements, progress=None, cancelled=None: installed.append(requirements))
+                        lambda requirements, progress=None, cancelled=None, idle=None: installed.append(requirements))
 
     assert dependencies.ensureDependencies(confirm=lambda packages: asked.append(packages) or True) is True
     assert len(asked) == 1 and "PyTorch" in asked[0][0] and asked[0][1:] == ["segment-anything>=1.0"]
