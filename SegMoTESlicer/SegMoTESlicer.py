@@ -740,9 +740,28 @@ class SegMoTESlicerTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_ShippedFilesWithoutTorch()
+        self.setUp()
         self.test_PromptNodesAndPlaceMode()
         self.setUp()
         self.test_PromptsOnASyntheticVolume()
+
+    def test_ShippedFilesWithoutTorch(self):
+        """What the build farm can check without PyTorch: the engine package and its shipped adapter were
+        installed with the module and read, and a structure's name resolves to its SNOMED CT codes."""
+        import json
+        import struct
+
+        from segmote_core.terminology import resolve
+
+        adapters = catalogue.shippedAdapters()
+        self.assertIn("chest_ct_lungs", adapters)
+        with open(adapters["chest_ct_lungs"], "rb") as file:  # a safetensors file: 8-byte length, JSON header
+            headerLength = struct.unpack("<Q", file.read(8))[0]
+            header = json.loads(file.read(headerLength))
+        self.assertTrue(any(isinstance(entry, dict) and "shape" in entry for entry in header.values()))
+        resolution = resolve("right lung")
+        self.assertIsNone(resolution.notice)
 
     def test_PromptNodesAndPlaceMode(self):
         """No model needed: the place buttons' nodes, place mode and Esc, on Slicer's own interaction node."""

@@ -22,6 +22,7 @@ import re
 import sys
 import types
 import typing
+import unittest
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -911,7 +912,7 @@ def scriptedLoadableModuleModule(session: "PanelSession") -> types.ModuleType:
                 node = scene.AddNode(node)
             return node
 
-    class ScriptedLoadableModuleTest:
+    class ScriptedLoadableModuleTest(unittest.TestCase):
         def delayDisplay(self, message, requestedDelay=None, msec=None):
             session.messages.append(message)
 

@@ -291,3 +291,15 @@ def test_reloading_the_module_leaves_nothing_of_the_old_panel_running(session):
     assert not widget.controller.observing
     assert all(count == 1 for count in session.shortcutCounts().values())
     assert again.ui.segmentEditorWidget.mrmlSegmentEditorNode() is not None
+
+
+def test_the_self_test_checks_the_shipped_files_and_place_mode_without_torch(session, monkeypatch):
+    """The model-free part of the module's own self-test (what Slicer's build farm runs), in the harness."""
+    session.loadModule()
+    selfTest = session.module.SegMoTESlicerTest("test_ShippedFilesWithoutTorch")
+    monkeypatch.setattr(catalogue, "shippedAdapters", lambda: {})
+    with pytest.raises(AssertionError):
+        selfTest.test_ShippedFilesWithoutTorch()  # an extension built without its adapter fails the self-test
+    monkeypatch.undo()
+    selfTest.test_ShippedFilesWithoutTorch()
+    selfTest.test_PromptNodesAndPlaceMode()
