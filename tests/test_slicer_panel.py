@@ -172,7 +172,7 @@ def test_leaving_the_module_restores_slicers_place_mode_settings(session):
 
 
 # ---- a prompt, its undo, Esc --------------------------------------------------------------------------------------
-def test_a_box_gives_a_segment_ctrl_z_undoes_it_and_esc_keeps_the_status(session, sharedEngineLogic):
+def test_a_box_gives_a_segment_new_gives_another_ctrl_z_undoes_them_and_esc_keeps_the_status(session, sharedEngineLogic):
     volume = add_ellipsoid_volume(session.scene)
     session.sliceLogic.GetSliceCompositeNode().SetBackgroundVolumeID(volume.GetID())
     widget = session.loadModule(sharedEngineLogic)
@@ -194,13 +194,23 @@ def test_a_box_gives_a_segment_ctrl_z_undoes_it_and_esc_keeps_the_status(session
     session.press("Esc")  # nothing runs: the result's line (and a low-confidence colour) stays
     assert (widget.ui.statusLabel.text, widget.ui.statusLabel.styleSheet) == (status, style)
 
+    widget.ui.newSegmentButton.checked = True  # New: the next result becomes a second segment
+    widget.ui.segmentButton.click()
+    wait_until_idle(widget)
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 2
+    secondId = widget.ui.segmentSelector.currentSegmentID()
+    assert secondId != segmentId and not widget.ui.newSegmentButton.checked
+
     nodeId = segmentation.GetID()
     del segmentation
     gc.collect()  # Python held the segmentation node's wrapper only through the parameter node read above
     assert widget.ui.undoButton.enabled
     session.press("Ctrl+Z")
-    assert session.scene.GetNodeByID(nodeId).GetSegmentation().GetNumberOfSegments() == 0
+    remaining = session.scene.GetNodeByID(nodeId).GetSegmentation()
+    assert remaining.GetNumberOfSegments() == 1 and remaining.GetSegment(segmentId) is not None
     assert widget.ui.statusLabel.text == "Last AI edit undone."
+    session.press("Ctrl+Z")
+    assert remaining.GetNumberOfSegments() == 0
 
 
 # ---- installs ---------------------------------------------------------------------------------------------------
