@@ -65,8 +65,8 @@ class SegMoTESlicer(ScriptedLoadableModule):
             "Segment with Segment-Anything models (LiteMedSAM, SAM ViT-B/L/H) and SegMoTE adapters: draw a box "
             "(Shift+B) or place include/exclude points (P/N) in any slice view and the segment updates on that slice; "
             "Propagate 3D follows the object through the volume; Auto segment makes one segment per adapter class; "
-            "Ctrl+Z undoes the last AI edit; Esc ends place mode or cancels a run. See the <a href='https://github.com/segmote/SegMoTE/blob/main/docs/"
-            "slicer.md'>documentation</a>.")
+            "Ctrl+Z undoes the last AI edit; Esc ends place mode or cancels a run. See the "
+            "<a href='https://github.com/segmote/SegMoTE/blob/main/docs/slicer.md'>documentation</a>.")
         self.parent.acknowledgementText = _(
             "Built on Segment Anything (Meta AI), MedSAM / LiteMedSAM (Bo Wang lab) and 3D Slicer.")
 
@@ -278,9 +278,9 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneEndImport(self, caller, event):
         """A loaded scene (.mrb) brings its own SegMoTE parameter node, merged into ours: follow its prompt
-        nodes, not the ones from before the load."""
-        self.setParameterNode(self.moduleLogic.getParameterNode())
+        nodes, not the ones from before the load (while hidden, enter() reads them)."""
         if self.parent.isEntered:
+            self.setParameterNode(self.moduleLogic.getParameterNode())
             self.controller.ensureNodes()
 
     # ---- parameter node -----------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from PyQt5 import QtCore, QtGui, QtTest, QtWidgets  # noqa: E402
 
 import slicer  # noqa: E402  (slicer-core: the real MRML classes)
 import slicer.util as slicerCoreUtil  # noqa: E402
-import vtk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "SegMoTESlicer"
@@ -272,7 +271,8 @@ class StrictStandIn:
         super().__init_subclass__(**kwargs)
         declared = set()
         for klass in cls.__mro__:
-            declared |= DECLARED.get(getattr(klass, "slicerClass", ""), set()) if "slicerClass" in vars(klass) else set()
+            if "slicerClass" in vars(klass):
+                declared |= DECLARED.get(klass.slicerClass, set())
         qtBases = [klass for klass in cls.__mro__ if klass.__module__.startswith("PyQt5")]
         own = {name for name in vars(cls) if not name.startswith("_") and name not in ("slicerClass", "cppSignals")
                and not any(hasattr(base, name) for base in qtBases)}  # overriding a Qt virtual is not a new member
@@ -1094,7 +1094,8 @@ class PanelSession:
         return self.loadModule(logicFactory)
 
     def shortcuts(self):
-        return {s.property("key").toString(): s for s in self.mainWindow.findChildren(QtWidgets.QShortcut) if s.isEnabled()}
+        return {s.property("key").toString(): s for s in self.mainWindow.findChildren(QtWidgets.QShortcut)
+                if s.isEnabled()}
 
     def shortcutCounts(self):
         counts: dict[str, int] = {}
@@ -1107,7 +1108,8 @@ class PanelSession:
     def press(self, keys: str):
         """A key sequence as the main window's QShortcut delivers it (activated())."""
         matching = [s for s in self.mainWindow.findChildren(QtWidgets.QShortcut)
-                    if s.isEnabled() and s.parent() is self.mainWindow and s.property("key") == QtGui.QKeySequence(keys)]
+                    if s.isEnabled() and s.parent() is self.mainWindow
+                    and s.property("key") == QtGui.QKeySequence(keys)]
         if len(matching) != 1:
             raise AssertionError(f"{keys}: {len(matching)} shortcuts bound (Qt fires none unless exactly one is)")
         matching[0].activated.emit()

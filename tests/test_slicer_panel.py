@@ -172,7 +172,8 @@ def test_leaving_the_module_restores_slicers_place_mode_settings(session):
 
 
 # ---- a prompt, its undo, Esc --------------------------------------------------------------------------------------
-def test_a_box_gives_a_segment_new_gives_another_ctrl_z_undoes_them_and_esc_keeps_the_status(session, sharedEngineLogic):
+def test_a_box_gives_a_segment_new_gives_another_ctrl_z_undoes_them_and_esc_keeps_the_status(session,
+                                                                                        sharedEngineLogic):
     volume = add_ellipsoid_volume(session.scene)
     session.sliceLogic.GetSliceCompositeNode().SetBackgroundVolumeID(volume.GetID())
     widget = session.loadModule(sharedEngineLogic)
