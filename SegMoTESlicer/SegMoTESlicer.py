@@ -41,9 +41,14 @@ except ImportError:  # Slicer before 5.4
     def _(text):
         return text
 
-# Keys while the module is shown. None of them is a slice-view key (b/f browse slices, v, r, g, t, [ ] { }).
+# Keys while the module is shown. None of them is a slice-view key (b/f browse slices, v, r, g, t, [ ] { }). The
+# embedded Segment Editor's own keys (its Esc, z, Ctrl+Z, 1-9, ...) are not installed here: two shortcuts on one
+# key are ambiguous and Qt fires neither.
 SHORTCUTS = (("P", ("place", "positive")), ("N", ("place", "negative")), ("Shift+B", ("place", "box")),
-             ("Esc", "onCancel"))
+             ("Esc", "onCancel"), ("Ctrl+Z", "onUndo"))
+SETTINGS_GROUP = "SegMoTE"  # QSettings keys: what the user chose last time (model, device, intensities, adapter)
+UNDO_STATES = 10  # the Segment Editor's undo depth, as Slicer's Segment Editor module sets it
+ADAPTER_NONE, ADAPTER_FILE = "", "file"  # the adapter list's first and last entries; shipped adapters by name
 
 
 #
@@ -57,11 +62,11 @@ class SegMoTESlicer(ScriptedLoadableModule):
         self.parent.dependencies = ["Markups", "Segmentations"]
         self.parent.contributors = ["SegMoTE contributors"]
         self.parent.helpText = _(
-            "Segment with Segment-Anything models (LiteMedSAM, SAM ViT-B/L/H) and SegMoTE adapters: place a box (B) "
-            "or include/exclude points (P/N) in any slice view and the segment updates on that slice; "
+            "Segment with Segment-Anything models (LiteMedSAM, SAM ViT-B/L/H) and SegMoTE adapters: draw a box "
+            "(Shift+B) or place include/exclude points (P/N) in any slice view and the segment updates on that slice; "
             "Propagate 3D follows the object through the volume; Auto segment makes one segment per adapter class; "
-            "Ctrl+Z undoes the last AI edit. See the <a href='https://github.com/segmote/SegMoTE/blob/main/docs/"
-            "slicer.md'>documentation</a>.")
+            "Ctrl+Z undoes the last AI edit; Esc ends place mode or cancels a run. See the "
+            "<a href='https://github.com/segmote/SegMoTE/blob/main/docs/slicer.md'>documentation</a>.")
         self.parent.acknowledgementText = _(
             "Built on Segment Anything (Meta AI), MedSAM / LiteMedSAM (Bo Wang lab) and 3D Slicer.")
 
@@ -123,6 +128,7 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._dependenciesReady = False
         self._installCancelled = False
         self._timer = None
+        self._markupsStateOnEnter = None  # Slicer's place-mode state when the module was entered, restored on exit
 
     # ---- set-up -----------------------------------------------------------------------------------------
     def setup(self):
@@ -145,22 +151,39 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.addItem(label, name)
         for mode, label in catalogue.INTENSITY_MODES.items():
             self.ui.intensityComboBox.addItem(label, mode)
+        self.ui.adapterComboBox.addItem(_("None (base model)"), ADAPTER_NONE)
+        for name in catalogue.shippedAdapters():
+            self.ui.adapterComboBox.addItem(name + _(" (shipped)"), name)
+        self.ui.adapterComboBox.addItem(_("Adapter file…"), ADAPTER_FILE)
+        self.ui.adapterComboBox.connect("currentIndexChanged(int)", self.onAdapterChoiceChanged)
         self.ui.intensityComboBox.connect("currentIndexChanged(int)", self.onIntensityModeChanged)
         self.onIntensityModeChanged()
         self.refreshDevices()
+        self.restoreSettings()
+        self.onAdapterChoiceChanged()
         self.ui.progressBar.hide()
         self.ui.cancelButton.enabled = False
-        self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
-        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.moduleLogic.segmentEditorNode())
+        editor = self.ui.segmentEditorWidget
+        editor.setMRMLScene(slicer.mrmlScene)
+        editor.setMRMLSegmentEditorNode(self.moduleLogic.segmentEditorNode())
+        editor.setMaximumNumberOfUndoStates(UNDO_STATES)
+        # One selection: the panel's volume and segmentation selectors drive the editor (as MONAI Label does).
+        editor.setSegmentationNodeSelectorVisible(False)
+        editor.setSourceVolumeNodeSelectorVisible(False)
+        editor.setSwitchToSegmentationsButtonVisible(False)
+        editor.connect("segmentationNodeChanged(vtkMRMLSegmentationNode*)", self.onEditorSegmentationChanged)
+        editor.connect("sourceVolumeNodeChanged(vtkMRMLVolumeNode*)", self.onEditorSourceVolumeChanged)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onTargetSegmentChanged)
         self.ui.newSegmentButton.connect("toggled(bool)", self.onTargetSegmentChanged)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.intensityComboBox.connect("currentIndexChanged(int)", self.saveSettings)
         self.ui.autoUpdateCheckBox.connect("toggled(bool)", self.onAutoUpdateToggled)
         self.ui.positivePlaceButton.connect("clicked()", lambda: self.startPlacing("positive"))
         self.ui.negativePlaceButton.connect("clicked()", lambda: self.startPlacing("negative"))
@@ -180,16 +203,20 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
+        """Module reload or Slicer closing: nothing of this widget may keep running or observing."""
         self.removeShortcuts()
         self.removeObservers()
         if self._timer is not None:
             self._timer.stop()
         if self.controller is not None:
             self.controller.deactivate()
+        self.shutDownEditor()
+        self.restoreMarkupsState()
         if self.logic is not None:
             self.logic.shutdown()
 
     def enter(self):
+        self.saveMarkupsState()
         self.initializeParameterNode()
         self.controller.ensureNodes()  # the place buttons work from the start
         self.controller.activate()
@@ -198,10 +225,40 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def exit(self):
         self.removeShortcuts()
         self.controller.deactivate()
+        self.shutDownEditor()
+        self.restoreMarkupsState()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    def shutDownEditor(self):
+        """What Slicer's Segment Editor module does on exit: no effect left active, no keys, no view observers."""
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)
+        editor.uninstallKeyboardShortcuts()
+        editor.removeViewObservations()
+
+    def saveMarkupsState(self):
+        """Place-mode persistence and the active place list are application-wide: remember them on enter."""
+        applicationLogic = slicer.app.applicationLogic()
+        interaction, selection = applicationLogic.GetInteractionNode(), applicationLogic.GetSelectionNode()
+        self._markupsStateOnEnter = (interaction.GetPlaceModePersistence(), selection.GetActivePlaceNodeID(),
+                                     selection.GetActivePlaceNodeClassName())
+
+    def restoreMarkupsState(self):
+        if self._markupsStateOnEnter is None:
+            return
+        persistence, activeId, activeClass = self._markupsStateOnEnter
+        self._markupsStateOnEnter = None
+        applicationLogic = slicer.app.applicationLogic()
+        interaction, selection = applicationLogic.GetInteractionNode(), applicationLogic.GetSelectionNode()
+        interaction.SetPlaceModePersistence(persistence)
+        if activeId and slicer.mrmlScene.GetNodeByID(activeId) is None:
+            activeId = None  # the list the user had active was deleted meanwhile
+        selection.SetActivePlaceNodeID(activeId)
+        if activeClass:
+            selection.SetActivePlaceNodeClassName(activeClass)
 
     def onSceneStartClose(self, caller, event):
         self.controller.cancel()
@@ -210,18 +267,59 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.controller.setNodes()
         self.logic.clearUndo()
         self.setParameterNode(None)
+        editor = self.ui.segmentEditorWidget
+        editor.setSegmentationNode(None)
+        editor.removeViewObservations()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
             self.initializeParameterNode()
+            self.controller.ensureNodes()
+
+    def onSceneEndImport(self, caller, event):
+        """A loaded scene (.mrb) brings its own SegMoTE parameter node, merged into ours: follow its prompt
+        nodes, not the ones from before the load (while hidden, enter() reads them)."""
+        if self.parent.isEntered:
+            self.setParameterNode(self.moduleLogic.getParameterNode())
+            self.controller.ensureNodes()
 
     # ---- parameter node -----------------------------------------------------------------------------------
     def initializeParameterNode(self):
-        self.setParameterNode(self.moduleLogic.getParameterNode())
+        # New scene (a closed scene's singleton parameter node is reset, not removed): no model stored yet.
+        rawNode = ScriptedLoadableModuleLogic.getParameterNode(self.moduleLogic)
+        fresh = not rawNode.GetParameter("model")
+        parameterNode = SegMoTESlicerParameterNode(rawNode)
+        if fresh:  # a new scene starts with the model and device chosen last time (before the GUI shows the node)
+            settings = qt.QSettings()
+            model = settings.value(f"{SETTINGS_GROUP}/model", "")
+            if model in catalogue.MODELS:
+                parameterNode.model = model
+            device = settings.value(f"{SETTINGS_GROUP}/device", "")
+            if device and self.ui.deviceComboBox.findText(device) >= 0:
+                parameterNode.device = device
+        self.setParameterNode(parameterNode)
         if not self._parameterNode.inputVolume:
-            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolume:
-                self._parameterNode.inputVolume = firstVolume
+            volume = self.shownVolume()
+            if volume:
+                self._parameterNode.inputVolume = volume
+
+    @staticmethod
+    def shownVolume():
+        """The volume the user looks at: a slice view's background, else the first scalar volume that is not a
+        label map (a label map is a vtkMRMLScalarVolumeNode too)."""
+        scene = slicer.mrmlScene
+        composites = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+                      for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+        for composite in sorted(composites, key=lambda node: node.GetLayoutName() != "Red"):
+            volume = scene.GetNodeByID(composite.GetBackgroundVolumeID() or "")
+            if volume is not None and volume.IsA("vtkMRMLScalarVolumeNode") and \
+                    not volume.IsA("vtkMRMLLabelMapVolumeNode"):
+                return volume
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+            volume = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+            if not volume.IsA("vtkMRMLLabelMapVolumeNode"):
+                return volume
+        return None
 
     def setParameterNode(self, parameterNode):
         if self._parameterNode:
@@ -278,7 +376,23 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTargetSegmentChanged(self, *args):
         self.controller.segmentId = None if self.ui.newSegmentButton.checked else (
             self.ui.segmentSelector.currentSegmentID() or None)
+        editor = self.ui.segmentEditorWidget
+        if self.controller.segmentId and editor.segmentationNode() is not None:
+            editor.setCurrentSegmentID(self.controller.segmentId)  # paint corrects the segment SegMoTE writes
         self.updateButtons()
+
+    def onEditorSegmentationChanged(self, node):
+        """The editor's segmentation changed elsewhere (e.g. its node was edited by a script): SegMoTE follows,
+        so the panel never writes into another segmentation than the one the editor edits."""
+        p = self._parameterNode
+        if p is not None and node is not None and p.segmentation is not node:
+            p.segmentation = node
+
+    def onEditorSourceVolumeChanged(self, node):
+        p = self._parameterNode
+        if p is not None and node is not None and p.inputVolume is not node and \
+                node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            p.inputVolume = node
 
     def onIntensityModeChanged(self, index=None):
         custom = self.ui.intensityComboBox.currentData == "custom"
@@ -290,11 +404,50 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChanged(self, index=None):
         if self._parameterNode is not None:
             self._parameterNode.model = self.ui.modelComboBox.currentData
+        self.saveSettings()
         self.updateButtons()
 
     def onDeviceChanged(self, index=None):
         if self._parameterNode is not None:
             self._parameterNode.device = self.ui.deviceComboBox.currentText
+        self.saveSettings()
+
+    def onAdapterChoiceChanged(self, index=None):
+        choice = self.ui.adapterComboBox.currentData
+        self.ui.adapterPathLineEdit.enabled = self.ui.adapterFileLabel.enabled = choice == ADAPTER_FILE
+        self.saveSettings()
+
+    def adapterPath(self):
+        """The chosen adapter: a shipped adapter's file, the file typed in, or None."""
+        choice = self.ui.adapterComboBox.currentData
+        if choice == ADAPTER_FILE:
+            return self.ui.adapterPathLineEdit.currentPath or None
+        return catalogue.shippedAdapters().get(choice) if choice else None
+
+    # ---- remembered choices (QSettings, as Slicer's other AI modules keep theirs) ---------------------------------
+    def restoreSettings(self):
+        settings = qt.QSettings()
+        self._restoringSettings = True
+        try:
+            for combo, key in ((self.ui.modelComboBox, "model"), (self.ui.intensityComboBox, "intensityMode"),
+                               (self.ui.adapterComboBox, "adapter")):
+                index = combo.findData(settings.value(f"{SETTINGS_GROUP}/{key}", ""))
+                if index >= 0:
+                    combo.currentIndex = index
+            index = self.ui.deviceComboBox.findText(settings.value(f"{SETTINGS_GROUP}/device", ""))
+            if index >= 0:
+                self.ui.deviceComboBox.currentIndex = index
+        finally:
+            self._restoringSettings = False
+
+    def saveSettings(self, *args):
+        if getattr(self, "_restoringSettings", False):
+            return
+        settings = qt.QSettings()
+        settings.setValue(f"{SETTINGS_GROUP}/model", self.ui.modelComboBox.currentData or "")
+        settings.setValue(f"{SETTINGS_GROUP}/device", self.ui.deviceComboBox.currentText or "")
+        settings.setValue(f"{SETTINGS_GROUP}/intensityMode", self.ui.intensityComboBox.currentData or "")
+        settings.setValue(f"{SETTINGS_GROUP}/adapter", self.ui.adapterComboBox.currentData or "")
 
     def refreshDevices(self):
         current = self.ui.deviceComboBox.currentText or "auto"
@@ -383,15 +536,25 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if unsupported:
             self.showError(unsupported)
             return False
+        if dependencies.installing():  # a click that arrived while the install handles events
+            self.showStatus(_("SegMoTE's Python packages are being installed; wait for that to finish."))
+            return False
         self._installCancelled = False
         self.ui.cancelButton.enabled = True  # pip's output is shown line by line; Cancel (or Esc) stops it
         try:
             ready = dependencies.ensureDependencies(confirm=self.confirmInstall, progress=self.showStatus,
-                                                    cancelled=lambda: self._installCancelled)
+                                                    cancelled=lambda: self._installCancelled,
+                                                    idle=slicer.app.processEvents)
         except SegMoTEError as error:
             self.onJobError(error)
             return False
+        except Exception as error:  # whatever an installer raises stays in the panel, as one line
+            logging.exception("SegMoTE: installing the Python packages failed")
+            self.showError(f"installing SegMoTE's Python packages failed: {type(error).__name__}: {error}"
+                           .splitlines()[0][:300])
+            return False
         finally:
+            self._installCancelled = False
             self.updateButtons()
         if not ready:
             self.showStatus(_("SegMoTE needs its Python packages to run; nothing was installed."))
@@ -412,7 +575,10 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def applySettings(self):
         self.logic.setModel(self.ui.modelComboBox.currentData, self.ui.checkpointPathLineEdit.currentPath or None)
         self.logic.setDevice(self.ui.deviceComboBox.currentText or "auto")
-        self.logic.setAdapter(self.ui.adapterPathLineEdit.currentPath or None)
+        self.logic.setAdapter(self.adapterPath())
+        for pathEdit in (self.ui.checkpointPathLineEdit, self.ui.adapterPathLineEdit):
+            if pathEdit.currentPath and pathEdit.enabled:
+                pathEdit.addCurrentPathToHistory()  # offered again next time (ctkPathLineEdit's history)
         self.logic.setIntensityMode(self.ui.intensityComboBox.currentData or "auto",
                                     (self.ui.customLevelSpinBox.value, self.ui.customWidthSpinBox.value))
         self.logic.overwriteOtherSegments = bool(self.ui.overwriteCheckBox.checked)
@@ -445,8 +611,7 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volume is None or self.controller.busy:
             return
         try:
-            self._job = self.logic.startAutoSegment(volume, segmentation,
-                                                    self.ui.adapterPathLineEdit.currentPath or None,
+            self._job = self.logic.startAutoSegment(volume, segmentation, self.adapterPath(),
                                                     onDone=self.onAutoDone, onError=self.onJobError,
                                                     beforeApply=self.saveEditorUndoState)
         except SegMoTEError as error:
@@ -475,7 +640,9 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._downloadJob is not None:
             self._downloadJob.cancel()
         self.ui.segmentEditorWidget.setActiveEffect(None)
-        self.showStatus(_("Cancelling…") if self._job or self.controller.busy else "")
+        if self._job or self.controller.busy:
+            self.showStatus(_("Cancelling…"))
+        # otherwise the status line keeps what it says (a result's low-confidence warning stays readable)
 
     def onDownload(self):
         if self._downloadJob is not None or not self.ensureDependencies():
@@ -573,9 +740,28 @@ class SegMoTESlicerTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_ShippedFilesWithoutTorch()
+        self.setUp()
         self.test_PromptNodesAndPlaceMode()
         self.setUp()
         self.test_PromptsOnASyntheticVolume()
+
+    def test_ShippedFilesWithoutTorch(self):
+        """What the build farm can check without PyTorch: the engine package and its shipped adapter were
+        installed with the module and read, and a structure's name resolves to its SNOMED CT codes."""
+        import json
+        import struct
+
+        from segmote_core.terminology import resolve
+
+        adapters = catalogue.shippedAdapters()
+        self.assertIn("chest_ct_lungs", adapters)
+        with open(adapters["chest_ct_lungs"], "rb") as file:  # a safetensors file: 8-byte length, JSON header
+            headerLength = struct.unpack("<Q", file.read(8))[0]
+            header = json.loads(file.read(headerLength))
+        self.assertTrue(any(isinstance(entry, dict) and "shape" in entry for entry in header.values()))
+        resolution = resolve("right lung")
+        self.assertIsNone(resolution.notice)
 
     def test_PromptNodesAndPlaceMode(self):
         """No model needed: the place buttons' nodes, place mode and Esc, on Slicer's own interaction node."""

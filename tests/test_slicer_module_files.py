@@ -103,9 +103,10 @@ def test_shortcuts_shadow_no_slice_view_key_and_prompt_events_are_handled_gui_fr
     shortcuts = next(node for node in tree.body if isinstance(node, ast.Assign)
                      and any(isinstance(t, ast.Name) and t.id == "SHORTCUTS" for t in node.targets))
     keys = {pair.elts[0].value for pair in shortcuts.value.elts}
-    assert {"P", "N", "Shift+B", "Esc"} <= keys
-    # Keys Slicer's slice views use (vtkMRMLSliceIntersectionWidget) and the Segment Editor's undo.
-    slice_view_keys = {"B", "F", "V", "R", "G", "T", "[", "]", "{", "}", "Left", "Right", "Up", "Down", "Ctrl+Z"}
+    assert {"P", "N", "Shift+B", "Esc", "Ctrl+Z"} <= keys
+    # Keys Slicer's slice views use (vtkMRMLSliceIntersectionWidget); tests/test_slicer_panel.py checks each key is
+    # bound once (the embedded Segment Editor's own keys are not installed).
+    slice_view_keys = {"B", "F", "V", "R", "G", "T", "[", "]", "{", "}", "Left", "Right", "Up", "Down"}
     assert not keys & slice_view_keys, keys & slice_view_keys
     prompts = (LIB / "prompts.py").read_text(encoding="utf-8")
     for event in ("PointPositionDefinedEvent", "PointStartInteractionEvent", "PointEndInteractionEvent"):
@@ -139,6 +140,60 @@ def test_every_module_file_is_listed_in_cmake_and_every_listed_file_exists():
     assert listed == on_disk, f"not listed: {sorted(on_disk - listed)}; listed but missing: {sorted(listed - on_disk)}"
     assert all(s.endswith(".py") for s in scripts) and not any(r.endswith(".py") for r in resources)
     assert "WITH_GENERIC_TESTS" in text and "slicerMacroBuildScriptedModule" in text
+
+
+def cmake_glob(pattern: str, recursive: bool) -> list[str]:
+    """What CMake's file(GLOB[_RECURSE] ... RELATIVE <source dir>) gives for a pattern below the checkout."""
+    folder, _, name = pattern.rpartition("/")
+    found = (ROOT / folder).rglob(name) if recursive else (ROOT / folder).glob(name)
+    return sorted(p.relative_to(ROOT).as_posix() for p in found if p.is_file())
+
+
+def extension_install_list() -> set[str]:
+    """Every file the built extension installs, read from the CMake rules (paths relative to the checkout)."""
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    variables = {}
+    for kind, variable, pattern in re.findall(
+            r"file\((GLOB_RECURSE|GLOB)\s+(\w+)\s+RELATIVE\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}\s+CONFIGURE_DEPENDS\s+"
+            r"\$\{CMAKE_CURRENT_SOURCE_DIR\}/(\S+)\)", top):
+        variables[variable] = cmake_glob(pattern, kind == "GLOB_RECURSE")
+    call = re.search(r"ctkMacroCompilePythonScript\((.*?)\n  \)", top, re.S).group(1)
+    scripts = re.search(r'SCRIPTS\s+"\$\{(\w+)\}"', call).group(1)
+    resources = re.search(r'RESOURCES\s+"\$\{(\w+)\}"', call).group(1)
+    listed = set(variables[scripts])
+    for item in cmake_list(top, resources, {}):
+        listed |= set(variables[item[2:-1]]) if item.startswith("${") else {item}
+    module = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
+    for variable in ("MODULE_PYTHON_SCRIPTS", "MODULE_PYTHON_RESOURCES"):
+        listed |= {f"SegMoTESlicer/{item}" for item in cmake_list(module, variable, {"MODULE_NAME": "SegMoTESlicer"})}
+    return listed
+
+
+def test_the_built_extension_carries_every_module_file_the_engine_and_the_shipped_adapters():
+    installed = extension_install_list()
+    assert all((ROOT / path).is_file() for path in installed), sorted(p for p in installed if not (ROOT / p).is_file())
+    module_files = {p.relative_to(ROOT).as_posix() for p in MODULE.rglob("*") if p.is_file()
+                    and "__pycache__" not in p.parts and p.name != "CMakeLists.txt"}
+    engine_files = {p.relative_to(ROOT).as_posix() for p in (ROOT / "segmote_core").rglob("*") if p.is_file()
+                    and "__pycache__" not in p.parts and not p.name.endswith(".pyc")}
+    assert not module_files - installed, sorted(module_files - installed)
+    assert not engine_files - installed, sorted(engine_files - installed)
+    adapters = {p for p in installed if p.startswith("segmote_core/data/adapters/")}
+    assert "segmote_core/data/adapters/chest_ct_lungs.safetensors" in adapters
+
+
+def test_extension_urls_name_one_repository_and_no_placeholder():
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    entry = json.loads((ROOT / "resources" / "SegMoTE.json").read_text(encoding="utf-8"))
+    repository = entry["scm_url"].removesuffix(".git").removeprefix("https://github.com/")
+    assert "placeholder" not in text.lower()
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in cmake_value(text, variable).split():
+            assert f"/{repository}/" in url, (variable, url)
+    name = repository.split("/")[1]
+    guide = (ROOT / "docs" / "slicer.md").read_text(encoding="utf-8")
+    assert name.startswith("Slicer") or "does not start with \"Slicer\"" in guide  # the stated exception
+    assert "3d-slicer-extension" in guide
 
 
 def test_extension_cmake_metadata_and_engine_packaging():
@@ -260,7 +315,7 @@ def test_install_asks_once_then_uses_pytorch_utils_and_pip(monkeypatch):
     fake_utils.PyTorchUtilsLogic = FakeTorchLogic
     monkeypatch.setitem(sys.modules, "PyTorchUtils", fake_utils)
     monkeypatch.setattr(dependencies, "_installPackages",
-                        lambda requirements, progress=None, cancelled=None: installed.append(requirements))
+                        lambda requirements, progress=None, cancelled=None, idle=None: installed.append(requirements))
 
     assert dependencies.ensureDependencies(confirm=lambda packages: asked.append(packages) or True) is True
     assert len(asked) == 1 and "PyTorch" in asked[0][0] and asked[0][1:] == ["segment-anything>=1.0"]

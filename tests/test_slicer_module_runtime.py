@@ -158,3 +158,92 @@ def test_the_slicer_logic_leaves_the_process_allocator_alone(lite_engine):
     from segmote_core.engine import Engine
 
     assert inspect.signature(Engine).parameters["tune_allocator"].default is True  # the CLI keeps its speed-up
+
+
+def test_closing_slicer_does_not_wait_for_a_running_model_call():
+    """Python joins non-daemon threads at exit: a model call still running must not hold up Slicer's exit."""
+    import subprocess
+
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from SegMoTESlicerLib.worker import EngineWorker\n"
+            "worker = EngineWorker()\n"
+            "worker.submit(time.sleep, 60)\n"
+            "time.sleep(0.2)\n"
+            "print('leaving')\n" % str(MODULE))
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process waited for the 60 s model call before exiting")
+    assert result.returncode == 0 and "leaving" in result.stdout, result.stderr
+
+
+def test_cancel_stops_a_silent_pip_and_the_panel_gets_idle_calls(monkeypatch, tmp_path):
+    """pip often prints nothing for a long time (resolving, downloading): Cancel must still act."""
+    marker = tmp_path / "finished"
+    monkeypatch.setattr(dependencies, "_pythonExecutable", lambda: fake_python(
+        tmp_path, f'echo "Collecting quiet-package"; sleep 20; touch "{marker}"'))
+    idle = []
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        dependencies._installPackages(["quiet-package"], idle=lambda: idle.append(time.monotonic()),
+                                      cancelled=lambda: len(idle) >= 5)
+    assert time.monotonic() - started < 5 and not marker.exists(), "a silent pip could not be cancelled"
+
+
+def test_pip_runs_with_its_console_hidden_on_windows(monkeypatch):
+    import subprocess
+
+    class StartupInfo:
+        dwFlags = 0
+        wShowWindow = 1
+
+    launched = []
+    monkeypatch.setattr(dependencies, "_windows", lambda: True)
+    monkeypatch.setattr(subprocess, "STARTUPINFO", StartupInfo, raising=False)
+    monkeypatch.setattr(subprocess, "STARTF_USESHOWWINDOW", 1, raising=False)
+    monkeypatch.setattr(subprocess, "Popen", lambda command, **options: launched.append(options) or "process")
+    assert dependencies._launch(["pip"]) == "process"
+    info = launched[0]["startupinfo"]
+    assert info.dwFlags & 1 and info.wShowWindow == 0  # STARTF_USESHOWWINDOW with SW_HIDE
+
+
+def test_a_failed_pytorch_install_is_one_line_for_the_panel(monkeypatch):
+    import subprocess
+    import types
+
+    for failure in (subprocess.CalledProcessError(1, ["pip", "install", "torch"]), ImportError("no module torch")):
+        fake_utils = types.ModuleType("PyTorchUtils")
+
+        class FailingTorchLogic:
+            def installTorch(self, failure=failure, **kwargs):
+                raise failure
+
+        fake_utils.PyTorchUtilsLogic = FailingTorchLogic
+        monkeypatch.setitem(sys.modules, "PyTorchUtils", fake_utils)
+        monkeypatch.setattr(dependencies, "torchMissing", lambda: True)
+        monkeypatch.setattr(dependencies, "missingPackages", lambda: [])
+        shown = []
+        with pytest.raises(SegMoTEError) as raised:
+            dependencies.ensureDependencies(progress=shown.append)
+        assert "installing PyTorch failed" in str(raised.value) and "\n" not in str(raised.value)
+        assert any("PyTorch" in line for line in shown)  # said before the blocking install started
+        assert not dependencies.installing()
+
+
+def test_a_second_install_cannot_start_while_one_runs(monkeypatch):
+    """The panel handles events during an install, so a second click on a place button can arrive."""
+    monkeypatch.setattr(dependencies, "torchMissing", lambda: False)
+    state = {"missing": ["segment-anything>=1.0"], "runs": 0, "nested": None}
+    monkeypatch.setattr(dependencies, "missingPackages", lambda: state["missing"])
+
+    def install(requirements, progress=None, cancelled=None, idle=None):
+        state["runs"] += 1
+        try:
+            dependencies.ensureDependencies()  # what a click delivered during the install would call
+        except SegMoTEError as error:
+            state["nested"] = str(error)
+        state["missing"] = []
+
+    monkeypatch.setattr(dependencies, "_installPackages", install)
+    assert dependencies.ensureDependencies() is True
+    assert state["runs"] == 1 and "being installed" in state["nested"]

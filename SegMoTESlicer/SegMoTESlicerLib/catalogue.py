@@ -67,6 +67,13 @@ def availableDevices() -> list[str]:
     return ["auto"] + available_devices()
 
 
+def shippedAdapters() -> dict[str, str]:
+    """Name -> file of every adapter that ships with segmote_core (the built extension installs them too)."""
+    from segmote_core.shipped import shipped_adapters
+
+    return {name: str(path) for name, path in shipped_adapters().items()}
+
+
 def segmentColor(index: int) -> tuple[float, float, float]:
     """The colour of the index-th new segment: segmote_core's palette, so the CLI and Slicer colour alike."""
     return palette_color(index)

@@ -14,6 +14,8 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import os
+import queue
 import subprocess
 import sys
 import threading
@@ -79,17 +81,37 @@ def dependenciesSatisfied() -> bool:
     return not torchMissing() and not missingPackages()
 
 
-def ensureDependencies(confirm=None, progress=None, cancelled=None) -> bool:
+_installing = False  # an install is running (the panel handles events during it, so a second click can arrive)
+
+
+def installing() -> bool:
+    return _installing
+
+
+def ensureDependencies(confirm=None, progress=None, cancelled=None, idle=None) -> bool:
     """Install what is missing; True when everything is importable, False if the user declined.
 
     confirm(packages) -> bool is asked once, with a line per package to install, before anything is installed
     (the panel shows a dialog); None installs without asking. Must run on the main thread (the confirmation and the
     PyTorch installer are GUI code). progress(line) gets each line of pip's output (the panel shows it);
-    cancelled() -> True stops pip (raises Cancelled, and what was installed so far stays). Raises SegMoTEError with
-    one line when this Slicer is too old, an installation fails or the PyTorch extension is absent.
+    cancelled() -> True stops pip (raises Cancelled, and what was installed so far stays); idle() is called about
+    ten times a second while pip prints nothing (the panel handles its events there, so Cancel works). Raises
+    SegMoTEError with one line when this Slicer is too old, an installation is already running, an installation
+    fails (PyTorch's included) or the PyTorch extension is absent.
     """
+    global _installing
     if threading.current_thread() is not threading.main_thread():
         raise SegMoTEError("dependencies can only be installed from the main thread")
+    if _installing:
+        raise SegMoTEError("SegMoTE's Python packages are being installed; wait for that to finish")
+    _installing = True
+    try:
+        return _ensureDependencies(confirm, progress, cancelled, idle)
+    finally:
+        _installing = False
+
+
+def _ensureDependencies(confirm, progress, cancelled, idle) -> bool:
     unsupported = unsupportedSlicer()
     if unsupported:
         raise SegMoTEError(unsupported)  # a pip install would fail as a whole: never start one
@@ -100,9 +122,11 @@ def ensureDependencies(confirm=None, progress=None, cancelled=None) -> bool:
     if confirm is not None and not confirm(listed):
         return False
     if needTorch:
+        if progress is not None:  # PyTorchUtils blocks until done: say what is happening first
+            progress("Installing PyTorch through the PyTorch extension (several GB; this can take many minutes)…")
         _installTorch()
     if packages:
-        _installPackages(packages, progress, cancelled)
+        _installPackages(packages, progress, cancelled, idle)
     importlib.invalidate_caches()
     still = (["torch"] if torchMissing() else []) + missingPackages()
     if still:
@@ -117,14 +141,19 @@ def _installTorch() -> None:
     except ImportError:
         raise SegMoTEError("SegMoTE needs the PyTorch extension: install 'PyTorch' from the Extensions Manager, "
                            "restart Slicer, then try again") from None
-    torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-    torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT,
-                                    torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
+    try:
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT,
+                                        torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
+    except Exception as error:  # pip's CalledProcessError, a failed import of the new torch, ...
+        log.error("installing PyTorch failed", exc_info=error)
+        raise SegMoTEError(f"installing PyTorch failed ({type(error).__name__}: {str(error).strip()[:150]}); "
+                           "open the PyTorch Utils module to install it by hand") from error
     if torch is None:
         raise SegMoTEError("PyTorch was not installed; open the PyTorch Utils module to install it by hand")
 
 
-def _installPackages(requirements: list[str], progress=None, cancelled=None) -> None:
+def _installPackages(requirements: list[str], progress=None, cancelled=None, idle=None) -> None:
     """pip in a child process: its output reaches the panel line by line and Cancel stops it."""
     import tempfile
 
@@ -133,7 +162,7 @@ def _installPackages(requirements: list[str], progress=None, cancelled=None) -> 
         constraints.write_text("".join(f"{line}\n" for line in bundledConstraints()), encoding="utf-8")
         command = [_pythonExecutable(), "-m", "pip", "install", "--disable-pip-version-check",
                    "-c", str(constraints), *requirements]
-        _runPip(command, requirements, progress, cancelled)
+        _runPip(command, requirements, progress, cancelled, idle)
 
 
 def bundledConstraints() -> list[str]:
@@ -147,25 +176,61 @@ def bundledConstraints() -> list[str]:
     return pins
 
 
-def _runPip(command, requirements, progress, cancelled) -> None:
+def _windows() -> bool:
+    return os.name == "nt"
+
+
+def _launch(command) -> subprocess.Popen:
+    """Start pip with its console window hidden on Windows, as slicer.util.launchConsoleProcess does."""
+    options = {}
+    if _windows():
+        info = subprocess.STARTUPINFO()
+        info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+        info.wShowWindow = 0  # SW_HIDE
+        options["startupinfo"] = info
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **options)
+
+
+def _runPip(command, requirements, progress, cancelled, idle=None) -> None:
+    """pip's output is read on a helper thread, so a silent pip (resolving, downloading) can still be cancelled."""
     lines = []
     try:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = _launch(command)
     except OSError as error:
         raise SegMoTEError(f"could not start pip: {error}") from error
-    with process:
-        for line in process.stdout:
-            line = line.strip()
-            if line:
-                lines.append(line)
-                if progress is not None:
-                    progress(f"Installing: {line[:150]}")
-            if cancelled is not None and cancelled():
-                process.terminate()
-                process.wait()
-                from segmote_core.errors import Cancelled
+    output: queue.SimpleQueue = queue.SimpleQueue()
 
-                raise Cancelled("installation cancelled; run it again to finish it")
+    def read():
+        for line in process.stdout:
+            output.put(line)
+        output.put(None)
+
+    threading.Thread(target=read, name="SegMoTE-pip-output", daemon=True).start()
+    # No `with process`: closing its output here would wait for the reader thread, i.e. for pip to end.
+    while True:
+        try:
+            line = output.get(timeout=0.1)
+        except queue.Empty:
+            line = ""
+            if idle is not None:
+                idle()
+        if line is None:
+            break
+        line = line.strip()
+        if line:
+            lines.append(line)
+            if progress is not None:
+                progress(f"Installing: {line[:150]}")
+        if cancelled is not None and cancelled():
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            from segmote_core.errors import Cancelled
+
+            raise Cancelled("installation cancelled; run it again to finish it")
+    process.wait()
     if process.returncode != 0:
         errors = [line for line in lines if line.lower().startswith("error")] or lines[-1:] or ["no output"]
         log.error("pip install failed:\n%s", "\n".join(lines))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -278,37 +277,77 @@ def revert(segmentationNode, grid, changes) -> None:
 
 
 class UndoHistory:
-    """The last `depth` AI edits per segmentation node (keyed by the node object: IDs repeat across scenes)."""
+    """The last `depth` AI edits per segmentation node, keyed by the node's scene and ID.
+
+    Not by the node's Python object: VTK drops a node's Python wrapper as soon as Python holds no reference to it
+    (the node itself lives on in the scene), and a weak key went with it. A node's entries are dropped when it
+    leaves its scene, since a closed scene's IDs are given to the next scene's nodes."""
 
     def __init__(self, depth: int = UNDO_DEPTH):
         self.depth = depth
-        self._stacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._stacks: dict[tuple[str, str], list] = {}
+        self._observedScenes: set[str] = set()
+
+    @staticmethod
+    def _key(segmentationNode):
+        scene = segmentationNode.GetScene() if segmentationNode is not None else None
+        if scene is None or not segmentationNode.GetID():
+            return None
+        return scene.__this__, segmentationNode.GetID()
+
+    def _watch(self, scene) -> None:
+        sceneKey = scene.__this__
+        if sceneKey in self._observedScenes:
+            return
+        self._observedScenes.add(sceneKey)
+        scene.AddObserver(scene.NodeRemovedEvent, lambda caller, event: self._dropRemoved(caller))
+        scene.AddObserver("DeleteEvent", lambda caller, event, key=sceneKey: self._dropScene(key))
+
+    def _dropRemoved(self, scene) -> None:
+        sceneKey = scene.__this__
+        for key in [k for k in self._stacks if k[0] == sceneKey and scene.GetNodeByID(k[1]) is None]:
+            del self._stacks[key]
+
+    def _dropScene(self, sceneKey: str) -> None:
+        self._observedScenes.discard(sceneKey)
+        for key in [k for k in self._stacks if k[0] == sceneKey]:
+            del self._stacks[key]
 
     def push(self, segmentationNode, edit: Edit) -> None:
-        stack = self._stacks.setdefault(segmentationNode, [])
+        key = self._key(segmentationNode)
+        if key is None:
+            return
+        self._watch(segmentationNode.GetScene())
+        stack = self._stacks.setdefault(key, [])
         stack.append(edit)
         del stack[:-self.depth]
 
     def steps(self, segmentationNode) -> int:
-        return len(self._stacks.get(segmentationNode, ())) if segmentationNode is not None else 0
+        return len(self._stacks.get(self._key(segmentationNode), ()))
 
     def undo(self, segmentationNode) -> bool:
         """Restore the segments as they were before the last AI edit on this segmentation; False if none.
 
-        Raises SegMoTEError (and drops that undo step) if the segment was edited by other tools since, because
-        restoring it would silently throw those edits away."""
-        stack = self._stacks.get(segmentationNode) if segmentationNode is not None else None
+        Raises SegMoTEError (and drops that undo step) if a segment was edited by other tools since, because
+        restoring it would silently throw those edits away: for a segment the edit created, that is any voxel
+        outside the region the edit wrote."""
+        stack = self._stacks.get(self._key(segmentationNode))
         if not stack:
             return False
         edit = stack.pop()
         segmentation = segmentationNode.GetSegmentation()
+        created = {change.segmentId for change in edit.changes if change.created}
         for change in edit.changes:
-            if change.created or segmentation.GetSegment(change.segmentId) is None:
+            segment = segmentation.GetSegment(change.segmentId)
+            if change.created or segment is None:
                 continue
             current = edit.grid.readSegment(segmentationNode, change.segmentId, change.extent)
-            if digest(current) != change.afterDigest:
-                raise SegMoTEError(f"segment '{segmentation.GetSegment(change.segmentId).GetName()}' was edited "
-                                   "after the AI edit; undo those edits in the Segment Editor instead")
+            edited = digest(current) != change.afterDigest
+            if not edited and change.segmentId in created:
+                edited = _voxelsOutside(segmentationNode, edit.grid, change.segmentId, change.extent)
+            if edited:
+                raise SegMoTEError(f"segment '{segment.GetName()}' was edited after the AI edit; undo those edits "
+                                   "in the Segment Editor instead")
         revert(segmentationNode, edit.grid, edit.changes)
         return True
 
@@ -316,4 +355,14 @@ class UndoHistory:
         if segmentationNode is None:
             self._stacks.clear()
         else:
-            self._stacks.pop(segmentationNode, None)
+            self._stacks.pop(self._key(segmentationNode), None)
+
+
+def _voxelsOutside(segmentationNode, grid, segmentId, extent) -> bool:
+    """Whether the segment has voxels outside `extent` (painted there after the AI edit that created it)."""
+    current, values = grid.readWholeSegment(segmentationNode, segmentId)
+    if current is None or not values.any():
+        return False
+    inside = mrml.extentIntersection(current, extent)
+    insideCount = int(values[mrml.extentSlices(inside, current)].sum()) if inside is not None else 0
+    return int(values.sum()) != insideCount

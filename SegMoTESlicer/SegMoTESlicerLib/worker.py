@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import queue
 import sys
 import threading
 import time
@@ -70,29 +71,64 @@ def _releaseAcceleratorMemory() -> None:
 
 
 class EngineWorker:
-    """A single persistent daemon thread that runs jobs one after another (created on first use)."""
+    """A single persistent daemon thread that runs jobs one after another (created on first use).
+
+    Not a ThreadPoolExecutor: its threads are joined when Python exits, so closing Slicer would wait for a model
+    run to finish. A daemon thread is simply dropped at exit."""
 
     def __init__(self):
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._queue: queue.SimpleQueue | None = None
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.threadIds: set[int] = set()  # threads that ran jobs (tests check it stays one)
 
     def submit(self, fn: Callable[..., Any], *args, **kwargs) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
-            if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="SegMoTE-engine")
-            return self._executor.submit(self._run, fn, *args, **kwargs)
+            if self._thread is None:
+                self._queue = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._loop, args=(self._queue,), name="SegMoTE-engine",
+                                                daemon=True)
+                self._thread.start()
+            self._queue.put((future, fn, args, kwargs))
+        return future
 
-    def _run(self, fn, *args, **kwargs):
+    def _loop(self, work: "queue.SimpleQueue") -> None:
         self.threadIds.add(threading.get_ident())
-        return fn(*args, **kwargs)
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as error:  # handed to the polling thread
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
 
     def shutdown(self, wait: bool = False) -> None:
+        """Cancel queued work and let the thread end after its current job (which sees its job cancelled)."""
         with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=wait, cancel_futures=True)
+            work, thread, self._queue, self._thread = self._queue, self._thread, None, None
+        if work is None:
+            return
+        while True:
+            try:
+                item = work.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        work.put(None)
+        if wait and thread is not threading.current_thread():
+            thread.join()
 
 
 class Job:
