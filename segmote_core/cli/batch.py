@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,8 +92,10 @@ def plan_outputs(args, inputs: str, extra_inputs=(), names: tuple[str, ...] = ()
 def run_cases(args, kind: str, cases, targets: dict, collection: bool, segment_case) -> int:
     """segment_case(engine, volume, case, show_slice_progress) -> (segments, details per segment, prompts record).
     Returns the exit status."""
+    from ..devices import torchrun_environment
     from ..volume import read_volume
 
+    torchrun_environment()  # half-set torchrun variables: one line now, not after the first case
     shard = Shard.start(args) if collection else Shard()
     cases = cases[shard.rank::shard.world]
     engine = None
@@ -144,7 +145,9 @@ class Shard:
 
     @classmethod
     def start(cls, args) -> "Shard":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        from ..devices import torchrun_environment
+
+        _, world, local_rank = torchrun_environment()
         if world <= 1:
             return cls()
         import torch
@@ -153,7 +156,6 @@ class Shard:
         owns = not dist.is_initialized()
         if owns:
             dist.init_process_group("gloo")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if args.device == "auto" and torch.cuda.is_available():
             args.device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per process
         return cls(dist.get_rank(), dist.get_world_size(), owns)
@@ -226,6 +228,7 @@ def preview_path(given: str, output: Path, case_name: str, into_folder: bool) ->
 
 def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, seconds: float, preview) -> dict:
     from .. import __version__
+    from ..devices import torchrun_environment
     from ..files import sha256_file
     from ..shipped import resolve_adapter
 
@@ -247,7 +250,7 @@ def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, se
         "segments": result.segments,
         "preview": str(preview) if preview else None,
         "wall_time_s": round(seconds, 3),
-        "process": {"rank": int(os.environ.get("RANK", "0")), "world_size": int(os.environ.get("WORLD_SIZE", "1"))},
+        "process": dict(zip(("rank", "world_size"), torchrun_environment())),
     }
 
 

@@ -96,6 +96,10 @@ class TrainConfig:
                      "distill_clicks"):
             if getattr(self, name) < 0:
                 raise InputError(f"config: {name} must be 0 or more, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"config: threads must be 1 or more (or left out for one per core), got {self.threads}")
+        if not 0 <= self.seed < 2**32:
+            raise InputError(f"config: seed must be a whole number from 0 to {2**32 - 1}, got {self.seed}")
         if self.distill_weight < 0:
             raise InputError(f"config: distill_weight must be 0 or more, got {self.distill_weight}")
         if not 0.0 <= self.box_probability <= 1.0:
