@@ -585,6 +585,8 @@ def check_writable_output(path: str | Path) -> Path:
         raise InputError(f"output {path} is a folder")
     if path.exists() and not path.is_file():
         raise InputError(f"output {path} is not a regular file")
+    if path.is_file() and not path.stat().st_mode & 0o222:
+        raise InputError(f"output {path} is read-only; it is left as it is: make it writable or choose another file")
     folder = next((parent for parent in path.parents if parent.exists()), Path("."))
     if not folder.is_dir():
         raise InputError(f"cannot write {path}: {folder} is a file, not a folder")
