@@ -143,3 +143,117 @@ def test_segmote_debug_zero_means_off(tmp_path, capsys, monkeypatch, value, trac
     code = main(args)
     lines = error_lines(capsys.readouterr().err)
     assert code == 3 and len(lines) == 1 and "SEGMOTE_DEBUG=1" in lines[0]
+
+
+# ---- resources: aliases, huge prompt files ------------------------------------------------------------------
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, tiny_scan, capsys):
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for n in range(1, 9):
+        lines.append(f"{chr(97 + n)}: &{chr(97 + n)} [" + ", ".join([f"*{chr(96 + n)}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    code = main(["train", "--config", str(bomb), "--quiet"])
+    err = error_lines(capsys.readouterr().err)
+    assert code == 1 and len(err) == 1 and "aliases (*a) are not accepted" in err[0]
+
+
+def test_a_huge_prompt_file_is_refused_by_its_size(tmp_path, capsys):
+    from segmote_core.prompt_files import MAX_PROMPT_FILE_BYTES, read_prompts
+
+    big = tmp_path / "p.csv"
+    with open(big, "wb") as handle:
+        handle.write(b"case,name,kind,x,y,z\n")
+        handle.truncate(MAX_PROMPT_FILE_BYTES + 1)
+    with pytest.raises(InputError, match="a prompt file of boxes and points is at most"):
+        read_prompts(big)
+
+
+# ---- prompt files: malformed shapes, BOM, negative-only, unknown cases -------------------------------------
+MARKUPS = {
+    "markups a string": '{"markups": ["ROI"]}',
+    "control points a number": '{"markups": [{"type": "Fiducial", "controlPoints": 5}]}',
+    "control point a string": '{"markups": [{"type": "Fiducial", "controlPoints": ["p"]}]}',
+    "deep nesting": '{"markups": ' + "[" * 100000 + "]" * 100000 + "}",
+    "5000-digit number": '{"markups": [{"type": "ROI", "center": [' + "9" * 5000 + ', 0, 0], "size": [1, 1, 1]}]}',
+}
+
+
+@pytest.mark.parametrize("text", MARKUPS.values(), ids=MARKUPS.keys())
+def test_malformed_markups_shapes_are_one_line(tmp_path, capsys, text):
+    prompts = tmp_path / "p.mrk.json"
+    prompts.write_text(text)
+    code = main(["segment", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "o.seg.nrrd"), "--prompts",
+                 str(prompts)])
+    err = error_lines(capsys.readouterr().err)
+    assert code == 1 and len(err) == 1 and "p.mrk.json" in err[0]
+    assert not (tmp_path / "o.seg.nrrd").exists()
+
+
+def write_csv(path: Path, rows: list[str], bom: bool = False) -> Path:
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + ("\n".join(["case,name,kind,x,y,z,space", *rows]) + "\n")
+                     .encode())
+    return path
+
+
+def test_prompt_tables_negative_only_bom_and_unknown_cases(tmp_path, capsys, monkeypatch):
+    from segmote_core.cli import batch
+    from segmote_core.prompt_files import read_prompts
+
+    table = read_prompts(write_csv(tmp_path / "bom.csv", [",liver,positive,1,2,3,IJK"], bom=True))
+    assert list(table.objects[None]) == ["liver"]
+    with pytest.raises(InputError, match="only negative points"):
+        read_prompts(write_csv(tmp_path / "neg.csv", [",liver,negative,1,2,3,IJK"]))
+
+    # Before any model: the CLI must not get as far as building an engine.
+    def no_engine(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(batch, "engine_for_args", no_engine)
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    for name in ("a", "b"):
+        sitk.WriteImage(sitk.Image(8, 8, 2, sitk.sitkInt16), str(folder / f"{name}.nrrd"))
+    rows = ["a,liver,positive,1,2,0,IJK", "typo,liver,positive,1,2,0,IJK"]
+    code = main(["segment", "-i", str(folder), "-o", str(tmp_path / "out"), "--prompts",
+                 str(write_csv(tmp_path / "p.csv", rows))])
+    err = error_lines(capsys.readouterr().err)
+    assert code == 1 and len(err) == 1 and "names case(s) 'typo' that the input does not hold" in err[0]
+    code = main(["segment", "-i", str(folder), "-o", str(tmp_path / "out"), "--name", "spleen", "--prompts",
+                 str(write_csv(tmp_path / "q.csv", rows[:1]))])
+    err = error_lines(capsys.readouterr().err)
+    assert code == 1 and len(err) == 1 and "--name names a command-line prompt" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_segment_name_is_refused_before_the_model(tmp_path, capsys, monkeypatch):
+    from segmote_core.cli import batch
+    from segmote_core.segmentation_io import Segment, save_segments
+    from segmote_core.volume import Volume
+
+    grid = Volume(np.zeros((2, 8, 8), np.int16), (1, 1, 1), (0, 0, 0), np.eye(3))
+    sitk.WriteImage(grid.to_sitk(np.arange(128, dtype=np.int16).reshape(2, 8, 8)), str(tmp_path / "ct.nrrd"))
+    for suffix in (".seg.nrrd", ".nii.gz"):
+        out = tmp_path / f"o{suffix}"
+        mask = np.zeros((2, 8, 8), bool)
+        mask[:, 2:6, 2:6] = True
+        save_segments(out, grid, [Segment("liver", mask)])
+        before = out.read_bytes()
+        monkeypatch.setattr(batch, "engine_for_args", lambda args: (_ for _ in ()).throw(AssertionError("model")))
+        code = main(["segment", str(tmp_path / "ct.nrrd"), "--out", str(out), "--box-ijk", "1", "1", "0", "5", "5",
+                     "0", "--name", "liver"])
+        err = error_lines(capsys.readouterr().err)
+        assert code == 1 and len(err) == 1 and "already has a segment named 'liver'" in err[0]
+        assert out.read_bytes() == before
+
+
+def test_a_volume_on_a_view_of_the_callers_array_does_not_change_with_it():
+    from segmote_core.volume import Volume
+
+    data = np.zeros((3, 8, 8), np.float32)
+    volume = Volume(data[:, :, :], (1, 1, 1), (0, 0, 0), np.eye(3))
+    data[1] = 5.0  # the caller changes its own array afterwards
+    assert float(volume.array.max()) == 0.0 and not volume.array.flags.writeable
+    owned = np.zeros((3, 8, 8), np.float32)
+    Volume(owned, (1, 1, 1), (0, 0, 0), np.eye(3))
+    with pytest.raises(ValueError):  # an array the Volume owns outright is frozen, not copied
+        owned[0] = 1.0
