@@ -14,7 +14,7 @@ import yaml
 
 from segmote_core.cli import main
 from segmote_core.datasets import resolve_path
-from segmote_core.devices import torchrun_environment
+from segmote_core.torchrun import torchrun_environment
 from segmote_core.errors import InputError
 
 TINY_MODEL = {"expert_rank": 8, "ppt_mlp_dim": 64, "early_hidden_channels": 16}

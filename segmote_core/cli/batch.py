@@ -136,7 +136,7 @@ def _read_record(path: Path) -> dict | None:
 def run_cases(args, kind: str, cases, targets: dict, collection: bool, segment_case) -> int:
     """segment_case(engine, volume, case, show_slice_progress) -> (segments, details per segment, prompts record).
     Returns the exit status."""
-    from ..devices import torchrun_environment
+    from ..torchrun import torchrun_environment
     from ..volume import read_volume
 
     torchrun_environment()  # half-set torchrun variables: one line now, not after the first case
@@ -189,7 +189,7 @@ class Shard:
 
     @classmethod
     def start(cls, args) -> "Shard":
-        from ..devices import torchrun_environment
+        from ..torchrun import torchrun_environment
 
         _, world, local_rank = torchrun_environment()
         if world <= 1:
@@ -296,7 +296,7 @@ def preview_path(given: str, output: Path, case_name: str, into_folder: bool) ->
 
 def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, seconds: float, preview) -> dict:
     from .. import __version__
-    from ..devices import torchrun_environment
+    from ..torchrun import torchrun_environment
     from ..files import sha256_file
     from ..shipped import resolve_adapter
 

@@ -39,7 +39,8 @@ class Dist:
 
 def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; then NCCL on CUDA, gloo on CPU. One process otherwise."""
-    from ..devices import resolve_device, torchrun_environment, tune_cpu_allocator
+    from ..devices import resolve_device, tune_cpu_allocator
+    from ..torchrun import torchrun_environment
 
     rank, world, local_rank = torchrun_environment()
     device = resolve_device(device_name)
