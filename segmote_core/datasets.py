@@ -63,16 +63,28 @@ class Case:
 
 
 # ---- paths ---------------------------------------------------------------------------------------------------
+# The packages whose shipped data ``pkg:`` paths may name. A name is looked up in this table, never imported: a
+# config naming ``pkg:some.module/...`` must not run that module's code (find_spec imports a dotted name's parents).
+DATA_PACKAGES = ("slicerio", "pydicom", "nilearn", "segmote_core")
+
+
 def resolve_path(path: str | Path) -> Path:
-    """A path, or ``pkg:PACKAGE/relative/path`` for a file shipped inside an installed package."""
+    """A path, or ``pkg:PACKAGE/relative/path`` for a file shipped inside one of the DATA_PACKAGES."""
     text = str(path)
     if not text.startswith("pkg:"):
         return Path(text).expanduser()
     package, _, relative = text[4:].partition("/")
-    spec = importlib.util.find_spec(package) if package else None
+    if package not in DATA_PACKAGES:
+        raise InputError(f"{text}: pkg: paths name a file in one of the packages {', '.join(DATA_PACKAGES)}, "
+                         f"not {package!r}")
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise InputError(f"{text}: no installed Python package named {package!r}")
-    return Path(list(spec.submodule_search_locations)[0]) / relative
+    root = Path(list(spec.submodule_search_locations)[0])
+    resolved = root / relative
+    if ".." in Path(relative).parts:
+        raise InputError(f"{text}: a pkg: path stays inside its package (no '..')")
+    return resolved
 
 
 

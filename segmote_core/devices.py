@@ -84,3 +84,4 @@ def tune_cpu_allocator() -> bool:
 def cpu_allocator_tuned() -> bool:
     """Whether tune_cpu_allocator() has tuned this process's allocator (engines on the CPU do it)."""
     return _allocator_tuned
+

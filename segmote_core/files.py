@@ -44,38 +44,99 @@ def atomic_write(path: str | os.PathLike, write_to: Callable[[Path], object], mo
     see the right one). A header + data pair (.mhd, .nhdr) is written under its real names in a temporary folder
     beside the target, so the header names the real data file; the data file moves into place first, the header
     last. mode: permission bits for the result; by default an overwritten file keeps its mode and a new one gets
-    what open() would give it (0666 minus the umask), not the temporary file's owner-only 0600. An OSError (disk
-    full, permissions, a parent that is a file) becomes a one-line SegMoTEError; the previous file is untouched."""
-    path = Path(path)
-    temporary = folder = None
+    what open() would give it (0666 minus the umask), not the temporary file's owner-only 0600. A `path` that is a
+    symbolic link updates the file it links to (the link stays); a read-only file is refused, not replaced. An
+    OSError (disk full, permissions, a parent that is a file) becomes a one-line SegMoTEError; the previous file is
+    untouched."""
+    path = target_of(path)
+    if not path.name.lower().endswith(DETACHED_SUFFIXES):
+        staged = StagedFile(path, mode)
+        try:
+            staged.write(write_to)
+            staged.commit()
+        finally:
+            staged.discard()
+        return path
+    folder = None
     try:
-        if mode is None:
-            mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
+        mode = _mode_for(path, mode)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.name.lower().endswith(DETACHED_SUFFIXES):
-            folder = Path(tempfile.mkdtemp(prefix=f".{path.name.split('.')[0]}-", suffix=".tmp", dir=path.parent))
-            write_to(folder / path.name)
-            written = sorted(folder.iterdir(), key=lambda p: p.name == path.name)  # the header last
-            for part in written:
-                _sync_and_chmod(part, mode)
-            for part in written:
-                os.replace(part, path.parent / part.name)
-        else:
-            suffix = "".join(path.suffixes) or ".tmp"
-            handle, name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
-            os.close(handle)
-            temporary = Path(name)
-            write_to(temporary)
-            _sync_and_chmod(temporary, mode)
-            os.replace(temporary, path)
+        folder = Path(tempfile.mkdtemp(prefix=f".{path.name.split('.')[0]}-", suffix=".tmp", dir=path.parent))
+        write_to(folder / path.name)
+        written = sorted(folder.iterdir(), key=lambda p: p.name == path.name)  # the header last
+        for part in written:
+            _sync_and_chmod(part, mode)
+        for part in written:
+            os.replace(part, path.parent / part.name)
     except OSError as error:
         raise SegMoTEError(f"cannot write {path.name}: {_reason(error, path)}; any previous file is unchanged") from None
     finally:
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     return path
+
+
+def target_of(path: str | os.PathLike) -> Path:
+    """Where a write to `path` lands: the file a symbolic link points to (so the link keeps working), else `path`.
+    A read-only file is refused: the user marked it so."""
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.is_file() and not path.stat().st_mode & 0o222:
+        raise SegMoTEError(f"cannot write {path.name}: the file is read-only; it is left as it is")
+    return path
+
+
+def _mode_for(path: Path, mode: int | None) -> int:
+    if mode is not None:
+        return mode
+    return path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
+
+
+class StagedFile:
+    """A file written now and put in place later: a temporary file beside `path` (creating it proves the folder
+    writable), filled by write(), moved over `path` by commit() (one rename), removed by discard() otherwise.
+    Several staged files of one result are committed together after everything was written, so a failure
+    leaves none of them in place (see cli/batch.py: segmentation, run record, preview)."""
+
+    def __init__(self, path: str | os.PathLike, mode: int | None = None):
+        self.path = target_of(path)
+        self.temporary: Path | None = None
+        try:
+            self.mode = _mode_for(self.path, mode)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            suffix = "".join(self.path.suffixes) or ".tmp"
+            handle, name = tempfile.mkstemp(prefix=f".{self.path.name.split('.')[0]}-", suffix=suffix,
+                                            dir=self.path.parent)
+            os.close(handle)
+            self.temporary = Path(name)
+        except OSError as error:
+            raise self._error(error) from None
+
+    def _error(self, error: OSError) -> SegMoTEError:
+        return SegMoTEError(f"cannot write {self.path.name}: {_reason(error, self.path)}; any previous file is "
+                            "unchanged")
+
+    def write(self, write_to: Callable[[Path], object]) -> "StagedFile":
+        try:
+            write_to(self.temporary)
+            _sync_and_chmod(self.temporary, self.mode)
+        except OSError as error:
+            raise self._error(error) from None
+        return self
+
+    def commit(self) -> Path:
+        try:
+            os.replace(self.temporary, self.path)
+        except OSError as error:
+            raise self._error(error) from None
+        self.temporary = None
+        return self.path
+
+    def discard(self) -> None:
+        if self.temporary is not None:
+            self.temporary.unlink(missing_ok=True)
+            self.temporary = None
 
 
 def _sync_and_chmod(path: Path, mode: int) -> None:

@@ -69,6 +69,13 @@ def plan_output(out: str | Path, output_format: str | None, image: str | Path, s
         raise InputError(f"output {path.name} must end in .seg.nrrd or a label-map format "
                          f"({', '.join(LABELMAP_SUFFIXES)}), or .dcm for DICOM SEG")
     path = check_output_path(path)
+    if names and not overwrite:
+        from .segmentation_io import existing_segment_names
+
+        taken = sorted(set(names) & (existing_segment_names(path) or set()))
+        if taken:
+            raise InputError(f"{path.name} already has a segment named '{taken[0]}'; give another --name or pass "
+                             "--overwrite to replace it")
     return OutputTarget(path, "seg.nrrd" if is_segmentation_path(path) else "labelmap", Path(image), series)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import math
 import re
 from dataclasses import dataclass, field
@@ -71,6 +72,14 @@ class PromptTable:
     def object(self, case: str | None, name: str) -> PromptObject:
         return self.objects.setdefault(case, {}).setdefault(name, PromptObject(name))
 
+    def check_cases(self, cases) -> None:
+        """Every case the table names is one of `cases` (a row for a case that is not there is a typo or the
+        wrong folder, never silently ignored)."""
+        unknown = sorted(str(case) for case in self.objects if case is not None and case not in set(cases))
+        if unknown:
+            raise InputError(f"{self.source} names case(s) {', '.join(map(repr, unknown[:5]))} that the input does "
+                             f"not hold; its cases: {', '.join(sorted(cases)[:5])}{' ...' if len(cases) > 5 else ''}")
+
     def for_case(self, case: str) -> list[PromptObject]:
         merged = {**self.objects.get(None, {}), **self.objects.get(case, {})}
         if not merged:
@@ -84,15 +93,28 @@ class PromptTable:
                     where = f" of case {case!r}" if case else ""
                     raise InputError(f"{self.source}: object {obj.name!r}{where} has {len(obj.corners)} box corners; "
                                      "a box needs 2")
+                if not obj.corners and not any(label == 1 for label in obj.labels):
+                    where = f" of case {case!r}" if case else ""
+                    raise InputError(f"{self.source}: object {obj.name!r}{where} has only negative points; give a "
+                                     "box or a positive point (negative points only say what to leave out)")
         if not self.objects:
             raise InputError(f"{self.source} holds no prompts")
         return self
+
+
+MAX_PROMPT_FILE_BYTES = 8 << 20  # a prompt file holds boxes and points: far less than this
 
 
 def read_prompts(path: str | Path) -> PromptTable:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"prompts file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"prompts file {path} cannot be read (permission denied)")
+    size = path.stat().st_size
+    if size > MAX_PROMPT_FILE_BYTES:
+        raise InputError(f"prompts file {path.name} holds {size / 2**20:.0f} MiB; a prompt file of boxes and points "
+                         f"is at most {MAX_PROMPT_FILE_BYTES >> 20} MiB")
     if path.name.lower().endswith(".json"):
         return read_markups(path)
     if path.suffix.lower() == ".csv":
@@ -104,8 +126,8 @@ def read_prompts(path: str | Path) -> PromptTable:
 def read_markups(path: Path) -> PromptTable:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"cannot read {path.name}: not valid JSON ({' '.join(str(error).split())})") from None
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: bad JSON, a number of 5000 digits
+        raise InputError(f"cannot read {path.name}: not valid JSON ({' '.join(str(error).split())[:160]})") from None
     markups = document.get("markups") if isinstance(document, dict) else None
     if not isinstance(markups, list):
         raise InputError(f"{path.name} is not a Slicer markups file (no 'markups' list)")
@@ -122,8 +144,9 @@ def read_markups(path: Path) -> PromptTable:
                 raise InputError(f"type {kind!r} is not a prompt; use ROI (box) or Fiducial (points) markups")
         except InputError as error:
             raise InputError(f"{where}: {error}") from None
-        except (KeyError, TypeError, ValueError, IndexError) as error:
-            raise InputError(f"{where}: malformed entry ({type(error).__name__}: {error})") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as error:
+            text = " ".join(str(error).split())[:120]
+            raise InputError(f"{where}: malformed entry ({type(error).__name__}: {text})") from None
     return table.check()
 
 
@@ -179,7 +202,7 @@ def _read_fiducials(table: PromptTable, markup: dict, where: str) -> None:
 def read_csv(path: Path) -> PromptTable:
     table = PromptTable(path.name)
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not a column
             reader = csv.DictReader(handle)
             missing = [c for c in ("case", "name", "kind", "x", "y", "z") if c not in (reader.fieldnames or [])]
             if missing:

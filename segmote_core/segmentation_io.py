@@ -107,6 +107,23 @@ def read_segments(path: str | Path) -> tuple[Volume, list[Segment]]:
                     for v in values]
 
 
+def existing_segment_names(path: str | Path) -> set[str] | None:
+    """The segment names an existing output holds (a .seg.nrrd's header, a label map's stored names), read before
+    any model runs; None when there is no such file or it is not a readable segmentation (saving says why)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        if is_segmentation_path(path):
+            return {s.get("name", s["id"]) for s in slicerio.read_segmentation(str(path), skip_voxels=True)["segments"]}
+        labels, names = _read_labelmap(path)
+        if labelmap_problem(labels.array):
+            return None
+        return {names.get(int(v), f"label {int(v)}") for v in np.unique(labels.array) if v != 0}
+    except Exception:  # noqa: BLE001 - an unreadable file is judged (and refused) when saving
+        return None
+
+
 def _read_seg_nrrd(path: Path, what: str) -> dict:
     try:
         return slicerio.read_segmentation(str(path))

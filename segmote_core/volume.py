@@ -58,6 +58,17 @@ def voxel_axis_closest(ijk_directions, direction) -> int:
     return int(np.argmax(np.abs(np.asarray(direction, dtype=float) @ columns)))
 
 
+def _shares_writable_memory(array: np.ndarray) -> bool:
+    """Whether `array` is a view of memory that another, writable array still exposes (a slice of the caller's
+    array): making the view read-only would not stop changes through that array."""
+    base = array.base
+    while base is not None:
+        if isinstance(base, np.ndarray) and base.flags.writeable:
+            return True
+        base = getattr(base, "base", None)
+    return False
+
+
 @dataclass
 class Volume:
     """A scalar 3-D image: array (K, J, I) and its LPS geometry (see module docstring).
@@ -92,6 +103,8 @@ class Volume:
             raise InputError(f"expected a 3-D image, got {self.array.ndim}-D with shape {self.array.shape}")
         if np.iscomplexobj(self.array):
             raise InputError("the image has complex voxels; SegMoTE reads real-valued (magnitude) images only")
+        if _shares_writable_memory(self.array):
+            self.array = self.array.copy()  # a view of the caller's array: changing that array would change ours
         if self.array.flags.writeable:
             self.array.flags.writeable = False  # see the class docstring
         if not np.all(np.isfinite(self.origin)):
@@ -585,6 +598,8 @@ def check_writable_output(path: str | Path) -> Path:
         raise InputError(f"output {path} is a folder")
     if path.exists() and not path.is_file():
         raise InputError(f"output {path} is not a regular file")
+    if path.is_file() and not path.stat().st_mode & 0o222:
+        raise InputError(f"output {path} is read-only; it is left as it is: make it writable or choose another file")
     folder = next((parent for parent in path.parents if parent.exists()), Path("."))
     if not folder.is_dir():
         raise InputError(f"cannot write {path}: {folder} is a file, not a folder")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,23 +78,68 @@ def plan_outputs(args, inputs: str, extra_inputs=(), names: tuple[str, ...] = ()
         raise InputError(f"output {out} is a file; the outputs of a folder of cases go into a folder")
     suffix = output_suffix(args.output_format)
     targets = {case.name: plan(out / f"{case.name}{suffix}" if into_folder else out, case.path) for case in cases}
+    planned: dict = {}
     for case in cases:
         output = targets[case.name].path
         refuse_input_as_output(output, case.path, *extra_inputs, option="--out")
-        refuse_input_as_output(record_path(output), case.path, *extra_inputs, option="run record")
+        record = record_path(output)
+        refuse_input_as_output(record, case.path, *extra_inputs, option="run record")
+        check_side_file(record, output, "run record", args.overwrite)
+        files = [output, record]
         if args.preview is not None:
             preview = preview_path(args.preview, output, case.name, into_folder=collection)
             refuse_input_as_output(preview, case.path, *extra_inputs, option="--preview")
-            if preview.resolve() in (output.resolve(), record_path(output).resolve()):
+            if preview.resolve() in (output.resolve(), record.resolve()):
                 raise InputError(f"--preview {preview.name} would overwrite the segmentation or its run record")
+            if not preview.name.lower().endswith(".png"):
+                raise InputError(f"--preview {preview.name}: a preview is a PNG picture; name a file ending in .png")
+            check_side_file(preview, output, "preview", args.overwrite)
+            files.append(preview)
+        for path in files:
+            other = planned.setdefault(path.resolve(), case.name)
+            if other != case.name:
+                raise InputError(f"cases {other} and {case.name} would both write {path.name}")
     return cases, targets, collection
+
+
+def check_side_file(path: Path, output: Path, what: str, overwrite: bool) -> None:
+    """A run record or preview may replace only what an earlier run wrote for this same output (its record names
+    the output, and the preview); any other file there is the user's and is kept unless --overwrite."""
+    from ..cases import record_path
+    from ..errors import InputError
+    from ..volume import check_writable_output
+
+    check_writable_output(path)
+    if not path.exists() or overwrite:
+        return
+    record = _read_record(record_path(output))
+    ours = record is not None and record.get("output") == str(output.resolve())
+    if ours and what == "preview":
+        ours = record.get("preview") is not None and Path(record["preview"]).resolve() == path.resolve()
+    if not ours:
+        raise InputError(f"{what} {path} exists and was not written by segmote for {output.name}; it is left as it "
+                         "is: choose another --out" + (" or --preview" if what == "preview" else "") +
+                         ", or pass --overwrite to replace it")
+
+
+def _read_record(path: Path) -> dict | None:
+    """A SegMoTE run record at `path`, or None (missing, unreadable, or another tool's file)."""
+    try:
+        if path.stat().st_size > 1 << 22:
+            return None
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("tool") == "segmote" else None
 
 
 def run_cases(args, kind: str, cases, targets: dict, collection: bool, segment_case) -> int:
     """segment_case(engine, volume, case, show_slice_progress) -> (segments, details per segment, prompts record,
     the normalisation the model saw). Returns the exit status."""
+    from ..torchrun import torchrun_environment
     from ..volume import read_volume
 
+    torchrun_environment()  # half-set torchrun variables: one line now, not after the first case
     shard = Shard.start(args) if collection else Shard()
     cases = cases[shard.rank::shard.world]
     engine = None
@@ -145,7 +190,9 @@ class Shard:
 
     @classmethod
     def start(cls, args) -> "Shard":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        from ..torchrun import torchrun_environment
+
+        _, world, local_rank = torchrun_environment()
         if world <= 1:
             return cls()
         import torch
@@ -154,7 +201,6 @@ class Shard:
         owns = not dist.is_initialized()
         if owns:
             dist.init_process_group("gloo")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if args.device == "auto" and torch.cuda.is_available():
             args.device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per process
         return cls(dist.get_rank(), dist.get_world_size(), owns)
@@ -190,31 +236,55 @@ def write_case(args, kind, engine, volume, case, target, result: CaseResult, seg
     from ..cases import record_path
     from ..outputs import save_output
 
-    stored = save_output(target, volume, segments, replace_same_name=args.overwrite, automatic=kind == "auto")
-    if getattr(args, "terminology_notices", True):
-        log_notices(target)
-    target.notices.clear()
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-    for segment, count, detail in zip(segments, stored, details):
-        row = {"name": segment.name, "voxels": int(count), "volume_ml": round(count * voxel_ml, 3), **detail}
-        if args.statistics:
-            values = volume.array[segment.mask]
-            row["mean_intensity"] = float(values.mean()) if values.size else None
-            row["std_intensity"] = float(values.std()) if values.size else None
-        result.segments.append(row)
-    preview = None
-    if args.preview is not None:
-        from ..preview import save_overlay_png
+    from ..files import StagedFile
 
-        preview = preview_path(args.preview, result.output, case.name, into_folder=collection)
+    # The record and the preview are staged (their folder proven writable, the picture drawn) before the
+    # segmentation is written, and put in place right after it: a failure leaves none of the three changed.
+    staged: list[StagedFile] = []
+    try:
+        preview = None
+        if args.preview is not None:
+            from ..preview import save_overlay_png
 
-        save_overlay_png(preview, volume, {s.name: s.mask for s in segments}, normalization,
-                         title=f"{case.name}: {', '.join(s.name for s in segments)}")
-    record = run_record(args, kind, engine, volume, case, result, prompts, normalization,
-                        time.perf_counter() - started, preview)
-    from ..files import atomic_write_text
+            preview = preview_path(args.preview, result.output, case.name, into_folder=collection)
+            staged.append(StagedFile(preview))
+            save_overlay_png(staged[-1].temporary, volume, {s.name: s.mask for s in segments},
+                             normalization,
+                             title=f"{case.name}: {', '.join(s.name for s in segments)}")
+        record_file = StagedFile(record_path(result.output))
+        staged.append(record_file)
+        stored = save_output(target, volume, segments, replace_same_name=args.overwrite, automatic=kind == "auto")
+        if getattr(args, "terminology_notices", True):
+            log_notices(target)
+        target.notices.clear()
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        for segment, count, detail in zip(segments, stored, details):
+            row = {"name": segment.name, "voxels": int(count), "volume_ml": round(count * voxel_ml, 3), **detail}
+            if args.statistics:
+                values = volume.array[segment.mask]
+                row["mean_intensity"] = float(values.mean()) if values.size else None
+                row["std_intensity"] = float(values.std()) if values.size else None
+            result.segments.append(row)
+        record = run_record(args, kind, engine, volume, case, result, prompts, normalization,
+                            time.perf_counter() - started, preview)
+        text = json.dumps(json_safe(record), indent=1, allow_nan=False)
+        record_file.write(lambda temporary: temporary.write_text(text, encoding="utf-8"))
+        for part in staged:
+            part.commit()
+    finally:
+        for part in staged:
+            part.discard()
 
-    atomic_write_text(record_path(result.output), json.dumps(record, indent=1))
+
+def json_safe(value):
+    """A run record as standard JSON: NaN and infinities (a predicted IoU of an empty answer...) become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def preview_path(given: str, output: Path, case_name: str, into_folder: bool) -> Path:
@@ -229,6 +299,7 @@ def preview_path(given: str, output: Path, case_name: str, into_folder: bool) ->
 def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, normalization, seconds: float,
                preview) -> dict:
     from .. import __version__
+    from ..torchrun import torchrun_environment
     from ..files import sha256_file
     from ..shipped import resolve_adapter
 
@@ -250,7 +321,7 @@ def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, no
         "segments": result.segments,
         "preview": str(preview) if preview else None,
         "wall_time_s": round(seconds, 3),
-        "process": {"rank": int(os.environ.get("RANK", "0")), "world_size": int(os.environ.get("WORLD_SIZE", "1"))},
+        "process": dict(zip(("rank", "world_size"), torchrun_environment())),
     }
 
 

@@ -111,6 +111,11 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
+def debug_enabled() -> bool:
+    """SEGMOTE_DEBUG=1 (or true, yes, on) shows tracebacks; unset, empty, 0, false, no or off mean off."""
+    return os.environ.get("SEGMOTE_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..files import exit_cleanly_on_sigterm
 
@@ -135,7 +140,7 @@ def _main(argv: list[str] | None) -> int:
         print(getattr(args, "interrupted", "interrupted; nothing was written"), file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - the user gets one line; developers set SEGMOTE_DEBUG=1
-        if os.environ.get("SEGMOTE_DEBUG"):
+        if debug_enabled():
             raise
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         print(f"error: internal error ({type(error).__name__}: {first}); rerun with SEGMOTE_DEBUG=1 for details",

@@ -72,26 +72,28 @@ def command_line_prompts(args):
 def run(args) -> int:
     # A name the user chose and the terminology table lacks gets a warning; the default name is generic by design.
     args.terminology_notices = args.name is not None or bool(args.prompts)
-    args.name = args.name or DEFAULT_NAME
     from ..errors import InputError
     from ..prompt_files import read_prompts
     from ..segmentation_io import check_header_text
 
-    cases, outputs, collection = plan_outputs(args, input_path(args), (args.adapter, args.checkpoint, args.prompts),
-                                              names=() if args.prompts else (args.name,))
     command_line = (args.box_ras is not None or args.box_ijk is not None or bool(args.point_ras or args.point_ijk))
-    if not args.prompts:
-        check_header_text(args.name)  # before the model runs
-    normalization = normalization_args(args)
-    check_adapter_file(args.adapter)
     if args.prompts and (command_line or args.point_label):
         raise InputError("give prompts on the command line or in --prompts, not both")
+    if args.prompts and args.name is not None:
+        raise InputError("--name names a command-line prompt; in --prompts each object carries its own name")
+    args.name = args.name or DEFAULT_NAME
     if not args.prompts and not command_line:
         raise InputError("give a prompt: --box-ras/--box-ijk and/or --point-ras/--point-ijk, or --prompts FILE")
     table = read_prompts(args.prompts) if args.prompts else command_line_prompts(args)
-    for objects in table.objects.values():
-        for name in objects:
-            check_header_text(name)
+    names = tuple(dict.fromkeys(name for objects in table.objects.values() for name in objects))
+    for name in names:
+        check_header_text(name)  # before the model runs
+    cases, outputs, collection = plan_outputs(args, input_path(args), (args.adapter, args.checkpoint, args.prompts),
+                                              names=names)
+    if collection:
+        table.check_cases([case.name for case in cases])
+    normalization = normalization_args(args)
+    check_adapter_file(args.adapter)
 
     def segment_case(engine, volume, case, show_progress: bool):
         from ..segmentation_io import Segment

@@ -96,6 +96,10 @@ class TrainConfig:
                      "distill_clicks"):
             if getattr(self, name) < 0:
                 raise InputError(f"config: {name} must be 0 or more, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"config: threads must be 1 or more (or left out for one per core), got {self.threads}")
+        if not 0 <= self.seed < 2**32:
+            raise InputError(f"config: seed must be a whole number from 0 to {2**32 - 1}, got {self.seed}")
         if self.distill_weight < 0:
             raise InputError(f"config: distill_weight must be 0 or more, got {self.distill_weight}")
         if not 0.0 <= self.box_probability <= 1.0:
@@ -164,6 +168,20 @@ def make_config(values: dict, source: str = "config") -> TrainConfig:
     return TrainConfig(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without aliases: `*name` copies a node, and nested copies (a "billion laughs" file of a few
+    hundred bytes) expand to gigabytes. A training config never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError(f"aliases (*{self.peek_event().anchor}) are not accepted in a config; "
+                                 "write the value out")
+        return super().compose_node(parent, index)
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """YAML file (optional) then overrides (flags) -> TrainConfig."""
     values: dict = {}
@@ -171,8 +189,13 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         path = Path(path)
         if not path.is_file():
             raise InputError(f"config file not found: {path}")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise InputError(f"config {path.name} holds {path.stat().st_size >> 20} MiB; a config is at most "
+                             f"{MAX_CONFIG_BYTES >> 20} MiB")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader) or {}  # noqa: S506 - safe
+        except UnicodeDecodeError:
+            raise InputError(f"config {path.name} is not UTF-8 text") from None
         except yaml.YAMLError as error:
             raise InputError(f"config {path.name} is not valid YAML: {' '.join(str(error).split())[:200]}") from None
         if not isinstance(loaded, dict):

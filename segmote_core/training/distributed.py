@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -41,14 +40,14 @@ class Dist:
 def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; then NCCL on CUDA, gloo on CPU. One process otherwise."""
     from ..devices import resolve_device, tune_cpu_allocator
+    from ..torchrun import torchrun_environment
 
+    rank, world, local_rank = torchrun_environment()
     device = resolve_device(device_name)
     if device.type == "cpu":
         tune_cpu_allocator()  # ~1.8x faster encoder passes on glibc (docs/benchmarks.md)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -75,7 +75,7 @@ def save_checkpoint(out: Path, model: SegMoTE, data: TrainData, config: TrainCon
     extra = {"train_config": config.to_dict(), "step": step, "best": best, "split": data.split}
     save_adapter(out / ADAPTER_FILE, model, data.classes, data.normalization, extra, backbone_sha256=backbone_sha)
     state = {
-        "format": "segmote-train-state", "version": 1, "step": step, "config": config.to_dict(),
+        "format": "segmote-train-state", "version": STATE_VERSION, "step": step, "config": config.to_dict(),
         "classes": list(data.classes), "normalization": data.normalization, "best": dict(best),
         "adapter": {k: v.detach().cpu().clone() for k, v in model.adapter_state_dict().items()},
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -102,18 +102,26 @@ def start_fresh(out: Path, config: TrainConfig, split: dict) -> None:
     atomic_write_text(out / "split.json", json.dumps(split, indent=1))
 
 
+STATE_VERSION = 1  # bump when what train_state.pt holds changes
+STATE_KEYS = ("config", "adapter", "optimizer", "scheduler", "scaler", "rng", "step", "best")
+
+
 def restore(out: Path, config: TrainConfig, model: SegMoTE, optimizer, scheduler, scaler) -> tuple[int, dict]:
     """Continue the run in ``out`` (refused if its config changed): the adapter, optimiser, scheduler, scaler and
     random generators as they were at its last checkpoint. Returns (step, best)."""
     state = load_state(out)
     check_resumable(state["config"], config)
-    model.load_adapter_state_dict(state["adapter"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    return int(state["step"]), dict(state["best"])
+    try:
+        model.load_adapter_state_dict(state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        return int(state["step"]), dict(state["best"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        raise TrainingError(f"cannot resume from {out / STATE_FILE}: its contents do not fit this run "
+                            f"({type(error).__name__}: {' '.join(str(error).split())[:120]})") from None
 
 
 def load_state(out: Path) -> dict:
@@ -127,6 +135,12 @@ def load_state(out: Path) -> dict:
                             f"{' '.join(str(error).split())[:160]}") from None
     if not isinstance(state, dict) or state.get("format") != "segmote-train-state":
         raise TrainingError(f"{path} is not a SegMoTE training state")
+    if state.get("version") != STATE_VERSION:
+        raise TrainingError(f"{path} was written by another SegMoTE version (state version {state.get('version')!r}, "
+                            f"this one reads {STATE_VERSION}); start a new run in another --out")
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing or not isinstance(state["config"], dict):
+        raise TrainingError(f"{path} is incomplete (no {', '.join(missing) or 'config'}); start a new run")
     return state
 
 

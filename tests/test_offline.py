@@ -1,0 +1,151 @@
+"""Nothing is sent: `segment`, `auto`, `train` and `demo` contact no address but the loopback one.
+
+Each command runs in a fresh process (telemetry starts when a dependency is first imported) whose socket layer
+records every name lookup and connection before refusing those that leave the machine; the fork of a dependency's
+sender process inherits the hooks. The crops are tiny so the four commands take seconds; the CPU runtime is
+OpenVINO, the one whose import used to post a usage event to www.google-analytics.com.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import yaml
+
+from conftest import CHEST_CT, CHEST_SEG
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = textwrap.dedent('''
+    import ipaddress, json, os, socket, sys
+
+    LOG = os.environ["NET_LOG"]
+
+    def loopback(host) -> bool:
+        if isinstance(host, bytes):
+            host = host.decode()
+        if host in (None, "", "localhost"):
+            return True
+        try:
+            return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+        except ValueError:
+            return False
+
+    def note(call, host):
+        with open(LOG, "a") as log:
+            log.write(json.dumps({"call": call, "host": str(host), "pid": os.getpid()}) + "\\n")
+        if not loopback(host):
+            raise OSError(f"test: {call} to {host} refused")
+
+    real_getaddrinfo, real_connect, real_connect_ex, real_sendto = (
+        socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex, socket.socket.sendto)
+
+    def getaddrinfo(host, *args, **kwargs):
+        note("getaddrinfo", host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def address(addr):
+        return addr[0] if isinstance(addr, tuple) else None  # AF_UNIX paths are local
+
+    def connect(self, addr):
+        note("connect", address(addr))
+        return real_connect(self, addr)
+
+    def connect_ex(self, addr):
+        note("connect", address(addr))
+        return real_connect_ex(self, addr)
+
+    def sendto(self, data, *args):
+        note("sendto", address(args[-1]))
+        return real_sendto(self, data, *args)
+
+    socket.getaddrinfo, socket.socket.connect = getaddrinfo, connect
+    socket.socket.connect_ex, socket.socket.sendto = connect_ex, sendto
+
+    if sys.argv[1] == "selftest":  # proves the hooks see what a dependency would do
+        try:
+            socket.create_connection(("192.0.2.1", 9), timeout=0.1)
+        except OSError:
+            pass
+        sys.exit(0)
+
+    import segmote_core.demo
+    if sys.argv[1] == "demo":
+        # The crop of the demo's CT; its prompted part only (the adapter part is `auto`'s code, probed above).
+        segmote_core.demo.demo_data = lambda: (os.environ["DEMO_CT"], os.environ["DEMO_SEG"])
+        segmote_core.demo.SHIPPED_ADAPTER = segmote_core.demo.SHIPPED_ADAPTER.with_name("absent.safetensors")
+    from segmote_core.cli import main
+    sys.exit(main(sys.argv[1:]))
+''')
+
+
+def run_probed(tmp_path: Path, name: str, args: list[str], **env) -> list[dict]:
+    log = tmp_path / f"{name}.log"
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path / "home"),
+                   "PYTHONPATH": str(ROOT), "NET_LOG": str(log), "SEGMOTE_CACHE_DIR": str(tmp_path / "cache"),
+                   "SEGMOTE_RUNTIME": "openvino", "OMP_NUM_THREADS": "1", **env}
+    (tmp_path / "home").mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, str(probe), *args], capture_output=True, text=True, env=environment,
+                            cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    time.sleep(0.5)  # a forked sender outlives its parent by a moment
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def outside(calls: list[dict]) -> list[dict]:
+    return [c for c in calls if c["host"] not in ("None", "", "localhost")
+            and not c["host"].startswith(("127.", "::1"))]
+
+
+def test_no_command_contacts_any_address_but_loopback(tmp_path):
+    from segmote_core.segmentation_io import Segment, read_segments, save_segments
+    from segmote_core.volume import Volume, read_volume
+
+    # The hooks work: a connection to a documentation address is seen (and refused).
+    assert [c["host"] for c in outside(run_probed(tmp_path, "selftest", ["selftest"]))] == ["192.0.2.1"]
+
+    # Three axial slices of the chest CT through both lungs, and the ground truth cropped to them.
+    ct = read_volume(CHEST_CT)
+    _, truth = read_segments(CHEST_SEG)
+    k0, k1 = 15, 18
+    crop = Volume(np.ascontiguousarray(ct.array[k0:k1]), ct.spacing,
+                  ct.ijk_to_ras_points([[0, 0, k0]])[0] * np.array([-1, -1, 1]), ct.direction)
+    crop_ct = tmp_path / "crop.nrrd"
+    sitk.WriteImage(crop.to_sitk(), str(crop_ct))
+    crop_seg = tmp_path / "crop_truth.seg.nrrd"
+    save_segments(crop_seg, crop, [Segment(s.name, s.mask[k0:k1]) for s in truth if s.name.endswith("lung")])
+
+    box = ["30", "30", "1", "60", "90", "1"]
+    segment = run_probed(tmp_path, "segment", ["-q", "segment", str(crop_ct), "--out", "s.seg.nrrd", "--box-ijk",
+                                               *box, "--device", "cpu"])
+    auto = run_probed(tmp_path, "auto", ["-q", "auto", str(crop_ct), "--out", "a.seg.nrrd", "--adapter",
+                                         "chest_ct_lungs", "--device", "cpu"])
+    demo = run_probed(tmp_path, "demo", ["-q", "demo", "--out-dir", "demo", "--device", "cpu"],
+                      DEMO_CT=str(crop_ct), DEMO_SEG=str(crop_seg))
+    labels = np.zeros(crop.array.shape, np.uint8)
+    labels[:, 40:60, 40:70] = 1
+    sitk.WriteImage(crop.to_sitk(labels), str(tmp_path / "labels.nrrd"))
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(dict(
+        image=str(crop_ct), segmentation=str(tmp_path / "labels.nrrd"), split="slice", holdout_every=3,
+        window=[-500, 1500], backbone="sam_vit_tiny", steps=1, batch_size=1, warmup_steps=0, interaction_steps=0,
+        out=str(tmp_path / "run"), cache_dir=str(tmp_path / "store"), save_every=1, eval_every=0,
+        final_report=False, threads=1, model={"expert_rank": 8, "ppt_mlp_dim": 64, "early_hidden_channels": 16})))
+    train = run_probed(tmp_path, "train", ["train", "--config", str(config), "--quiet"])
+
+    assert (tmp_path / "s.seg.nrrd").is_file() and (tmp_path / "a.seg.nrrd").is_file()
+    assert (tmp_path / "demo" / "demo.seg.nrrd").is_file() and (tmp_path / "run" / "adapter.safetensors").is_file()
+    for command, calls in {"segment": segment, "auto": auto, "demo": demo, "train": train}.items():
+        assert outside(calls) == [], f"{command} contacted {outside(calls)}"
+    # Nothing was written for a telemetry client either (its id file lives in the home folder).
+    assert not (tmp_path / "home" / "intel").exists()
