@@ -91,11 +91,23 @@ class Session:
 
 @pytest.fixture
 def session(chest_ct, lite_engine):
+    """The panel with "this slice only" on: each prompt changes its slice alone (the gestures below check where a
+    prompt lands); the default, the whole object in 3-D, is tested by the tests with `object_session`."""
+    lite_engine.unload_adapter()
+    s = Session(chest_ct, lite_engine)
+    s.logic.sliceOnly = True
+    yield s
+    s.close()
+    lite_engine.unload_adapter()
+
+
+@pytest.fixture
+def object_session(chest_ct, lite_engine):
+    """The panel as it starts: every prompt gives the object in 3-D, clicks correct it in 3-D."""
     lite_engine.unload_adapter()
     s = Session(chest_ct, lite_engine)
     yield s
     s.close()
-    lite_engine.unload_adapter()
 
 
 def lung_box_ijk(truth, name, k):
@@ -311,3 +323,91 @@ def test_one_click_in_red_with_the_lung_adapter_segments_the_lung(session, chest
     assert np.flatnonzero(mask.any(axis=(1, 2))).tolist() == [k]
     score = dice(mask[k], truth[k])
     assert score >= 0.90, f"one click Dice {score:.3f}"
+
+
+# ---- the default: one object in 3-D, corrected in 3-D (segmote_core.session) -----------------------------------
+def test_box_drawn_in_red_gives_the_object_in_3d(object_session, chest_truth):
+    session = object_session
+    truth = chest_truth["left lung"]
+    session.showSlice("Red", (64, 64, AXIAL_K))
+    session.drawBox("Red", *lung_box_ijk(chest_truth, "left lung", AXIAL_K))
+    session.controller.waitIdle()
+    assert session.controller.lastError is None, session.controller.lastError
+    mask = session.segment()
+    assert len(np.flatnonzero(mask.any(axis=(1, 2)))) >= 15, "one box gave too few slices"
+    score = dice(mask, truth)
+    assert score >= 0.90, f"3-D Dice {score:.3f} from one box in Red"
+    assert session.logic.undoSteps(session.segmentation) == 1
+
+
+def two_blocks_volume():
+    """A dim block touching a brighter one: a box around both takes both (a leak to correct)."""
+    from segmote_core.volume import Volume
+
+    array = np.zeros((7, 64, 64), np.float32)
+    array[:, 16:48, 12:32] = 600.0
+    array[:, 16:48, 32:52] = 1400.0
+    return Volume(array, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+
+
+def test_exclude_click_in_yellow_removes_a_leak_in_3d_and_ctrl_z_restores_it(lite_engine):
+    lite_engine.unload_adapter()
+    session = Session(two_blocks_volume(), lite_engine)
+    try:
+        session.volume.GetDisplayNode().SetAutoWindowLevel(False)
+        session.volume.GetDisplayNode().SetWindowLevel(2000, 1000)
+        session.logic.setIntensityMode("display")
+        neighbour = np.zeros((7, 64, 64), bool)
+        neighbour[:, 16:48, 32:52] = True
+        session.showSlice("Red", (32, 32, 3))
+        session.drawBox("Red", (10, 14, 3), (53, 49, 3))
+        session.controller.waitIdle()
+        assert session.controller.lastError is None, session.controller.lastError
+        first = session.segment()
+        leaked = (first & neighbour).sum(axis=(1, 2))
+        assert (leaked > 100).sum() >= 5, "the box must take the brighter block for this test to mean anything"
+        # an exclude click on the brighter block, in the sagittal view
+        session.showSlice("Yellow", (42, 32, 3))
+        session.controller.startPlacing("negative")
+        session.views["Yellow"].click(*session.xy("Yellow", (42, 32, 3)))
+        session.controller.waitIdle()
+        assert session.controller.lastError is None, session.controller.lastError
+        after = session.segment()
+        left = (after & neighbour).sum(axis=(1, 2))
+        assert left[3] == 0 and (left < 0.2 * np.maximum(leaked, 1)).sum() >= 4, (leaked, left)
+        assert after[3, 32, 20], "the object itself was removed"
+        assert session.logic.undoSteps(session.segmentation) == 2
+        # Ctrl+Z (the panel's undo): the 3-D state before the click, in the segment and in the object's session
+        assert session.logic.undo(session.segmentation)
+        assert np.array_equal(session.segment(), first)
+        assert np.array_equal(session.logic.runner.session.mask, first)
+    finally:
+        session.close()
+
+
+def test_new_starts_an_object_without_the_previous_prompts(object_session, chest_truth):
+    """After New, a click on a second object of the same slice segments that object alone: the first object's box
+    is not sent with it, and the first segment stays as it was."""
+    session = object_session
+    session.showSlice("Red", (64, 64, AXIAL_K))
+    session.drawBox("Red", *lung_box_ijk(chest_truth, "left lung", AXIAL_K))
+    session.controller.waitIdle()
+    first_id = session.controller.segmentId
+    first = session.segment()
+    session.controller.segmentId = None  # what New does
+    from segmote_core.evalset import innermost_point
+
+    row, col = innermost_point(chest_truth["right lung"][AXIAL_K])
+    session.controller.startPlacing("positive")
+    session.views["Red"].click(*session.xy("Red", (col, row, AXIAL_K)))
+    session.controller.waitIdle()
+    assert session.controller.lastError is None, session.controller.lastError
+    second_id = session.controller.segmentId
+    assert second_id != first_id
+    second = session.segment()
+    grid = mrml.VolumeGrid.fromNodes(session.volume, session.segmentation)
+    assert np.array_equal(grid.readSegment(session.segmentation, first_id, grid.fullExtent), first)
+    left = chest_truth["left lung"]
+    assert not (second[AXIAL_K] & left[AXIAL_K]).any(), "the second object took the first one's box"
+    assert (second & left).sum() < 0.1 * left.sum()
+    assert dice(second[AXIAL_K], chest_truth["right lung"][AXIAL_K]) >= 0.5

@@ -59,6 +59,7 @@ class Request:
     settings: EngineSettings
     overwrite: bool
     tasks: list = field(default_factory=list)  # planning.PromptTask
+    interaction: object = None  # planning.PromptInteraction: the prompt just placed, for the object's session
     classes: list | None = None
     beforeApply: object = None  # called on the main thread right before the scene is written
 
@@ -77,6 +78,8 @@ class SegMoTESlicerLogic:
         self.device = "auto"
         self.adapterPath: str | None = None
         self.overwriteOtherSegments = False
+        self.sliceOnly = False  # a prompt placed in a view segments its slice alone instead of the whole object
+        self._sessionEdits: list = []  # (segmentation node ID, segment ID) of each undoable session interaction
         self.intensityMode = "auto"
         self.customWindow: tuple[float, float] | None = None  # (level, width) for "custom"
         self.history = edits.UndoHistory(undoDepth)
@@ -212,8 +215,11 @@ class SegMoTESlicerLogic:
                            timeout=None) -> str:
         """Segment from a box ROI and/or positive and negative points; blocks; returns the segment ID.
 
-        segmentId None creates a new segment. activePoint (markupsNode, controlPointIndex): only the prompts on
-        that point's slice are run (what the panel does after each click); without it every prompted slice is run.
+        segmentId None creates a new segment. activePoint (markupsNode, controlPointIndex), or the ROI node: the
+        prompt just placed, answered by the object's session (what the panel does after each click): a new segment
+        or a box starts an object and gives it in 3-D (``sliceOnly``: its slice alone), a click on the segment the
+        session wrote corrects it in 3-D, and ``undo`` steps the session back too. Without activePoint every
+        prompted slice is run anew (propagate: followed up and down).
         boxView: the slice view (node or name) the box was drawn in: it is then a 2-D box on the slice through its
         centre, whatever its thickness (Slicer pads a drawn box along the view's normal), and prompts only that
         view's slices; None: a box thinner than 1.5 voxels along some axis is 2-D, any other box is 3-D.
@@ -279,7 +285,13 @@ class SegMoTESlicerLogic:
 
         Raises SegMoTEError (and drops that undo step) if the segment was edited by other tools since, because
         restoring it would silently throw those edits away."""
-        return self.history.undo(segmentationNode)
+        steps = self.undoSteps(segmentationNode)
+        undone = self.history.undo(segmentationNode)
+        if undone and self._sessionEdits and self._sessionEdits[-1][0] == segmentationNode.GetID() \
+                and self._sessionEdits[-1][2] == steps:
+            _, segmentId, _ = self._sessionEdits.pop()
+            self.runner.undoInteraction(segmentationNode, segmentId)  # the object's 3-D state, as before that edit
+        return undone
 
     def clearUndo(self, segmentationNode=None) -> None:
         self.history.clear(segmentationNode)
@@ -356,11 +368,17 @@ class SegMoTESlicerLogic:
         if axis is None and box is not None:
             axis = planning.flatAxis(box)  # a flat box was drawn in the view that slices along that axis
         request = self._prepareCommon(volumeNode, segmentationNode, segmentId, overwrite, axis)
-        active = None
         if activePoint is not None:
+            # The prompt just placed: one interaction with the object's session (a click corrects it in 3-D);
+            # the object's earlier prompts live in that session, other objects' prompts are never sent.
             node, index = activePoint if isinstance(activePoint, tuple) else (activePoint, None)
             active = planning.ACTIVE_BOX if roiNode is not None and node is roiNode else (node, index)
-        request.tasks = planning.planPrompts(request.axis, points, box, bool(propagate), active, boxAxis)
+            if active == planning.ACTIVE_BOX and boxAxis is not None and boxAxis != request.axis:
+                request.axis = boxAxis
+            request.interaction = planning.planInteraction(points, box, active,
+                                                           sliceOnly=self.sliceOnly and not propagate)
+            return request
+        request.tasks = planning.planPrompts(request.axis, points, box, bool(propagate), None, boxAxis)
         return request
 
     def _prepareAuto(self, volumeNode, segmentationNode, adapterPath, classes, overwrite) -> Request:
@@ -398,6 +416,10 @@ class SegMoTESlicerLogic:
         segmentId, edit = edits.writePrompted(request.segmentationNode, request.volumeNode, request.grid,
                                               request.segmentId, pieces, request.overwrite)
         self.history.push(request.segmentationNode, edit)
+        if request.interaction is not None:
+            self.runner.bindSession(request, segmentId)
+            self._sessionEdits.append((request.segmentationNode.GetID(), segmentId,
+                                       self.undoSteps(request.segmentationNode)))
         return segmentId
 
     def _applyAuto(self, request: Request, found) -> list[str]:
