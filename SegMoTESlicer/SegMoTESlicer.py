@@ -819,7 +819,8 @@ class SegMoTESlicerTest(ScriptedLoadableModuleTest):
             dice = 2.0 * (mask & inside).sum() / (mask.sum() + inside.sum())
             self.assertGreater(dice, 0.8, f"Dice {dice:.3f}")
 
-            self.delayDisplay("A point on one slice replaces only that slice")
+            self.delayDisplay("With 'this slice only', a point on one slice replaces only that slice")
+            logic.sliceOnly = True
             points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "SegMoTE test points")
             points.AddControlPoint(30.0, 34.0, 2.5 * 2)
             roi.SetSize(36.0, 26.0, 0.0)

@@ -160,6 +160,7 @@ def scene():
 def logic(lite_engine):
     logic = SegMoTESlicerLogic(engine=lite_engine)
     logic.setIntensityMode("display")  # these tests set the lung window on the display; the default is "auto"
+    logic.sliceOnly = True  # the prompted slice with its prompts (the 3-D default: tests/test_slicer_gestures.py)
     yield logic
     logic.shutdown()
 
@@ -467,7 +468,7 @@ def bad_input_cases():
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.8 GiB "
                                               "total capacity)\nsee the PyTorch docs")
 
-        monkeypatch.setattr(ctx["logic"]._engine, "segment", explode)
+        monkeypatch.setattr(ctx["logic"]._engine, "open", explode)  # every prompt goes through a session
         return ctx["logic"].segmentWithPrompts(ctx["volume"], ctx["segmentation"], roiNode=ctx["roi"])
 
     return {

@@ -120,12 +120,13 @@ class EngineRunner:
             self.session.reset()
         session = self.session
         session.progress, session.cancel = job.reportProgress, job.cancelRequested
-        if interaction.kind == "box":
-            update = session.add_box(np.concatenate([interaction.low, interaction.high]),
-                                     slice_only=interaction.sliceOnly)
-        else:
-            update = session.add_point(interaction.ijk, positive=bool(interaction.label),
-                                       slice_only=interaction.sliceOnly)
+        try:
+            if interaction.kind == "box":
+                update = session.add_box(np.concatenate([interaction.low, interaction.high]))
+            else:
+                update = session.add_point(interaction.ijk, positive=bool(interaction.label))
+        finally:  # the session outlives the job; holding it would keep the job's scene nodes alive
+            session.progress = session.cancel = None
         if job.cancelRequested():
             session.undo()
             raise Cancelled("AI segmentation cancelled; nothing was changed")

@@ -286,44 +286,47 @@ class UndoHistory:
     def __init__(self, depth: int = UNDO_DEPTH):
         self.depth = depth
         self._stacks: dict[tuple[str, str], list] = {}
-        self._observedScenes: set[str] = set()
 
     @staticmethod
     def _key(segmentationNode):
+        """(scene, node ID, node): the node itself too, because a closed scene hands its IDs out again."""
         scene = segmentationNode.GetScene() if segmentationNode is not None else None
         if scene is None or not segmentationNode.GetID():
             return None
-        return scene.__this__, segmentationNode.GetID()
+        return scene.__this__, segmentationNode.GetID(), segmentationNode.__this__
 
-    def _watch(self, scene) -> None:
+    def _prune(self, scene) -> None:
+        """Drop the history of nodes no longer in `scene` (removed, or the scene closed and its IDs reused).
+
+        Checked when the history is used rather than observed on the scene: a scene's callbacks can run while the
+        garbage collector tears objects down, where calling back into Python is not safe."""
         sceneKey = scene.__this__
-        if sceneKey in self._observedScenes:
-            return
-        self._observedScenes.add(sceneKey)
-        scene.AddObserver(scene.NodeRemovedEvent, lambda caller, event: self._dropRemoved(caller))
-        scene.AddObserver("DeleteEvent", lambda caller, event, key=sceneKey: self._dropScene(key))
-
-    def _dropRemoved(self, scene) -> None:
-        sceneKey = scene.__this__
-        for key in [k for k in self._stacks if k[0] == sceneKey and scene.GetNodeByID(k[1]) is None]:
-            del self._stacks[key]
-
-    def _dropScene(self, sceneKey: str) -> None:
-        self._observedScenes.discard(sceneKey)
         for key in [k for k in self._stacks if k[0] == sceneKey]:
-            del self._stacks[key]
+            node = scene.GetNodeByID(key[1])
+            if node is None or node.__this__ != key[2]:
+                del self._stacks[key]
 
     def push(self, segmentationNode, edit: Edit) -> None:
         key = self._key(segmentationNode)
         if key is None:
             return
-        self._watch(segmentationNode.GetScene())
+        self._prune(segmentationNode.GetScene())
         stack = self._stacks.setdefault(key, [])
         stack.append(edit)
         del stack[:-self.depth]
 
     def steps(self, segmentationNode) -> int:
+        self._pruneFor(segmentationNode)
         return len(self._stacks.get(self._key(segmentationNode), ()))
+
+    def _pruneFor(self, segmentationNode) -> None:
+        if segmentationNode is None:
+            return
+        if segmentationNode.GetScene() is not None:
+            self._prune(segmentationNode.GetScene())
+        else:  # removed from its scene: its history goes with it
+            for key in [k for k in self._stacks if k[2] == segmentationNode.__this__]:
+                del self._stacks[key]
 
     def undo(self, segmentationNode) -> bool:
         """Restore the segments as they were before the last AI edit on this segmentation; False if none.
@@ -331,6 +334,7 @@ class UndoHistory:
         Raises SegMoTEError (and drops that undo step) if a segment was edited by other tools since, because
         restoring it would silently throw those edits away: for a segment the edit created, that is any voxel
         outside the region the edit wrote."""
+        self._pruneFor(segmentationNode)
         stack = self._stacks.get(self._key(segmentationNode))
         if not stack:
             return False

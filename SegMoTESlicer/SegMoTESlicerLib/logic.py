@@ -78,7 +78,9 @@ class SegMoTESlicerLogic:
         self.device = "auto"
         self.adapterPath: str | None = None
         self.overwriteOtherSegments = False
-        self.sliceOnly = False  # a prompt placed in a view segments its slice alone instead of the whole object
+        # "This slice only": a prompt placed in a view re-does its slice alone, with every prompt on that slice,
+        # instead of giving (or correcting) the whole object through the object's session.
+        self.sliceOnly = False
         self._sessionEdits: list = []  # (segmentation node ID, segment ID) of each undoable session interaction
         self.intensityMode = "auto"
         self.customWindow: tuple[float, float] | None = None  # (level, width) for "custom"
@@ -217,9 +219,10 @@ class SegMoTESlicerLogic:
 
         segmentId None creates a new segment. activePoint (markupsNode, controlPointIndex), or the ROI node: the
         prompt just placed, answered by the object's session (what the panel does after each click): a new segment
-        or a box starts an object and gives it in 3-D (``sliceOnly``: its slice alone), a click on the segment the
-        session wrote corrects it in 3-D, and ``undo`` steps the session back too. Without activePoint every
-        prompted slice is run anew (propagate: followed up and down).
+        or a box starts an object and gives it in 3-D, a click on the segment the session wrote corrects it in 3-D,
+        and ``undo`` steps the session back too. With ``sliceOnly`` (or propagate) it is the planned path instead:
+        only the prompts on the active prompt's slice are run. Without activePoint every prompted slice is run
+        (propagate: followed up and down).
         boxView: the slice view (node or name) the box was drawn in: it is then a 2-D box on the slice through its
         centre, whatever its thickness (Slicer pads a drawn box along the view's normal), and prompts only that
         view's slices; None: a box thinner than 1.5 voxels along some axis is 2-D, any other box is 3-D.
@@ -368,17 +371,18 @@ class SegMoTESlicerLogic:
         if axis is None and box is not None:
             axis = planning.flatAxis(box)  # a flat box was drawn in the view that slices along that axis
         request = self._prepareCommon(volumeNode, segmentationNode, segmentId, overwrite, axis)
+        active = None
         if activePoint is not None:
-            # The prompt just placed: one interaction with the object's session (a click corrects it in 3-D);
-            # the object's earlier prompts live in that session, other objects' prompts are never sent.
             node, index = activePoint if isinstance(activePoint, tuple) else (activePoint, None)
             active = planning.ACTIVE_BOX if roiNode is not None and node is roiNode else (node, index)
-            if active == planning.ACTIVE_BOX and boxAxis is not None and boxAxis != request.axis:
+        if active is not None and not self.sliceOnly and not propagate:
+            # The prompt just placed: one interaction with the object's session (a click corrects it in 3-D);
+            # the object's earlier prompts live in that session, other objects' prompts are never sent.
+            if active == planning.ACTIVE_BOX and boxAxis is not None:
                 request.axis = boxAxis
-            request.interaction = planning.planInteraction(points, box, active,
-                                                           sliceOnly=self.sliceOnly and not propagate)
+            request.interaction = planning.planInteraction(points, box, active)
             return request
-        request.tasks = planning.planPrompts(request.axis, points, box, bool(propagate), None, boxAxis)
+        request.tasks = planning.planPrompts(request.axis, points, box, bool(propagate), active, boxAxis)
         return request
 
     def _prepareAuto(self, volumeNode, segmentationNode, adapterPath, classes, overwrite) -> Request:

@@ -48,28 +48,24 @@ class PromptTask:
 @dataclass
 class PromptInteraction:
     """The prompt just placed, for the object's session (segmote_core.session): a box (IJK low and high corners,
-    flattened onto its slice when drawn in a view) or a point (IJK and label 1 include / 0 exclude); sliceOnly: the
-    prompted slice alone instead of the whole object."""
+    flattened onto its slice when drawn in a view) or a point (IJK and label 1 include / 0 exclude)."""
 
     kind: str  # "box" or "point"
     low: np.ndarray | None = None
     high: np.ndarray | None = None
     ijk: np.ndarray | None = None
     label: int = 1
-    sliceOnly: bool = False
 
 
-def planInteraction(points: list[PromptPoint], box, active, sliceOnly: bool = False) -> PromptInteraction:
+def planInteraction(points: list[PromptPoint], box, active) -> PromptInteraction:
     """The session interaction for the active prompt (ACTIVE_BOX or a point's key); InputError if it is gone."""
     if active == ACTIVE_BOX:
         if box is None:
             raise InputError("the box is gone; draw it again (Shift+B)")
-        return PromptInteraction("box", low=np.asarray(box[0], float), high=np.asarray(box[1], float),
-                                 sliceOnly=sliceOnly)
+        return PromptInteraction("box", low=np.asarray(box[0], float), high=np.asarray(box[1], float))
     for point in points:
         if point.key == active:
-            return PromptInteraction("point", ijk=np.asarray(point.ijk, float), label=int(point.label),
-                                     sliceOnly=sliceOnly)
+            return PromptInteraction("point", ijk=np.asarray(point.ijk, float), label=int(point.label))
     raise InputError("the point is gone; place it again")
 
 
