@@ -83,6 +83,7 @@ class SegMoTESlicerParameterNode:
     box: vtkMRMLMarkupsROINode
     autoUpdate: bool = True
     overwriteOtherSegments: bool = False
+    sliceOnly: bool = False
     model: str = catalogue.SHIPPED_MODEL
     device: str = "auto"
 
@@ -582,6 +583,7 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.setIntensityMode(self.ui.intensityComboBox.currentData or "auto",
                                     (self.ui.customLevelSpinBox.value, self.ui.customWidthSpinBox.value))
         self.logic.overwriteOtherSegments = bool(self.ui.overwriteCheckBox.checked)
+        self.logic.sliceOnly = bool(self.ui.sliceOnlyCheckBox.checked)
 
     def ensureSegmentation(self):
         p = self._parameterNode

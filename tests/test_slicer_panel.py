@@ -253,6 +253,10 @@ def test_model_device_intensities_adapter_and_paths_are_remembered_across_sessio
     widget.ui.checkpointPathLineEdit.currentPath = "/data/models/my_vit_b.pth"
     widget.applySettings()
     assert widget.logic.settings().adapter == shipped["chest_ct_lungs"]
+    assert not widget.logic.sliceOnly  # by default a prompt gives the whole object in 3-D
+    widget.ui.sliceOnlyCheckBox.checked = True
+    widget.applySettings()
+    assert widget.logic.sliceOnly
 
     # Slicer restarted: a new scene and a new panel
     session.scene.Clear(0)
