@@ -119,6 +119,7 @@ def claim_run_folder(out: Path, resume: bool, overwrite: bool, holder: bool = Tr
     except ImportError:  # Windows
         yield
         return
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         handle = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -134,6 +135,9 @@ def claim_run_folder(out: Path, resume: bool, overwrite: bool, holder: bool = Tr
             pass
         yield
     finally:
+        if created and os.listdir(out) == [LOCK_FILE]:  # a run that wrote nothing leaves no folder behind
+            os.unlink(out / LOCK_FILE)
+            os.rmdir(out)
         os.close(handle)  # closing releases the lock
 
 
