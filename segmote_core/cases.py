@@ -1,7 +1,9 @@
 """Finding the cases of a run: one image file, a DICOM series folder, or a folder of image files.
 
 A folder of images may be an nnU-Net raw ``imagesTs/`` folder: ``CASE_0000.nii.gz`` is channel 0 of case ``CASE``;
-only channel 0 is read (other channels ``_0001``... are skipped). Each case gets a name (the file name without its
+only channel 0 is read (other channels ``_0001``... of a case with a ``_0000`` are skipped, also when other images
+sit beside them). A DICOM series in the same folder as images is one more case, named after the folder. Each case
+gets a name (the file name without its
 image suffix and channel suffix) from which its output file is named.
 """
 
@@ -36,22 +38,28 @@ def find_input_cases(path: str | Path) -> list[InputCase]:
     if not path.is_dir():  # a file, or nothing: reading it says what is wrong
         stem = strip_image_suffix(path.name) or path.stem
         return [InputCase(stem, path)]
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and not is_segmentation_path(p) and strip_image_suffix(p.name) is not None)
+    name_of_folder = path.resolve().name or "dicom"  # `-i .` names the folder, never an empty (hidden) file name
+    entries = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    files = sorted(p for p in entries if not is_segmentation_path(p) and strip_image_suffix(p.name) is not None)
+    others = [p for p in entries if p not in files and not is_segmentation_path(p)]
     if not files:
         if _holds_dicom(path):
-            return [InputCase(path.name, path)]
+            return [InputCase(name_of_folder, path)]
         raise InputError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no DICOM series")
     stems = {p: strip_image_suffix(p.name) for p in files}
     channels = {p: CHANNEL.match(stem) for p, stem in stems.items()}
-    nnunet = all(match is not None for match in channels.values())  # every file carries a channel suffix
+    # nnU-Net: CASE_0000 is channel 0 of CASE, and CASE_0001... are its other channels, whatever else the folder
+    # holds (a stray image beside them is a case of its own, never a reason to read channels as cases).
+    nnunet_cases = {match["case"] for match in channels.values() if match is not None and match["channel"] == "0000"}
     cases: dict[str, Path] = {}
+    if others and _holds_dicom(path):  # a DICOM series beside the images is a case too
+        cases[name_of_folder] = path
     for image in files:
-        name = stems[image]
-        if nnunet:
-            if channels[image]["channel"] != "0000":
+        name, match = stems[image], channels[image]
+        if match is not None and match["case"] in nnunet_cases:
+            if match["channel"] != "0000":
                 continue
-            name = channels[image]["case"]
+            name = match["case"]
         if name in cases:
             raise InputError(f"cases {cases[name].name} and {image.name} have the same name {name!r}; "
                              "their outputs would overwrite each other")

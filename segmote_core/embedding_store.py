@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, output_lock
 from .normalize import Normalization
 
 FORMAT_VERSION = 1
@@ -107,11 +107,9 @@ class EmbeddingStore:
 
     # ---- writing ------------------------------------------------------------------------------------------
     def write(self, key: str, embedding: np.ndarray, early: np.ndarray) -> None:
-        """Write one entry atomically, its JSON (with the checksums) last."""
+        """Write one entry atomically, its JSON (with the checksums) last, under the store's lock: two trainings
+        sharing a store never interleave the three files of one entry."""
         embedding_path, early_path, meta_path = self.paths(key)
-        if self.exists(key):
-            self.recomputed += 1
-        meta_path.unlink(missing_ok=True)  # the entry does not exist until its JSON is back
         embedding = np.ascontiguousarray(embedding, dtype=np.float32)
         early = np.ascontiguousarray(early, dtype=np.float32)
 
@@ -121,9 +119,13 @@ class EmbeddingStore:
                     np.save(handle, array)
             return write
 
-        atomic_write(embedding_path, save_array(embedding))
-        atomic_write(early_path, save_array(early))
         meta = {"version": FORMAT_VERSION, "embedding": _array_checksum(embedding), "early": _array_checksum(early),
                 "embedding_shape": list(embedding.shape), "early_shape": list(early.shape)}
-        atomic_write_text(meta_path, json.dumps(meta))
+        with output_lock(meta_path):
+            if self.exists(key):
+                self.recomputed += 1
+            meta_path.unlink(missing_ok=True)  # the entry does not exist until its JSON is back
+            atomic_write(embedding_path, save_array(embedding))
+            atomic_write(early_path, save_array(early))
+            atomic_write_text(meta_path, json.dumps(meta))
         self.computed += 1

@@ -92,7 +92,8 @@ def save_output(target: OutputTarget, volume, segments: list, replace_same_name:
     else:
         from .segmentation_io import save_segments
 
-        stored = save_segments(target.path, volume, segments, replace_same_name=replace_same_name)
+        stored = save_segments(target.path, volume, segments, replace_same_name=replace_same_name,
+                               notices=target.notices)
     if target.format != "labelmap":
         target.notices += [notice for notice in (resolve(s.name).notice for s in segments) if notice]
     return stored

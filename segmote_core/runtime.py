@@ -10,12 +10,20 @@ version), named by a key over all of these, so changed weights or a new adapter 
 a ``.sha256`` beside it: a file whose checksum does not match (cut short, overwritten, stale) is never loaded, but
 exported again. Both are written atomically, so processes exporting the same model at once each replace the file
 with a complete one; at worst one of them exports twice.
+
+The checksum only catches damage: whoever can change a cached file can rewrite its ``.sha256`` too. So an export
+read from the cache is also judged against the weights it claims to come from: a fixed, seeded probe input goes
+through the loaded graph and through PyTorch, and the graph is used only if both agree (``PROBE_TOLERANCE``);
+otherwise it is exported again from the weights in memory, and a warning says so. The check costs one slice
+through each part, once per process and file. Which files ran (name, SHA-256, how they were checked) is in
+``FastPaths.models``, and the CLI's run record names them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -32,6 +40,9 @@ RUNTIMES = ("auto", "torch", "onnx", "openvino")
 EXPORTER_VERSION = 1  # bump when the exported graphs change
 OPSET = 17
 _RUNTIME_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}
+PROBE_TOLERANCE = 1e-3  # relative L2 distance between the graph's and PyTorch's outputs on the probe
+_PROBED: set[tuple[str, str]] = set()  # (file, SHA-256) that matched PyTorch in this process
+log = logging.getLogger(__name__)
 
 
 class RuntimeUnavailable(SegMoTEError):
@@ -132,20 +143,58 @@ def tensors_sha256(*modules: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cached_export(part: str, identity: dict, export: Callable[[Path], None], folder: Path | None = None) -> Path:
-    """The exported file for `part` and `identity` (what it was exported from): verified by its checksum, exported
-    (atomically) when missing, stale or damaged."""
+def cached_export(part: str, identity: dict, export: Callable[[Path], None], folder: Path | None = None,
+                  fresh: bool = False) -> tuple[Path, str, bool]:
+    """The exported file for `part` and `identity` (what it was exported from), its SHA-256, and whether it was
+    exported now: a cached file whose checksum matches is reused, one missing, stale or damaged (or any, with
+    `fresh`) is exported again (atomically)."""
     folder = Path(folder) if folder is not None else exported_dir()
     identity = dict(identity, part=part, exporter=EXPORTER_VERSION, torch=torch.__version__, opset=OPSET)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
     path = folder / f"{part}-{key}.onnx"
     checksum = path.with_suffix(".sha256")
-    if path.is_file() and checksum.is_file():
-        if checksum.read_text(encoding="utf-8").strip() == sha256_file(path):
-            return path
+    if not fresh and path.is_file() and checksum.is_file():
+        digest = sha256_file(path)
+        if checksum.read_text(encoding="utf-8").strip() == digest:
+            return path, digest, False
     atomic_write(path, export)
-    atomic_write_text(checksum, sha256_file(path))
-    return path
+    digest = sha256_file(path)
+    atomic_write_text(checksum, digest)
+    return path, digest, True
+
+
+def relative_distance(got, expected) -> float:
+    """||got - expected|| / ||expected|| over arrays or tensors (0 when both are zero)."""
+    got, expected = np.asarray(got, np.float64).ravel(), np.asarray(expected, np.float64).ravel()
+    if got.shape != expected.shape or not np.all(np.isfinite(got)):
+        return float("inf")
+    scale = np.linalg.norm(expected)
+    return float(np.linalg.norm(got - expected) / scale) if scale else float(np.linalg.norm(got))
+
+
+def checked_session(runtime: str, part: str, identity: dict, export: Callable[[Path], None], folder: Path | None,
+                    probe: Callable[["Session"], float], static: dict | None = None) -> tuple["Session", dict]:
+    """A Session on the cached (or new) export of `part`, judged against PyTorch: probe(session) is the relative
+    distance between its outputs and PyTorch's on a fixed input. A cached file that disagrees is exported again
+    (with a warning); a new export that disagrees is an error (the engine then uses PyTorch). Returns the session
+    and what the run record says about the file."""
+    path, digest, exported = cached_export(part, identity, export, folder)
+    for attempt in range(2):
+        session = Session(runtime, path, **({"static": static} if static else {}))
+        if (str(path), digest) in _PROBED:
+            distance = 0.0
+        else:
+            distance = probe(session)
+        if distance <= PROBE_TOLERANCE:
+            _PROBED.add((str(path), digest))
+            return session, {"file": path.name, "sha256": digest,
+                             "checked": "exported now" if exported else "cached; agrees with PyTorch on the probe"}
+        if exported or attempt:
+            raise RuntimeUnavailable(f"the exported {part} disagrees with PyTorch (relative distance {distance:.3g})")
+        log.warning(f"the cached {runtime} {part} {path.name} does not compute what its weights compute (changed "
+                    "after export?); exporting it again")
+        path, digest, exported = cached_export(part, identity, export, folder, fresh=True)
+    raise AssertionError("unreachable")
 
 
 def export_onnx(module: nn.Module, inputs: tuple, input_names, output_names, dynamic_axes=None) -> Callable:
@@ -216,12 +265,20 @@ class FastPaths:
     def __init__(self, runtime: str, backbone, folder: Path | None = None):
         self.runtime, self.backbone, self.folder = runtime, backbone, folder
         self.backbone_sha256 = getattr(backbone, "weights_sha256", None) or tensors_sha256(backbone)
+        self.models: dict[str, dict] = {}  # part -> the file that runs it (name, SHA-256, how it was checked)
         size = backbone.input_size
-        encoder_path = cached_export(
-            "encoder", {"model": backbone.name, "weights": self.backbone_sha256, "input": size},
-            export_onnx(EncoderGraph(backbone).eval(), (torch.zeros(1, 3, size, size),), ["image"],
-                        ["embedding", "early"]), folder)
-        self._encoder = Session(runtime, encoder_path)
+        graph = EncoderGraph(backbone).eval()
+        image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+        def probe(session) -> float:
+            with torch.no_grad():
+                expected = graph(image)
+            got = session({"image": image.numpy()})
+            return max(relative_distance(g, e.cpu()) for g, e in zip(got, expected))
+
+        self._encoder, self.models["encoder"] = checked_session(
+            runtime, "encoder", {"model": backbone.name, "weights": self.backbone_sha256, "input": size},
+            export_onnx(graph, (torch.zeros(1, 3, size, size),), ["image"], ["embedding", "early"]), folder, probe)
         self._decoder = None
         self._decoder_for = None
 
@@ -244,15 +301,28 @@ class FastPaths:
         example = (torch.zeros(1, PROMPT_DIM, height, width), torch.zeros(1, backbone.early_channels, height, width),
                    torch.tensor([[[10.0, 10.0], [200.0, 200.0]]]), torch.tensor([[2.0, 3.0]]),
                    torch.zeros(1, 1, 4 * height, 4 * width), torch.zeros(1))
-        path = cached_export(
-            "decoder", {"model": backbone.name, "weights": self.backbone_sha256, "adapter": adapter},
-            export_onnx(DecoderGraph(backbone, segmote).eval(), example,
-                        ["embedding", "early", "points", "labels", "mask_input", "has_mask"], ["logits", "iou"],
-                        {"points": {1: "n"}, "labels": {1: "n"}}), self.folder)
+        graph = DecoderGraph(backbone, segmote).eval()
+        generator = torch.Generator().manual_seed(0)
+        probe_inputs = (torch.randn(1, PROMPT_DIM, height, width, generator=generator),
+                        torch.randn(1, backbone.early_channels, height, width, generator=generator),
+                        torch.tensor([[[30.0, 40.0], [150.0, 170.0], [90.0, 100.0]]]), torch.tensor([[2.0, 3.0, 1.0]]),
+                        torch.zeros(1, 1, 4 * height, 4 * width), torch.zeros(1))
+        names = ["embedding", "early", "points", "labels", "mask_input", "has_mask"]
+
+        def probe(session) -> float:
+            with torch.no_grad():
+                expected = graph(*probe_inputs)
+            got = session({name: value.numpy() for name, value in zip(names, probe_inputs)})
+            return max(relative_distance(g, e.cpu()) for g, e in zip(got, expected))
+
         box_only = {"embedding": (1, PROMPT_DIM, height, width), "early": (1, backbone.early_channels, height, width),
                     "points": (1, 2, 2), "labels": (1, 2), "mask_input": (1, 1, 4 * height, 4 * width),
                     "has_mask": (1,)}
-        self._decoder, self._decoder_for = Session(self.runtime, path, static=box_only), adapter
+        self._decoder, self.models["decoder"] = checked_session(
+            self.runtime, "decoder", {"model": backbone.name, "weights": self.backbone_sha256, "adapter": adapter},
+            export_onnx(graph, example, names, ["logits", "iou"], {"points": {1: "n"}, "labels": {1: "n"}}),
+            self.folder, probe, static=box_only)
+        self._decoder_for = adapter
 
     def decode(self, embedding, early, points, labels, box, mask_input):
         """Prompts as Backbone.decode / SegMoTE.decode take them (batch 1) -> (low-res logits, IoU) tensors."""

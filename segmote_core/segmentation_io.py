@@ -20,12 +20,15 @@ in its 80-character description while they fit). Every name and header string is
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import nrrd
 import numpy as np
 import SimpleITK as sitk
 import slicerio
+from slicerio.segmentation import generate_unique_segment_id, terminology_entry_to_string
 
 from .colors import palette_color
 from .errors import InputError
@@ -165,7 +168,7 @@ def labelmap_problem(array: np.ndarray) -> str | None:
 
 
 def save_segments(path: str | Path, volume: Volume, segments: list[Segment], replace_same_name: bool = False,
-                  replace_other_file: bool | None = None) -> list[int]:
+                  replace_other_file: bool | None = None, notices: list[str] | None = None) -> list[int]:
     """Add segments to the file at `path` (created if absent) on `volume`'s grid, atomically; returns the number
     of voxels stored per segment (in a label map a new label only takes voxels no other label holds).
 
@@ -173,6 +176,7 @@ def save_segments(path: str | Path, volume: Volume, segments: list[Segment], rep
     otherwise a name clash is an error. Other existing segments are always kept bit-identical.
     replace_other_file: an existing file that holds no segmentation (an image...) is replaced instead of refused
     (default: replace_same_name, as the CLI's --overwrite means both).
+    notices: receives what the user should know (a NIfTI label map that cannot hold the names).
     """
     path = check_output_path(path)
     if replace_other_file is None:
@@ -190,7 +194,7 @@ def save_segments(path: str | Path, volume: Volume, segments: list[Segment], rep
     with output_lock(path):
         if is_segmentation_path(path):
             return _save_seg_nrrd(path, volume, segments, replace_same_name, replace_other_file)
-        return _save_labelmap(path, volume, segments, replace_same_name, replace_other_file)
+        return _save_labelmap(path, volume, segments, replace_same_name, replace_other_file, notices)
 
 
 def _not_a_segmentation(path: Path, reason: str) -> InputError:
@@ -200,20 +204,25 @@ def _not_a_segmentation(path: Path, reason: str) -> InputError:
 
 def _save_seg_nrrd(path: Path, volume: Volume, segments: list[Segment], replace_same_name: bool,
                    replace_other_file: bool) -> list[int]:
-    seg = None
+    seg, header = None, None
     if path.exists():
         try:
             seg = slicerio.read_segmentation(str(path))
             if not seg["segments"] and np.any(seg["voxels"]):
                 raise _not_a_segmentation(path, "an image without segments")
+            header = nrrd.read_header(str(path))
         except Exception as exc:
             if not replace_other_file:
                 raise exc if isinstance(exc, InputError) else _not_a_segmentation(path, f"unreadable: {type(exc).__name__}")
-            seg = None
+            seg, header = None, None
     if seg is not None:
         problem = _grid_mismatch(volume, seg["voxels"].shape[-3:], seg["ijkToLPS"])
         if problem:
             raise InputError(f"existing output {path.name} lies on another grid: {problem}")
+        # Every field another tool (or Slicer) wrote is kept as written: a segment's fields by their raw text.
+        raw = _raw_segment_fields(header)
+        for segment, fields in zip(seg["segments"], raw):
+            segment["raw_fields"] = fields
         existing = {s.get("name"): s for s in seg["segments"]}
         for segment in segments:
             if segment.name in existing:
@@ -224,26 +233,115 @@ def _save_seg_nrrd(path: Path, volume: Volume, segments: list[Segment], replace_
     else:
         seg = slicerio.create_segmentation(volume.shape_ijk, volume.ijk_to_lps)
     used_colors = len(seg["segments"])
+    fields = []
     for index, segment in enumerate(segments):
         entry = resolve_terminology(segment.name).entry
         color = segment.color or entry.color or palette_color(used_colors + index)
-        slicerio.add_segment(seg, np.transpose(segment.mask.astype(bool), (2, 1, 0)),
-                             {"name": segment.name, "color": [float(c) for c in color],
-                              "terminology": entry.slicer_terminology()})
-    atomic_write(path, lambda temp: slicerio.write_segmentation(str(temp), seg))
+        fields.append({"name": segment.name, "color": [float(c) for c in color],
+                       "terminology": entry.slicer_terminology()})
+    _add_segments(seg, [np.transpose(segment.mask.astype(bool), (2, 1, 0)) for segment in segments], fields)
+    atomic_write(path, lambda temp: _write_seg_nrrd(temp, seg, header))
     return [int(np.count_nonzero(segment.mask)) for segment in segments]
 
 
-def _remove_segment(seg: dict, segment: dict) -> None:
+_SEGMENT_FIELD = re.compile(r"^Segment([0-9]+)_(.+)$")
+
+
+def _raw_segment_fields(header: dict) -> list[dict]:
+    """Each segment's header fields (name after `SegmentN_` -> the text as written), in slicerio's order."""
+    fields: dict[int, dict] = {}
+    for key, value in header.items():
+        match = _SEGMENT_FIELD.match(key)
+        if match:
+            fields.setdefault(int(match.group(1)), {})[match.group(2)] = value
+    return [fields[index] for index in sorted(fields)]
+
+
+def _add_segments(seg: dict, masks: list[np.ndarray], fields: list[dict]) -> None:
+    """Add segments ((I, J, K) masks) to a slicerio segmentation as Slicer stores them: each in a layer where it
+    overlaps nothing, a new layer where none is free. Linear in the number of segments: a per-voxel count of the
+    layers in use picks the layer (the first above everything already at the segment's voxels), each mask is
+    touched only within its bounding box, and the layers are stacked once at the end."""
     voxels = seg["voxels"]
-    layer = voxels[segment.get("layer", 0)] if voxels.ndim == 4 else voxels
-    layer[layer == segment.get("labelValue", 1)] = 0
-    seg["segments"] = [s for s in seg["segments"] if s is not segment]
+    layers = list(voxels) if voxels.ndim == 4 else [voxels]
+    max_label = int(np.iinfo(voxels.dtype).max)
+    next_label = [1] * len(layers)
+    for segment in seg["segments"]:
+        layer = segment.get("layer", 0)
+        next_label[layer] = max(next_label[layer], segment.get("labelValue", 1) + 1)
+    used = np.zeros(voxels.shape[-3:], np.uint32)  # layers in use at each voxel (1 + the highest one)
+    for index, layer in enumerate(layers):
+        used[layer != 0] = index + 1
+    ids = {s.get("id") for s in seg["segments"]}
+    for mask, field in zip(masks, fields):
+        nonzero = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+        empty = any(len(n) == 0 for n in nonzero)
+        box = tuple(slice(0, 0) if empty else slice(int(n[0]), int(n[-1]) + 1) for n in nonzero)
+        inside = mask[box]
+        layer = int(used[box][inside].max(initial=0))
+        while layer < len(layers) and next_label[layer] > max_label:
+            layer += 1
+        if layer == len(layers):
+            layers.append(np.zeros(voxels.shape[-3:], voxels.dtype))
+            next_label.append(1)
+        label = next_label[layer]
+        next_label[layer] += 1
+        layers[layer][box][inside] = label
+        used[box][inside] = layer + 1
+        segment = dict(field)
+        segment.setdefault("id", generate_unique_segment_id(ids))
+        ids.add(segment["id"])
+        segment.update(labelValue=int(label), layer=int(layer),
+                       extent=[0, -1, 0, -1, 0, -1] if empty else [v for b in box for v in (b.start, b.stop - 1)])
+        seg["segments"].append(segment)
+    seg["voxels"] = np.stack(layers) if len(layers) > 1 else layers[0]
+
+
+_GEOMETRY_FIELDS = ("type", "dimension", "sizes", "endian", "kinds", "space directions", "space origin", "space",
+                    "data file", "line skip", "byte skip")
+
+
+def _write_seg_nrrd(file: Path, seg: dict, header: dict | None) -> None:
+    """Write a segmentation. The fields of the file it was read from (`header`) are written back as they were
+    (another tool's fields, each kept segment's fields as raw text, in their order); only the geometry follows the
+    voxels (a new layer) and new segments get slicerio's fields."""
+    voxels, ijk_to_lps = seg["voxels"], np.asarray(seg["ijkToLPS"], float)
+    if header is None:  # a new file: slicerio's fields and defaults
+        slicerio.write_segmentation(str(file), seg)
+        return
+    out = {key: value for key, value in header.items()
+           if key not in _GEOMETRY_FIELDS and not _SEGMENT_FIELD.match(key)}
+    if "space directions" in header:
+        kinds, directions = list(header.get("kinds", ["domain"] * 3)), np.asarray(header["space directions"], float)
+        geometry = {"space": header.get("space", "left-posterior-superior"),
+                    "space origin": header.get("space origin", ijk_to_lps[:3, 3])}
+    else:
+        kinds, directions = ["domain"] * 3, ijk_to_lps[:3, :3].T
+        geometry = {"space": "left-posterior-superior", "space origin": ijk_to_lps[:3, 3]}
+    if voxels.ndim == 4 and len(kinds) == 3:  # the first overlapping segment: a list axis in front
+        kinds, directions = ["list", *kinds], np.vstack([np.full(3, np.nan), directions])
+    geometry.update({"kinds": kinds, "space directions": directions})
+    fields: dict = {}
+    for index, segment in enumerate(seg["segments"]):
+        raw = segment.get("raw_fields")
+        if raw is None:
+            raw = _new_segment_fields(segment)
+        fields.update({f"Segment{index}_{key}": value for key, value in raw.items()})
+    nrrd.write(str(file), voxels, {**geometry, **out, **fields}, index_order="F")
+
+
+def _new_segment_fields(segment: dict) -> dict[str, str]:
+    """The header fields slicerio writes for a segment added by SegMoTE."""
+    return {"Name": segment["name"], "Color": " ".join(str(c) for c in segment["color"]), "ID": segment["id"],
+            "LabelValue": str(segment["labelValue"]), "Layer": str(segment["layer"]),
+            "Extent": " ".join(str(v) for v in segment["extent"]),
+            "Tags": f"TerminologyEntry:{terminology_entry_to_string(segment['terminology'])}|"}
 
 
 def _save_labelmap(path: Path, volume: Volume, segments: list[Segment], replace_same_name: bool,
-                   replace_other_file: bool) -> list[int]:
-    labels, names = np.zeros(volume.array.shape, np.int64), {}
+                   replace_other_file: bool, notices: list[str] | None = None) -> list[int]:
+    labels, names, fields = np.zeros(volume.array.shape, np.int64), {}, {}
+    nifti = path.name.lower().endswith((".nii", ".nii.gz"))
     if path.exists():
         try:
             existing, names = _read_labelmap(path)
@@ -259,30 +357,79 @@ def _save_labelmap(path: Path, volume: Volume, segments: list[Segment], replace_
             labels = existing.array.astype(np.int64)
             present = {int(v) for v in np.unique(labels) if v != 0}
             names = {value: names.get(value, f"label {value}") for value in present}
+            fields = _own_header_fields(path)
         else:
             names = {}
+    by_name = {name: value for value, name in names.items()}
+    top = max([int(labels.max(initial=0)), *names])
     stored = []
     for segment in segments:
-        value = next((v for v, name in names.items() if name == segment.name), None)
+        value = by_name.get(segment.name)
         if value is not None:
             if not replace_same_name:
                 raise InputError(f"{path.name} already has a segment named '{segment.name}' (label {value}); "
                                  "give another --name or pass --overwrite to replace it")
             labels[labels == value] = 0  # only the replaced label gives up its voxels
         else:
-            value = max([int(labels.max(initial=0)), *names]) + 1
+            top = value = top + 1
         free = segment.mask.astype(bool) & (labels == 0)
         labels[free] = value
         names[value] = segment.name
+        by_name[segment.name] = value
         stored.append(int(np.count_nonzero(free)))
     top = int(labels.max(initial=0))
     dtype = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if top <= np.iinfo(t).max)
     image = volume.to_sitk(labels.astype(dtype))
-    text = json.dumps({str(v): names[v] for v in sorted(names)}, separators=(",", ":"))
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        if len(NIFTI_NOTES_PREFIX) + len(text) <= NIFTI_NOTES_LENGTH:
-            image.SetMetaData(NIFTI_NOTES_KEY, NIFTI_NOTES_PREFIX + text)
+    for key, value in fields.items():  # the file's own fields (another tool's), as they were
+        image.SetMetaData(key, value)
+    text = _names_text(names)
+    if nifti:
+        notes = fields.get(NIFTI_NOTES_KEY, "")
+        foreign = bool(notes) and not notes.startswith(NIFTI_NOTES_PREFIX)  # another tool's description: kept
+        kept = {} if foreign else _names_that_fit(names)
+        if not foreign:
+            image.SetMetaData(NIFTI_NOTES_KEY, NIFTI_NOTES_PREFIX + _names_text(kept) if kept else "")
+        unnamed = [v for v in sorted(names) if v not in kept and names[v] != f"label {v}"]
+        if unnamed and notices is not None:
+            why = ("its description holds another tool's text, which is kept" if foreign
+                   else f"its description holds {NIFTI_NOTES_LENGTH + 1} characters")
+            notices.append(f"{path.name}: a NIfTI label map cannot store every segment name ({why}); read back, "
+                           + ", ".join(f"label {v} ({names[v]!r})" for v in unnamed) + " will be named 'label N' "
+                           "(the run record keeps the names; a .seg.nrrd or .nrrd output stores them)")
     else:
         image.SetMetaData(LABEL_NAMES_KEY, text)
     atomic_write(path, lambda temp: sitk.WriteImage(image, str(temp), useCompression=True))
     return stored
+
+
+def _names_text(names: dict[int, str]) -> str:
+    return json.dumps({str(v): names[v] for v in sorted(names)}, separators=(",", ":"))
+
+
+def _names_that_fit(names: dict[int, str]) -> dict[int, str]:
+    """As many label names (in label order) as NIfTI's 80-character description holds with the prefix."""
+    kept: dict[int, str] = {}
+    for value in sorted(names):
+        if names[value] == f"label {value}":
+            continue  # the name reading gives an unnamed label anyway
+        trial = {**kept, value: names[value]}
+        if len(NIFTI_NOTES_PREFIX) + len(_names_text(trial)) <= NIFTI_NOTES_LENGTH:
+            kept = trial
+    return kept
+
+
+# Fields the image readers derive from the file's own structure (ITK, NRRD, NIfTI): not the file's own text.
+_DERIVED_FIELD = re.compile(r"^(ITK_(?!FileNotes$)|NRRD_)")
+
+
+def _own_header_fields(path: Path) -> dict[str, str]:
+    """The header fields of an existing label map that its writer chose (an NRRD/MHA `key:=value`, a NIfTI
+    description), to write back unchanged; NIfTI's structural fields (dims, qform...) are rewritten by ITK."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        notes = reader.GetMetaData(NIFTI_NOTES_KEY) if reader.HasMetaDataKey(NIFTI_NOTES_KEY) else ""
+        return {NIFTI_NOTES_KEY: notes} if notes else {}
+    return {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()
+            if not _DERIVED_FIELD.match(key) and key != LABEL_NAMES_KEY}

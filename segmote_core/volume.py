@@ -237,6 +237,13 @@ def read_volume(path: str | Path, series: str | None = None) -> Volume:
         raise InputError(f"image not found: {path}")
     if not path.is_dir() and not path.is_file():
         raise InputError(f"image {path} is not a regular file or a folder (a pipe or a device?)")
+    if path.is_file():
+        try:
+            open(path, "rb").close()  # ITK would call an unreadable file one that "doesn't exist"
+        except PermissionError:
+            raise InputError(f"cannot read image {path}: permission denied") from None
+        except OSError as error:
+            raise InputError(f"cannot read image {path}: {error.strerror or error}") from None
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's warnings would precede our one-line error
     try:
         if path.is_dir():

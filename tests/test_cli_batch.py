@@ -281,3 +281,99 @@ def test_a_preview_naming_an_input_or_the_output_is_refused_before_anything_is_w
                             "--preview", str(preview)], capsys)
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1
     assert image.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd"]
+
+
+# ---- what a folder holds: channels, DICOM beside images, odd names ------------------------------------------
+def _tiny_image(path, value=0):
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((3, 8, 8), value, np.int16)), str(path))
+    return path
+
+
+def test_nnunet_channels_beside_a_stray_image_are_not_cases(tmp_path):
+    for name in ("A_0000", "A_0001", "B_0000", "B_0001", "stray"):
+        _tiny_image(tmp_path / f"{name}.nii.gz")
+    cases = find_input_cases(tmp_path)
+    assert [(c.name, c.path.name) for c in cases] == [("A", "A_0000.nii.gz"), ("B", "B_0000.nii.gz"),
+                                                      ("stray", "stray.nii.gz")]
+
+
+def test_a_dicom_series_beside_an_image_is_a_case_and_dot_names_the_folder(tmp_path, monkeypatch):
+    from segmote_core.volume import Volume
+    from test_dicom_seg import write_ct_series
+
+    folder = tmp_path / "CT-series"
+    write_ct_series(Volume(np.zeros((3, 8, 8), np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3)), folder)
+    _tiny_image(folder / "extra.nii.gz")
+    cases = find_input_cases(folder)
+    assert [(c.name, c.path) for c in cases] == [("CT-series", folder), ("extra", folder / "extra.nii.gz")]
+    (folder / "extra.nii.gz").unlink()
+    monkeypatch.chdir(folder)
+    assert [c.name for c in find_input_cases(".")] == ["CT-series"]  # was "" (results/.seg.nrrd)
+
+
+def test_a_newline_in_a_case_name_stays_on_its_row_of_the_summary():
+    from pathlib import Path
+
+    from segmote_core.cli.batch import CaseResult, summary_table
+
+    table = summary_table([CaseResult("evil\nname", Path("out/evil\nname.seg.nrrd")),
+                           CaseResult("other", error="cannot read\nimage")])
+    assert len(table.splitlines()) == 4 and "evil\\nname" in table  # header, two rows, the count
+
+
+def test_an_unreadable_image_is_permission_denied_not_missing(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    from segmote_core import volume as volume_module
+
+    image = _tiny_image(tmp_path / "ct.nrrd")
+    real_open = builtins.open
+
+    def denied(path, *args, **kwargs):
+        if str(path) == str(image):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(volume_module, "open", denied, raising=False)
+    code, _, err = run(["segment", str(image), "--out", str(tmp_path / "o.seg.nrrd"), "--box-ijk", "1", "1", "1",
+                        "5", "5", "1"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and "permission denied" in lines[0] and "exist" not in lines[0]
+
+
+def test_ctrl_c_after_a_written_case_says_what_was_written(tmp_path, capsys, monkeypatch, share_engine):
+    from segmote_core import volume as volume_module
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    image = sitk.ReadImage(str(CHEST_CT))[:, :, 16:18]
+    for name in ("a", "b"):
+        sitk.WriteImage(image, str(cases / f"{name}.nrrd"))
+    real_read = volume_module.read_volume
+    calls = []
+
+    def interrupt_second(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(volume_module, "read_volume", interrupt_second)
+    out = tmp_path / "results"
+    code, _, err = run(["segment", "-i", str(cases), "-o", str(out), "--box-ijk", "20", "30", "1", "60", "90", "1",
+                        "--device", "cpu", "--runtime", "torch", "-q"], capsys)
+    assert code == 130 and (out / "a.seg.nrrd").is_file() and not (out / "b.seg.nrrd").exists()
+    assert "nothing was written" not in err and "interrupted after 1 of 2 cases" in err and "a.seg.nrrd" in err
+
+
+def test_a_folder_output_whose_parent_is_a_file_is_one_line(tmp_path, capsys):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name in ("a", "b"):
+        _tiny_image(cases / f"{name}.nrrd")
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = run(["segment", "-i", str(cases), "-o", str(tmp_path / "notes.txt" / "results"), "--box-ijk", "1",
+                        "1", "1", "5", "5", "1"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and "is a file, not a folder" in lines[0]
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -190,3 +190,87 @@ def test_the_reported_voxel_count_is_what_was_stored(tmp_path):
     assert save_segments(out, grid(), [Segment("spleen", box(k=slice(1, 3)))]) == [48]  # k=1 is liver's
     assert (read_volume(out).array == 2).sum() == 48
     assert save_segments(tmp_path / "s.seg.nrrd", grid(), [Segment("a", box(k=slice(1, 3)))]) == [96]
+
+
+# ---- files other tools wrote: every field they hold stays as written --------------------------------------------
+def _header_fields(path: Path) -> dict:
+    import nrrd
+
+    return {key: value for key, value in nrrd.read_header(str(path)).items()
+            if isinstance(value, str) and key not in ("type", "encoding")}
+
+
+def test_appending_keeps_another_tools_seg_nrrd_fields_as_written(tmp_path):
+    import nrrd
+
+    out = tmp_path / "case.seg.nrrd"
+    voxels = np.zeros(SHAPE[::-1], np.uint8)
+    voxels[:, :, 0] = 1
+    header = {"space": "left-posterior-superior", "space directions": np.diag([1.0, 1.0, 2.0]),
+              "space origin": np.zeros(3), "kinds": ["domain"] * 3, "encoding": "gzip",
+              "MyTool_Version": "3.1 (build 7)", "Segment0_ID": "Segment_1", "Segment0_Name": "ribs",
+              "Segment0_Color": "1 1 0.811765", "Segment0_LabelValue": "1", "Segment0_Layer": "0",
+              "Segment0_Extent": "0 7 0 5 0 0", "Segment0_MyNote": "checked by Dr. A, 2026-11-30",
+              "Segment0_Tags": "Some field:some value|Segmentation.Status:inprogress|"}
+    nrrd.write(str(out), voxels, header)
+    before = _header_fields(out)
+    save_segments(out, grid(), [Segment("liver", box(k=1)), Segment("overlap", box(k=0))])
+    after = _header_fields(out)
+    assert {key: after[key] for key in before} == before  # every field bit-identical, the custom ones too
+    assert after["Segment1_Name"] == "liver" and after["Segment2_Name"] == "overlap"
+    _, segments = read_segments(out)
+    assert [s.name for s in segments] == ["ribs", "liver", "overlap"]
+    assert np.array_equal(segments[0].mask, box(k=0)) and np.array_equal(segments[2].mask, box(k=0))
+
+
+def test_appending_keeps_a_label_maps_own_header_field(tmp_path):
+    out = tmp_path / "labels.nrrd"
+    image = grid().to_sitk(box(k=0).astype(np.uint8))
+    image.SetMetaData("MyField", "atlas v2; do not edit")
+    sitk.WriteImage(image, str(out))
+    save_segments(out, grid(), [Segment("liver", box(k=1))])
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(out))
+    reader.ReadImageInformation()
+    assert reader.GetMetaData("MyField") == "atlas v2; do not edit"
+    assert [s.name for s in read_segments(out)[1]] == ["label 1", "liver"]
+
+
+def test_a_long_name_in_a_nifti_label_map_is_a_notice_and_the_names_that_fit_stay(tmp_path):
+    out = tmp_path / "labels.nii.gz"
+    save_segments(out, grid(), [Segment("liver", box(k=0))])
+    notices: list[str] = []
+    long_name = "left hepatic vein, segment IVa branch, as drawn by the second reader"
+    assert len(long_name) == 68
+    save_segments(out, grid(), [Segment(long_name, box(k=1))], notices=notices)
+    assert len(notices) == 1 and "cannot store every segment name" in notices[0] and long_name in notices[0]
+    assert [s.name for s in read_segments(out)[1]] == ["liver", "label 2"]  # liver keeps its name
+
+
+def test_a_nifti_description_from_another_tool_is_kept(tmp_path):
+    out = tmp_path / "aseg.nii.gz"
+    image = grid().to_sitk(box(k=0).astype(np.uint8))
+    image.SetMetaData("ITK_FileNotes", "FreeSurfer aseg 7.4")
+    sitk.WriteImage(image, str(out))
+    notices: list[str] = []
+    save_segments(out, grid(), [Segment("liver", box(k=1))], notices=notices)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(out))
+    reader.ReadImageInformation()
+    assert reader.GetMetaData("descrip") == "FreeSurfer aseg 7.4"
+    assert len(notices) == 1 and "another tool's text" in notices[0]
+
+
+def test_many_overlapping_segments_are_added_in_linear_time(tmp_path):
+    """600 segments on one spot need 600 layers: each used to rescan (and copy) every layer: 600 took ~30 s."""
+    import time
+
+    shape = (16, 64, 64)
+    volume = Volume(np.zeros(shape, np.int16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    mask = np.zeros(shape, bool)
+    mask[4:8, 10:30, 10:30] = True
+    started = time.perf_counter()
+    save_segments(tmp_path / "many.seg.nrrd", volume, [Segment(f"s{n}", mask) for n in range(600)])
+    assert time.perf_counter() - started < 8.0
+    _, segments = read_segments(tmp_path / "many.seg.nrrd")
+    assert len(segments) == 600 and all(np.array_equal(s.mask, mask) for s in segments)

@@ -257,3 +257,82 @@ def test_a_volume_on_a_view_of_the_callers_array_does_not_change_with_it():
     Volume(owned, (1, 1, 1), (0, 0, 0), np.eye(3))
     with pytest.raises(ValueError):  # an array the Volume owns outright is frozen, not copied
         owned[0] = 1.0
+
+
+# ---- training into a folder that holds a previous run --------------------------------------------------------
+def test_training_into_a_previous_run_is_refused_unless_resume_or_overwrite(tmp_path, tiny_scan, capsys):
+    from segmote_core.training.state import RUN_FILES
+
+    config = tiny_config(tmp_path, tiny_scan)
+    assert main(["train", "--config", str(config), "--quiet"]) == 0
+    run = tmp_path / "run"
+    kept = {path.name: path.read_bytes() for path in run.iterdir() if path.name in RUN_FILES}
+    assert {"adapter.safetensors", "train_state.pt", "log.csv"} <= set(kept)
+    capsys.readouterr()
+    code = main(["train", "--config", str(config), "--quiet"])
+    lines = error_lines(capsys.readouterr().err)
+    assert code == 1 and len(lines) == 1 and "holds a previous training run" in lines[0] and "--resume" in lines[0]
+    assert {name: (run / name).read_bytes() for name in kept} == kept  # nothing replaced
+    code = main(["train", "--config", str(config), "--resume", "--overwrite", "--quiet"])
+    assert code == 1 and "give one of them" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--overwrite", "--quiet"]) == 0  # asked for: replaced
+
+
+def test_a_second_training_into_a_busy_folder_is_refused(tmp_path, tiny_scan, capsys):
+    import fcntl
+    import os
+
+    from segmote_core.training.state import LOCK_FILE
+
+    config = tiny_config(tmp_path, tiny_scan)
+    (tmp_path / "run").mkdir()
+    handle = os.open(tmp_path / "run" / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # another training holds the folder
+        code = main(["train", "--config", str(config), "--quiet"])
+        lines = error_lines(capsys.readouterr().err)
+        assert code == 1 and len(lines) == 1 and "another training is writing into" in lines[0]
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_FILE]
+    finally:
+        os.close(handle)
+    assert main(["train", "--config", str(config), "--quiet"]) == 0  # released: the folder is free again
+
+
+STORE_BACKBONE = {"name": "sam_vit_tiny", "input_size": 64, "weights_sha256": "0" * 64}
+
+
+def _store(root):
+    from types import SimpleNamespace
+
+    from segmote_core.embedding_store import EmbeddingStore
+    from segmote_core.normalize import window
+
+    return EmbeddingStore(root, SimpleNamespace(**STORE_BACKBONE), window(-500, 1500))
+
+
+def _write_entries(root: str, seed: int, rounds: int, start) -> None:
+    store, rng = _store(root), np.random.default_rng(seed)
+    start.wait()
+    for _ in range(rounds):
+        for key in ("a", "b", "c"):  # each process computes slightly different numbers (another CPU, threads...)
+            store.write(key, rng.random((4, 8, 8), np.float32), rng.random((2, 8, 8), np.float32))
+
+
+def test_two_trainings_sharing_an_embedding_store_leave_every_entry_whole(tmp_path):
+    """Unserialised, one writer's rename could land between another's checks (a FileNotFoundError ended that
+    training) and an entry's three files could come from different writers."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # real processes, without re-importing numpy each time
+    for run in range(3):
+        root = tmp_path / f"store{run}"
+        start = context.Barrier(3)
+        workers = [context.Process(target=_write_entries, args=(str(root), seed, 40, start)) for seed in (1, 2, 3)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(120)
+        assert [worker.exitcode for worker in workers] == [0, 0, 0]
+        store = _store(root)
+        assert all(store.load(key) is not None for key in ("a", "b", "c"))  # each entry's files belong together
+        assert not [p for p in root.iterdir() if p.name.startswith(".")]

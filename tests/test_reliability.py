@@ -218,17 +218,17 @@ def test_out_of_memory_halves_the_batch_then_gives_a_clear_error(small_ct):
 
 
 def test_disk_full_while_writing_keeps_the_previous_file(tmp_path, chest_ct, monkeypatch):
-    import slicerio
+    import nrrd  # the NRRD writer under every .seg.nrrd write (slicerio's and the appending one)
 
     out = tmp_path / "seg.seg.nrrd"
     shutil.copy(CHEST_SEG, out)
     before = sha(out)
 
-    def write_half_then_fail(path, segmentation, **kwargs):
+    def write_half_then_fail(path, data, header=None, **kwargs):
         Path(path).write_bytes(b"NRRD0004\n" + bytes(1000))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(slicerio, "write_segmentation", write_half_then_fail)
+    monkeypatch.setattr(nrrd, "write", write_half_then_fail)
     with pytest.raises(SegMoTEError, match="No space left on device.*unchanged"):
         save_segments(out, chest_ct, [Segment("new", np.zeros(chest_ct.array.shape, bool))])
     assert sha(out) == before

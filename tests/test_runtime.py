@@ -211,3 +211,48 @@ def test_failing_adapter_export_keeps_the_fast_encoder_and_prompts_run_pytorch(m
     assert "\n" not in engine.notices[0]
     box = slice_box(chest_truth["left lung"])
     assert engine.segment(chest_ct, box_ijk=box).any()  # PyTorch's MoTE decoder answered
+
+
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_a_tampered_export_with_a_rewritten_checksum_is_never_used(tmp_path, single_torch_thread, caplog, part):
+    """Whoever changes a cached export can rewrite its .sha256 too: the graph is judged against the weights it
+    claims to come from (a probe through both), and exported again when they disagree."""
+    import onnx
+    from onnx import numpy_helper
+
+    from segmote_core.models import build_tiny_sam_vit
+
+    torch.manual_seed(0)
+    backbone = build_tiny_sam_vit().eval()
+    first = runtimes.FastPaths(FAST[0], backbone, folder=tmp_path)
+    first.use_decoder()
+    assert first.models[part]["checked"] == "exported now"
+    path = tmp_path / first.models[part]["file"]
+    model = onnx.load(str(path))
+    weight = max((t for t in model.graph.initializer if "MatMul" in t.name),  # a transformer weight
+                 key=lambda t: numpy_helper.to_array(t).size)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))  # a weight scaled
+    onnx.save(model, str(path))
+    tampered = sha256_file(path)
+    path.with_suffix(".sha256").write_text(tampered)  # ... and its checksum rewritten to match
+    runtimes._PROBED.clear()  # a new process
+
+    second = runtimes.FastPaths(FAST[0], backbone, folder=tmp_path)
+    second.use_decoder()
+    assert second.models[part]["checked"] == "exported now"
+    assert second.models[part]["sha256"] == sha256_file(path) != tampered
+    assert any("does not compute what its weights compute" in r.getMessage() for r in caplog.records)
+    # what runs now is what PyTorch computes
+    image = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        embedding, early = backbone.encode(image)
+        expected, _ = backbone.decode(embedding, boxes=torch.tensor([[30.0, 40.0, 150.0, 170.0]]))
+    got_embedding, _ = second.encode(image)
+    assert runtimes.relative_distance(got_embedding, embedding) < runtimes.PROBE_TOLERANCE
+    logits, _ = second.decode(embedding, early, None, None, torch.tensor([[30.0, 40.0, 150.0, 170.0]]), None)
+    assert runtimes.relative_distance(logits, expected) < runtimes.PROBE_TOLERANCE
+    # an untouched cache is reused, not exported again
+    runtimes._PROBED.clear()
+    third = runtimes.FastPaths(FAST[0], backbone, folder=tmp_path)
+    third.use_decoder()
+    assert third.models[part]["checked"] == "cached; agrees with PyTorch on the probe"

@@ -163,9 +163,15 @@ def run_cases(args, kind: str, cases, targets: dict, collection: bool, segment_c
                 if not collection:
                     raise
                 result.error = _one_line(error)
-                log.error(f"case {case.name}: {result.error}")
+                log.error(f"case {shown(case.name)}: {result.error}")
             result.seconds = time.perf_counter() - started
             results.append(result)
+            written = [r for r in results if not r.error]
+            if written:  # what an interruption (Ctrl+C) leaves behind, said as it is
+                args.interrupted = (f"interrupted after {len(results)} of {len(cases)} cases; written: "
+                                    + ", ".join(shown(str(r.output)) for r in written[:5])
+                                    + (f" and {len(written) - 5} more" if len(written) > 5 else "")
+                                    + "; the case in progress was not written")
             if progress:
                 progress(done + 1, len(cases))
     results = shard.gather(results)
@@ -220,6 +226,11 @@ class Shard:
         merged = [r for part in everyone for r in part]
         order = {name: n for n, name in enumerate(sorted(r.name for r in merged))}
         return sorted(merged, key=lambda r: order[r.name])
+
+
+def shown(text: str) -> str:
+    """A name as one line of a table or message: control characters (a newline in a file name) escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _one_line(error: Exception) -> str:
@@ -318,6 +329,8 @@ def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, no
         "normalization": normalization.description,
         "prompts": prompts,
         "device": str(engine.device), "runtime": engine.runtime,
+        # the exported graphs that ran (ONNX Runtime / OpenVINO), each checked against the weights named above
+        "runtime_models": dict(getattr(getattr(engine, "_fast", None), "models", None) or {}) or None,
         "segments": result.segments,
         "preview": str(preview) if preview else None,
         "wall_time_s": round(seconds, 3),
@@ -328,9 +341,9 @@ def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, no
 def summary_table(results: list[CaseResult]) -> str:
     rows = [("case", "status", "segments", "ml", "s", "output")]
     for r in results:
-        rows.append((r.name, "failed" if r.error else "ok", str(len(r.segments)),
+        rows.append((shown(r.name), "failed" if r.error else "ok", str(len(r.segments)),
                      f"{sum(s['volume_ml'] for s in r.segments):.1f}" if not r.error else "-", f"{r.seconds:.1f}",
-                     str(r.output) if not r.error else r.error[:60]))
+                     shown(str(r.output)) if not r.error else shown(r.error[:60])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     failed = sum(1 for r in results if r.error)
@@ -345,6 +358,6 @@ def statistics_table(case_name: str, segments: list[dict]) -> str:
         std = "-" if s.get("std_intensity") is None else f"{s['std_intensity']:.1f}"
         rows.append((s["name"], str(s["voxels"]), f"{s['volume_ml']:.2f}", mean, std))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = [f"{case_name}:"] + ["  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+    lines = [f"{shown(case_name)}:"] + ["  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
                                                   enumerate(zip(row, widths))) for row in rows]
     return "\n".join(lines)

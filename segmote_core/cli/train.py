@@ -23,6 +23,8 @@ def add_cli(commands) -> argparse.ArgumentParser:
                     "torchrun for DDP. See docs/training.md.")
     parser.add_argument("--config", help="YAML file with TrainConfig keys (flags override it)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt exactly")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train into an --out that holds a previous run, replacing its adapter, state and logs")
     parser.add_argument("--stop-after", type=int, metavar="N", help="pause after step N (continue with --resume)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     group = parser.add_argument_group("config keys (YAML syntax for values, e.g. --classes '[right lung, left lung]')")
@@ -56,7 +58,8 @@ def run(args) -> int:
 
     try:
         config = load_config(args.config, config_overrides(args))
-        result = train(config, resume=args.resume, stop_after=args.stop_after, quiet=args.quiet)
+        result = train(config, resume=args.resume, stop_after=args.stop_after, quiet=args.quiet,
+                       overwrite=args.overwrite)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

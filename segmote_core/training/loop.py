@@ -22,7 +22,8 @@ from .objective import Objective, compute_losses
 from .optimizer import build_optimizer, lr_factor
 from .report import export, heldout_report
 from .state import (ADAPTER_FILE, BEST_FILE, LOG_FIELDS, LOG_FILE, REPORT_FILE, STATE_FILE, VAL_FILE, append_rows,
-                    restore, save_best, save_checkpoint, start_fresh, step_generators, truncate_logs)
+                    claim_run_folder, restore, save_best, save_checkpoint, start_fresh, step_generators,
+                    truncate_logs)
 from .validation import validate
 
 
@@ -50,8 +51,17 @@ def build_backbone(config: TrainConfig, device: torch.device):
     raise InputError(f"unknown backbone {config.backbone!r}; choose one of {', '.join(BACKBONES)}")
 
 
-def train(config: TrainConfig, resume: bool = False, stop_after: int | None = None, quiet: bool = False) -> TrainResult:
-    """Run (or resume) training as configured; returns the losses of the steps this call ran."""
+def train(config: TrainConfig, resume: bool = False, stop_after: int | None = None, quiet: bool = False,
+          overwrite: bool = False) -> TrainResult:
+    """Run (or resume) training as configured; returns the losses of the steps this call ran. A --out that holds a
+    previous run is refused unless resuming it or `overwrite`; one training at a time writes into a folder."""
+    from ..torchrun import torchrun_environment
+
+    with claim_run_folder(Path(config.out), resume, overwrite, holder=torchrun_environment()[0] == 0):
+        return _train(config, resume, stop_after, quiet)
+
+
+def _train(config: TrainConfig, resume: bool, stop_after: int | None, quiet: bool) -> TrainResult:
     from tqdm import tqdm
 
     from ..models.backbones import BACKBONES

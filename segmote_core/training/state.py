@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import yaml
 
-from ..errors import TrainingError
-from ..files import atomic_write, atomic_write_text
+from ..errors import InputError, TrainingError
+from ..files import _reason, atomic_write, atomic_write_text
 from ..models.segmote import SegMoTE
 from .config import TrainConfig
 from .data import TrainData
@@ -91,6 +93,52 @@ def save_best(out: Path, model: SegMoTE, data: TrainData, config: TrainConfig, s
 
     extra = {"train_config": config.to_dict(), "step": step, "val_dice": scores, "split": data.split}
     save_adapter(out / BEST_FILE, model, data.classes, data.normalization, extra, backbone_sha256=backbone_sha)
+
+
+RUN_FILES = (ADAPTER_FILE, BEST_FILE, STATE_FILE, LOG_FILE, VAL_FILE, REPORT_FILE)  # what a run leaves in --out
+LOCK_FILE = ".segmote-train.lock"
+
+
+@contextmanager
+def claim_run_folder(out: Path, resume: bool, overwrite: bool, holder: bool = True) -> Iterator[None]:
+    """Checked before anything is built: a folder that holds a previous run (its adapter, state or logs) is
+    trained into only to resume it or when the user asked to overwrite it, and one training at a time writes into
+    a folder (an exclusive flock on LOCK_FILE, held by the process that writes, `holder`; released when the run
+    ends, however it ends). Windows has no flock: there the previous-run check stands alone."""
+    if resume and overwrite:
+        raise InputError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    previous = [name for name in RUN_FILES if (out / name).exists()]
+    if previous and not (resume or overwrite):
+        raise InputError(f"{out} holds a previous training run ({', '.join(previous)}); continue it with --resume, "
+                         "choose another --out, or pass --overwrite to replace it")
+    if not holder:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise InputError(f"cannot train into {out}: {_reason(error, out / LOCK_FILE)}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"another training is writing into {out} right now; wait for it to end or choose "
+                             "another --out") from None
+        except OSError:  # a file system without locks (some network mounts): the previous-run check stands alone
+            pass
+        yield
+    finally:
+        if created and os.listdir(out) == [LOCK_FILE]:  # a run that wrote nothing leaves no folder behind
+            os.unlink(out / LOCK_FILE)
+            os.rmdir(out)
+        os.close(handle)  # closing releases the lock
 
 
 def start_fresh(out: Path, config: TrainConfig, split: dict) -> None:
