@@ -203,7 +203,7 @@ def test_cli_segments_a_dicom_series_into_dicom_seg(tmp_path, capsys, shared_eng
     j, i = np.nonzero(truth[k])
     box = [str(v) for v in (i.min(), j.min(), k, i.max(), j.max(), k)]
     out = tmp_path / "right.dcm"
-    code = cli.main(["segment", str(folder), "--out", str(out), "--box-ijk", *box, "--preset", "lung_parenchyma",
+    code = cli.main(["segment", str(folder), "--out", str(out), "--box-ijk", *box, "--slice-only", "--preset", "lung_parenchyma",
                      "--name", "right lung", "--device", "cpu", "--quiet"])
     err = capsys.readouterr().err
     assert code == 0, err
@@ -214,12 +214,12 @@ def test_cli_segments_a_dicom_series_into_dicom_seg(tmp_path, capsys, shared_eng
     assert codes_of(seg.SegmentSequence[0]) == ("123037004", "39607008", "24028007")
     # an existing DICOM SEG is not replaced without --overwrite, in one line, before any model runs
     before = hashlib.sha256(out.read_bytes()).hexdigest()
-    code = cli.main(["segment", str(folder), "--out", str(out), "--box-ijk", *box, "--name", "right lung",
+    code = cli.main(["segment", str(folder), "--out", str(out), "--box-ijk", *box, "--slice-only", "--name", "right lung",
                      "--device", "cpu", "--quiet"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "exists" in lines[0] and "--overwrite" in lines[0], lines
     assert hashlib.sha256(out.read_bytes()).hexdigest() == before
-    code = cli.main(["segment", str(folder), "--out", str(out), "--box-ijk", *box, "--name", "lung tumour blob",
+    code = cli.main(["segment", str(folder), "--out", str(out), "--box-ijk", *box, "--slice-only", "--name", "lung tumour blob",
                      "--device", "cpu", "--quiet", "--overwrite", "--output-format", "dicom-seg"])
     err = capsys.readouterr().err
     assert code == 0, err
