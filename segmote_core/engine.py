@@ -22,7 +22,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,10 @@ from .devices import default_cache_bytes, default_encoder_batch, resolve_device,
 from .errors import Cancelled, InputError, SegMoTEError
 from .normalize import Normalization, check_rule, choose_normalization, normalize
 from .segmentation_io import Segment
-from .volume import SliceStack, Volume, check_contrast, prompt_array
+from .volume import SliceStack, Volume, check_contrast
+
+if TYPE_CHECKING:  # the session module imports this one
+    from .session import Session
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]

@@ -31,7 +31,7 @@ from .errors import Cancelled, InputError
 from .volume import Volume, prompt_array
 
 if TYPE_CHECKING:  # the engine imports this module
-    from .engine import Engine, Prepared, SlicePrediction
+    from .engine import Engine, SlicePrediction
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
