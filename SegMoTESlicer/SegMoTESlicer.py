@@ -375,8 +375,12 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onTargetSegmentChanged()
 
     def onTargetSegmentChanged(self, *args):
-        self.controller.segmentId = None if self.ui.newSegmentButton.checked else (
-            self.ui.segmentSelector.currentSegmentID() or None)
+        target = None if self.ui.newSegmentButton.checked else (self.ui.segmentSelector.currentSegmentID() or None)
+        if target != self.controller.segmentId:
+            # New, or another segment chosen: a new object, so the previous object's prompts go (after a result
+            # the controller already holds the segment it wrote, and nothing is cleared)
+            self.controller.clearPrompts()
+        self.controller.segmentId = target
         editor = self.ui.segmentEditorWidget
         if self.controller.segmentId and editor.segmentationNode() is not None:
             editor.setCurrentSegmentID(self.controller.segmentId)  # paint corrects the segment SegMoTE writes

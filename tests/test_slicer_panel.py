@@ -195,7 +195,11 @@ def test_a_box_gives_a_segment_new_gives_another_ctrl_z_undoes_them_and_esc_keep
     session.press("Esc")  # nothing runs: the result's line (and a low-confidence colour) stays
     assert (widget.ui.statusLabel.text, widget.ui.statusLabel.styleSheet) == (status, style)
 
-    widget.ui.newSegmentButton.checked = True  # New: the next result becomes a second segment
+    widget.ui.newSegmentButton.checked = True  # New: the next result becomes a second segment, a new object
+    assert not widget.controller.boxComplete(), "New kept the previous object's box"
+    box = widget.controller.nodes["box"]
+    box.SetCenter(30.0, 34.0, 5.0)
+    box.SetSize(36.0, 26.0, 5.0)
     widget.ui.segmentButton.click()
     wait_until_idle(widget)
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 2
