@@ -720,7 +720,18 @@ def _buildWidget(element, parent, widgets):
     return widget
 
 
+_APPLICATION = []  # the one QApplication of the test process, kept alive for every later widget
+
+
+def qtApplication():
+    """Qt aborts the process when a widget is built before a QApplication exists: make sure one does."""
+    if not _APPLICATION:
+        _APPLICATION.append(QtWidgets.QApplication.instance() or QtWidgets.QApplication(["Slicer"]))
+    return _APPLICATION[0]
+
+
 def loadUI(path):
+    qtApplication()
     root = ElementTree.parse(path).getroot()
     widgets: dict[str, QtWidgets.QWidget] = {}
     top = _buildWidget(root.find("widget"), None, widgets)
@@ -943,7 +954,7 @@ class PanelSession:
 
     # -- set-up / tear-down
     def __enter__(self):
-        self.application = QtWidgets.QApplication.instance() or QtWidgets.QApplication(["Slicer"])
+        self.application = qtApplication()
         QtCore.QCoreApplication.setOrganizationName("SegMoTE harness")
         QtCore.QCoreApplication.setApplicationName("Slicer")
         QtCore.QSettings.setDefaultFormat(QtCore.QSettings.IniFormat)
