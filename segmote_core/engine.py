@@ -257,8 +257,7 @@ class Engine:
             normalization = choose_normalization(
                 volume.array, window, preset, modality=getattr(volume, "modality", None), backbone=self.model_name,
                 adapter_rule=None if base_rule else self.adapter_rule)
-            own_input = (not base_rule and self.boxes_go_to_base and window is None and preset is None
-                         and normalization.adapter_applies)
+            own_input = not base_rule and self.boxes_go_to_base and window is None and preset is None
         stack = SliceStack.for_axis(volume, axis)
         key = (stack.fingerprint(), normalization.key(), self.model_name,
                getattr(self.backbone, "weights_sha256", ""), self.precision)
@@ -279,7 +278,8 @@ class Engine:
                     self._box_inputs.popitem(last=False)
             prepared.box_normalization = found
         if prepared.box_normalization.key() == prepared.normalization.key():
-            return prepared
+            # the same input (the adapter's rule did not apply): the same embeddings, described as without it
+            return Prepared(prepared.volume, prepared.stack, prepared.box_normalization, prepared.key)
         key = (prepared.key[0], prepared.box_normalization.key(), *prepared.key[2:])
         return Prepared(prepared.volume, prepared.stack, prepared.box_normalization, key)
 
