@@ -453,10 +453,6 @@ class Session:
         return region if region.sum() <= limit else np.zeros_like(allowed)
 
     # ---- 3-D -------------------------------------------------------------------------------------------------
-    def _pinned(self, index: int) -> bool:
-        """Slices the user prompted keep their answer when a correction elsewhere is carried through them."""
-        return index in self._boxes or index in self._clicks
-
     def _settle(self, index: int, answer: "SlicePrediction", follow: bool) -> None:
         """Write a slice's new answer, then carry it up and down: a change to a slice the object had is carried to
         the neighbours while they change (``_carry``); from a slice the object had not reached (a box, a first
