@@ -56,7 +56,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="voxel axis to slice along (default: the one closest to superior-inferior)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a segment of the same name in OUT (other segments are always kept; a DICOM "
-                             "SEG is replaced whole)")
+                             "SEG is replaced whole), and a run record or preview segmote did not write for OUT")
     parser.add_argument("--output-format", choices=OUTPUT_FORMATS,
                         help="OUT's format (default: from its suffix; .dcm means dicom-seg, which needs a DICOM "
                              "series input)")
