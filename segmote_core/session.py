@@ -553,12 +553,8 @@ class Session:
         does not continue the previous slice in place and intensity). Inside a z range the user gave, the object
         is there: a break keeps what continues it (``continue_object``)."""
         prediction = self._decode_box(index, boxes.loose_box(previous))
-        area = prediction.mask.sum()
-        overlap = (prediction.mask & previous).sum() / max(area, 1)
         image = self.view.slice01(index)
-        mean = image[prediction.mask].mean() if area else 0.0
-        if (area < max(4, 0.05 * previous.sum()) or prediction.score < MIN_SCORE or overlap < MIN_OVERLAP
-                or abs(mean - previous_mean) > MAX_INTENSITY_JUMP):
+        if _breaks_off(prediction, previous, previous_mean, image):
             if self._z_range is None:
                 return None
             prediction.mask = continue_object(prediction.mask, previous, image, alike, None)
@@ -600,13 +596,10 @@ class Session:
                 box = np.concatenate([np.maximum(box[:2], box_xy[:2]), np.minimum(box[2:], box_xy[2:])])
                 prediction = self._decode_box(index, box)
                 prediction.mask = self._clip(prediction.mask, box_xy)
-                area, previous_area = prediction.mask.sum(), previous.sum()
-                overlap = (prediction.mask & previous).sum() / max(area, 1)
                 image = self.view.slice01(index)
-                mean = image[prediction.mask].mean() if area else 0.0
-                if (area < max(4, 0.05 * previous_area) or prediction.score < MIN_SCORE
-                        or overlap < MIN_OVERLAP or abs(mean - previous_mean) > MAX_INTENSITY_JUMP):
-                    if not (self.fill_box and area >= 4 and prediction.score >= MIN_SCORE):
+                mean = image[prediction.mask].mean() if prediction.mask.any() else 0.0
+                if _breaks_off(prediction, previous, previous_mean, image):
+                    if not (self.fill_box and prediction.mask.sum() >= 4 and prediction.score >= MIN_SCORE):
                         prediction.mask = continue_object(prediction.mask, previous, image, alike, box_xy)
                         if not prediction.mask.any():
                             break
@@ -630,6 +623,16 @@ def _box_mask(box_xy, shape) -> np.ndarray:
     inside = np.zeros(shape, dtype=bool)
     inside[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
     return inside
+
+
+def _breaks_off(prediction: "SlicePrediction", previous: np.ndarray, previous_mean: float, image: np.ndarray) -> bool:
+    """Whether a slice's answer does not continue the previous slice's object: the model finds (almost) nothing,
+    is unsure, or jumps to a region that does not continue it in place and intensity (anatomy is continuous)."""
+    area = prediction.mask.sum()
+    overlap = (prediction.mask & previous).sum() / max(area, 1)
+    mean = image[prediction.mask].mean() if area else 0.0
+    return bool(area < max(4, 0.05 * previous.sum()) or prediction.score < MIN_SCORE or overlap < MIN_OVERLAP
+                or abs(mean - previous_mean) > MAX_INTENSITY_JUMP)
 
 
 def _touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ from PyQt5 import QtCore, QtGui, QtTest, QtWidgets  # noqa: E402
 
 import slicer  # noqa: E402  (slicer-core: the real MRML classes)
 import slicer.util as slicerCoreUtil  # noqa: E402
+from slicer_views import moduleLogics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "SegMoTESlicer"
@@ -964,14 +965,7 @@ class PanelSession:
         self.scene = slicer.vtkMRMLScene()
         self.applicationLogic = slicer.vtkSlicerApplicationLogic()
         self.applicationLogic.SetMRMLScene(self.scene)
-        self.logics = {}
-        for name, cls in (("Markups", slicer.vtkSlicerMarkupsLogic), ("Data", slicer.vtkSlicerDataModuleLogic),
-                          ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
-            logic = cls()
-            logic.SetMRMLScene(self.scene)
-            logic.SetMRMLApplicationLogic(self.applicationLogic)
-            self.applicationLogic.SetModuleLogic(name, logic)
-            self.logics[name] = logic
+        self.logics = moduleLogics(self.scene, self.applicationLogic)
         self.markupsLogic = self.logics["Markups"]
         self.interactionNode = self.applicationLogic.GetInteractionNode()
         self.selectionNode = self.applicationLogic.GetSelectionNode()

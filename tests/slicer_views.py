@@ -140,6 +140,20 @@ class View:
         writer.Write()
 
 
+def moduleLogics(scene, applicationLogic) -> dict:
+    """Slicer's markups, data and segmentations module logics on `scene`, registered by name with the application
+    logic (displayable managers and the panel look them up there)."""
+    logics = {}
+    for name, cls in (("Markups", slicer.vtkSlicerMarkupsLogic), ("Data", slicer.vtkSlicerDataModuleLogic),
+                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
+        logic = cls()
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(applicationLogic)
+        applicationLogic.SetModuleLogic(name, logic)
+        logics[name] = logic
+    return logics
+
+
 class SliceViews:
     """A scene with Slicer's application, markups and segmentations logics, and Red/Yellow/Green views."""
 
@@ -154,14 +168,7 @@ class SliceViews:
         self.applicationLogic.GetColorLogic().AddDefaultColorNodes()
         self.applicationLogic.SetSliceLogics(vtk.vtkCollection())
         self.applicationLogic.SetViewLogics(vtk.vtkCollection())
-        self.logics = {}
-        for name, cls in (("Markups", slicer.vtkSlicerMarkupsLogic), ("Data", slicer.vtkSlicerDataModuleLogic),
-                          ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
-            logic = cls()
-            logic.SetMRMLScene(self.scene)
-            logic.SetMRMLApplicationLogic(self.applicationLogic)
-            self.applicationLogic.SetModuleLogic(name, logic)  # displayable managers look them up by name
-            self.logics[name] = logic
+        self.logics = moduleLogics(self.scene, self.applicationLogic)
         self.markupsLogic = self.logics["Markups"]
         self.selectionNode = self.applicationLogic.GetSelectionNode()
         self.interactionNode = self.applicationLogic.GetInteractionNode()
