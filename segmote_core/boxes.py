@@ -105,28 +105,37 @@ def looks_like(mask: np.ndarray, image: np.ndarray, positives: np.ndarray) -> bo
     return bool(((clicked >= low - INTENSITY_SLACK) & (clicked <= high + INTENSITY_SLACK)).all())
 
 
-def search_box(decode_box: Callable[[np.ndarray], Answer], image: np.ndarray, points, labels) -> Answer | None:
+def search_box(decode_box: Callable[[np.ndarray], Answer], image: np.ndarray, points, labels,
+               decode_boxes: Callable[[np.ndarray], Sequence[Answer]] | None = None) -> Answer | None:
     """The box decoder's surest answer that fits the clicks, over boxes of growing size around them; None if none
     fits. decode_box: box (x0, y0, x1, y1) on the slice grid -> an answer with ``mask`` and ``score``; image: the
-    slice as the decoder sees it (normalised, 0..1)."""
+    slice as the decoder sees it (normalised, 0..1); decode_boxes: (B, 4) boxes -> their B answers in one call
+    (``Engine.decode_boxes``), the same answers as decode_box one by one, faster; when given, every box of the
+    search goes to it."""
     positives, negatives = split_clicks(points, labels)
     if not len(positives):
         return None
+    if decode_boxes is None:
+        decode_boxes = lambda many: [decode_box(box) for box in many]  # noqa: E731
 
     def fits(mask):
         return fits_clicks(mask, positives, negatives) and looks_like(mask, image, positives)
 
-    height, width = image.shape
-    (x0, y0), (x1, y1) = positives.min(axis=0), positives.max(axis=0)
     best = None
-    for share in CLICK_BOX_SIDES:
-        half = share * max(height, width) / 2
-        box = np.array([max(x0 - half, 0), max(y0 - half, 0), min(x1 + half, width - 1), min(y1 + half, height - 1)])
-        answer = decode_box(box)
+    for answer in decode_boxes(candidate_boxes(positives, image.shape)):
         if fits(answer.mask) and (best is None or answer.score > best.score):
             best = answer
     for _ in range(CLICK_BOX_REFINES if best is not None else 0):
-        answer = decode_box(loose_box(best.mask))
+        answer = decode_boxes(loose_box(best.mask)[None])[0]
         if fits(answer.mask) and answer.score >= best.score - REFINE_TOLERANCE:
             best = answer
     return best
+
+
+def candidate_boxes(positives: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(len(CLICK_BOX_SIDES), 4) square boxes of growing size around the positive clicks, kept on the slice."""
+    height, width = shape
+    (x0, y0), (x1, y1) = positives.min(axis=0), positives.max(axis=0)
+    half = np.asarray(CLICK_BOX_SIDES)[:, None] * max(height, width) / 2
+    return np.hstack([np.maximum(x0 - half, 0), np.maximum(y0 - half, 0),
+                      np.minimum(x1 + half, width - 1), np.minimum(y1 + half, height - 1)])

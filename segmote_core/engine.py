@@ -46,6 +46,10 @@ AUTO_OBJECTNESS = 0.5  # PPT objectness from which a class counts as present on 
 # the lung slices of the chest CT; an untrained one about 0.5, so it answers clicks exactly like the base model).
 CLICK_OBJECTNESS = 0.9
 CLASS_ANSWERS_KEPT = 16  # slices whose automatic class answers are kept for further clicks
+# Answers to boxes alone kept per slice, for the last few slices (a 512² answer holds about 0.5 MB): a click's box
+# search asks up to 10 boxes, and a click on the same spot asks the same ones again.
+BOX_ANSWERS_PER_SLICE = 32
+BOX_ANSWER_SLICES = 2
 
 
 class _MovedToCpu(Exception):
@@ -161,6 +165,7 @@ class Engine:
         self.adapter_header: dict | None = None
         self._class_masks: OrderedDict = OrderedDict()  # (prepared key, slice) -> automatic answers per class
         self._box_inputs: OrderedDict = OrderedDict()  # (scan fingerprint, modality) -> the frozen decoder's input
+        self._box_answers: OrderedDict = OrderedDict()  # (prepared key, slice) -> {box bytes: answer to the box alone}
         self.notices: list[str] = []  # things the user should know (shown by the CLI and the Slicer panel)
         self.runtime, self._fast, self._fast_decoder = "torch", None, False
         if adapter is not None:
@@ -217,6 +222,7 @@ class Engine:
         self.segmote.to(self.device).eval()
         self.cache.clear()  # entries embedded without early features would be looked up under other keys anyway
         self._class_masks.clear()
+        self._box_answers.clear()  # which decoder answers a box alone may have changed
         self._use_fast_decoder()
 
     @property
@@ -233,6 +239,7 @@ class Engine:
         """Back to the plain backbone decoder (cached embeddings stay valid)."""
         self.segmote, self.adapter_header = None, None
         self._class_masks.clear()
+        self._box_answers.clear()  # which decoder answers a box alone may have changed
         self._use_fast_decoder()
 
     @property
@@ -504,7 +511,8 @@ class Engine:
                 return SlicePrediction(mask, answers[position].low_res_logits, score)
         for_boxes = self.boxes_view(prepared)
         found = boxes.search_box(lambda box: self._decode_slice(for_boxes, index, box=box),
-                                 for_boxes.slice01(index), points, labels)
+                                 for_boxes.slice01(index), points, labels,
+                                 decode_boxes=lambda many: self.decode_boxes(for_boxes, index, many))
         return found or self._decode_slice(prepared, index, points, labels, frozen=not in_domain)
 
     def _class_answers(self, prepared: Prepared, index: int) -> list[SlicePrediction | None]:
@@ -542,17 +550,55 @@ class Engine:
                 bx = to_model(corners, shape).view(1, 4)
             box_alone_to_base = (self.segmote is not None and pts is None and bx is not None
                                  and self.segmote.config.boxes_to_base)  # the adapter's rule, on every runtime
-            if box_alone_to_base or (frozen and self.segmote is not None):
+            to_frozen = self.segmote is None or frozen or box_alone_to_base
+            if self._fast_decoder:
+                logits, iou = self._fast.decode(embedding, early, pts, lbl, bx, mask_input, frozen=to_frozen)
+            elif to_frozen:
                 logits, iou = self.backbone.decode(embedding, pts, lbl, bx, mask_input, multimask=False)
-            elif self._fast_decoder:
-                logits, iou = self._fast.decode(embedding, early, pts, lbl, bx, mask_input)
-            elif self.segmote is not None:
+            else:
                 out = self.segmote.decode(embedding, early, pts, lbl, bx, mask_input)
                 logits, iou = out.logits, out.iou
-            else:
-                logits, iou = self.backbone.decode(embedding, pts, lbl, bx, mask_input, multimask=False)
             full = self.backbone.postprocess(logits, shape)
         return SlicePrediction((full[0, 0] > 0).cpu().numpy(), logits, float(iou[0, 0]))
+
+    def decode_boxes(self, prepared: Prepared, index: int, boxes_xy) -> list[SlicePrediction]:
+        """Boxes alone on one slice, (B, 4) x0 y0 x1 y1: each answered as ``_decode_slice(prepared, index, box=...)``
+        answers it (the same decoder, the same mask to float rounding), all in one decoder call. The answers to the
+        last few slices' boxes are kept, so that a box asked again (another click on the same spot, a click's
+        refinement landing on a box already tried) costs no decoder pass."""
+        boxes_xy = np.asarray(boxes_xy, float).reshape(-1, 4)
+        key = (prepared.key, index)
+        kept = self._box_answers.pop(key, {})
+        self._box_answers[key] = kept  # most recently used last
+        while len(self._box_answers) > BOX_ANSWER_SLICES:
+            self._box_answers.popitem(last=False)
+        missing = [row for row, box in enumerate(boxes_xy) if box.tobytes() not in kept]
+        if missing:
+            for box, answer in zip(boxes_xy[missing], self._decode_boxes(prepared, index, boxes_xy[missing])):
+                if len(kept) >= BOX_ANSWERS_PER_SLICE:
+                    kept.pop(next(iter(kept)))
+                kept[box.tobytes()] = answer
+        # copies of the masks: a caller that edits its answer must not edit the kept one
+        return [SlicePrediction(kept[box.tobytes()].mask.copy(), kept[box.tobytes()].low_res_logits,
+                                kept[box.tobytes()].score) for box in boxes_xy]
+
+    def _decode_boxes(self, prepared: Prepared, index: int, boxes_xy: np.ndarray) -> list[SlicePrediction]:
+        """One decoder call for boxes alone on one slice, routed as ``_decode_slice`` routes a box alone."""
+        embedding, early = self.embeddings(prepared, [index])[index]
+        shape = prepared.slice_shape
+        with torch.inference_mode():
+            corners = torch.as_tensor(boxes_xy, dtype=torch.float32, device=self.device).view(-1, 2, 2)
+            bx = self.backbone.slice_to_model_xy(corners, shape).view(-1, 4)
+            to_frozen = self.boxes_go_to_base
+            if self._fast_decoder:
+                logits, iou = self._fast.decode_boxes(embedding, early, bx, frozen=to_frozen)
+            elif to_frozen:  # one embedding for many boxes: the mask decoder repeats it per box
+                logits, iou = self.backbone.decode(embedding, boxes=bx, multimask=False)
+            else:
+                out = self.segmote.decode(embedding, early, boxes=bx)
+                logits, iou = out.logits, out.iou
+            masks = (self.backbone.postprocess(logits, shape)[:, 0] > 0).cpu().numpy()
+        return [SlicePrediction(masks[row], logits[row:row + 1], float(iou[row, 0])) for row in range(len(boxes_xy))]
 
     # ---- volumes -------------------------------------------------------------------------------------
     def open(self, volume: Volume, axis: int | None = None, window=None, preset: str | None = None,

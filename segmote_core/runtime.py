@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .boxes import CLICK_BOX_SIDES
 from .errors import SegMoTEError
 from .files import atomic_write, atomic_write_text, sha256_file
 
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
-EXPORTER_VERSION = 1  # bump when the exported graphs change
+EXPORTER_VERSION = 2  # bump when the exported graphs change (2: the decoder takes a batch of prompt sets)
 OPSET = 17
 _RUNTIME_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}
 PROBE_TOLERANCE = 1e-3  # relative L2 distance between the graph's and PyTorch's outputs on the probe
@@ -81,9 +82,10 @@ class EncoderGraph(nn.Module):
 class DecoderGraph(nn.Module):
     """SAM's prompt encoder + single-mask decoder, or SegMoTE's MoTE decoder, with every prompt as an input.
 
-    points (1, N, 2) in model-input pixels with labels (1, N) as float: 1 positive, 0 negative, -1 padding, 2 and 3
+    points (B, N, 2) in model-input pixels with labels (B, N) as float: 1 positive, 0 negative, -1 padding, 2 and 3
     a box's corners (SAM's ONNX convention; the prompt encoder's own sums, so the same tokens in the same order).
-    mask_input (1, 1, 256, 256) logits and has_mask (1,) 0 or 1. Returns low-res logits (1, 1, 256, 256), IoU (1, 1).
+    B prompt sets against one slice's embedding (1, ...): the candidate boxes of a click's box search in one call.
+    mask_input (1, 1, 256, 256) logits and has_mask (1,) 0 or 1. Returns low-res logits (B, 1, 256, 256), IoU (B, 1).
     """
 
     def __init__(self, backbone, segmote=None):
@@ -173,7 +175,7 @@ def relative_distance(got, expected) -> float:
 
 
 def checked_session(runtime: str, part: str, identity: dict, export: Callable[[Path], None], folder: Path | None,
-                    probe: Callable[["Session"], float], static: dict | None = None) -> tuple["Session", dict]:
+                    probe: Callable[["Session"], float], static: list[dict] | None = None) -> tuple["Session", dict]:
     """A Session on the cached (or new) export of `part`, judged against PyTorch: probe(session) is the relative
     distance between its outputs and PyTorch's on a fixed input. A cached file that disagrees is exported again
     (with a warning); a new export that disagrees is an error (the engine then uses PyTorch). Returns the session
@@ -213,11 +215,12 @@ def export_onnx(module: nn.Module, inputs: tuple, input_names, output_names, dyn
 class Session:
     """One exported graph loaded into ONNX Runtime or OpenVINO: dict of numpy inputs -> list of numpy outputs."""
 
-    def __init__(self, runtime: str, path: Path, threads: int | None = None, static: dict | None = None):
-        """static: OpenVINO also compiles the graph for these fixed input shapes ({name: shape}) and uses that when
-        a call's shapes match (a box prompt: 25 % faster than the dynamic-shape graph)."""
+    def __init__(self, runtime: str, path: Path, threads: int | None = None, static: list[dict] | None = None):
+        """static: OpenVINO also compiles the graph for each of these fixed input shapes ({name: shape}) and uses
+        one when a call's shapes match (a box prompt, a click's candidate boxes: 20-25 % faster than the
+        dynamic-shape graph)."""
         self.runtime = runtime
-        self._static = None
+        self._static = []
         threads = threads or torch.get_num_threads()
         self._lock = threading.Lock()  # an OpenVINO infer request serves one call at a time (prefetch thread)
         if runtime == "onnx":
@@ -241,26 +244,29 @@ class Session:
             self._request = compiled.create_infer_request()
             self._outputs = compiled.outputs
             self.inputs = {name for port in compiled.inputs for name in port.get_names()}
-            if static:
-                shapes = {name: shape for name, shape in static.items() if name in self.inputs}
+            for fixed_shapes in static or ():
+                shapes = {name: shape for name, shape in fixed_shapes.items() if name in self.inputs}
                 model.reshape(shapes)
                 fixed = core.compile_model(model, "CPU", config)
-                self._static = (shapes, fixed.create_infer_request(), fixed.outputs)
+                self._static.append((shapes, fixed.create_infer_request(), fixed.outputs))
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         feeds = {name: value for name, value in feeds.items() if name in self.inputs}  # the exporter drops unused ones
         if self.runtime == "onnx":
             return self._session.run(self._names, feeds)
         request, outputs = self._request, self._outputs
-        if self._static and all(tuple(feeds[name].shape) == tuple(shape) for name, shape in self._static[0].items()):
-            request, outputs = self._static[1], self._static[2]
+        for shapes, fixed_request, fixed_outputs in self._static:
+            if all(tuple(feeds[name].shape) == tuple(shape) for name, shape in shapes.items()):
+                request, outputs = fixed_request, fixed_outputs
+                break
         with self._lock:
             results = request.infer(feeds)
             return [np.array(results[output]) for output in outputs]
 
 
 class FastPaths:
-    """The engine's encoder and decoder on ONNX Runtime / OpenVINO (CPU, batch 1)."""
+    """The engine's encoder (one slice per call) and prompt decoders (one slice, one or more prompt sets per call) on
+    ONNX Runtime / OpenVINO."""
 
     def __init__(self, runtime: str, backbone, folder: Path | None = None):
         self.runtime, self.backbone, self.folder = runtime, backbone, folder
@@ -279,8 +285,9 @@ class FastPaths:
         self._encoder, self.models["encoder"] = checked_session(
             runtime, "encoder", {"model": backbone.name, "weights": self.backbone_sha256, "input": size},
             export_onnx(graph, (torch.zeros(1, 3, size, size),), ["image"], ["embedding", "early"]), folder, probe)
-        self._decoder = None
-        self._decoder_for = None
+        self._decoders: dict[str | None, Session] = {}  # adapter's SHA-256 (None: the frozen decoder) -> graph
+        self._records: dict[str | None, dict] = {}  # the same -> its file, for ``models``
+        self._adapter: str | None = None  # whose decoder answers prompts
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) -> (embedding, early) like Backbone.encode, one slice per call."""
@@ -292,41 +299,61 @@ class FastPaths:
         return torch.cat(embeddings), torch.cat(earlies)
 
     def use_decoder(self, segmote=None) -> None:
-        """Export (or load from the cache) the prompt decoder: the backbone's, or `segmote`'s MoTE decoder."""
-        backbone = self.backbone
+        """Export (or load from the cache) the prompt decoders: the backbone's frozen one always (boxes alone and a
+        click's box search go to it even with an adapter), and `segmote`'s MoTE decoder when given."""
+        self._load_decoder(None)
         adapter = tensors_sha256(segmote.mote, segmote.ppt) if segmote is not None else None
-        if self._decoder is not None and self._decoder_for == adapter:
+        if adapter is not None:
+            self._load_decoder(adapter, segmote)
+        self._adapter = adapter
+        self.models["decoder"] = self._records[adapter]
+        self.models.pop("frozen decoder", None)
+        if adapter is not None:
+            self.models["frozen decoder"] = self._records[None]
+
+    def _load_decoder(self, adapter: str | None, segmote=None) -> None:
+        if adapter in self._decoders:
             return
+        backbone = self.backbone
         height, width = backbone.embedding_size
+        # two prompt sets, so that the exported graph keeps the prompt-set axis dynamic
         example = (torch.zeros(1, PROMPT_DIM, height, width), torch.zeros(1, backbone.early_channels, height, width),
-                   torch.tensor([[[10.0, 10.0], [200.0, 200.0]]]), torch.tensor([[2.0, 3.0]]),
+                   torch.tensor([[[10.0, 10.0], [200.0, 200.0]], [[20.0, 30.0], [120.0, 140.0]]]),
+                   torch.tensor([[2.0, 3.0], [2.0, 3.0]]),
                    torch.zeros(1, 1, 4 * height, 4 * width), torch.zeros(1))
         graph = DecoderGraph(backbone, segmote).eval()
         generator = torch.Generator().manual_seed(0)
-        probe_inputs = (torch.randn(1, PROMPT_DIM, height, width, generator=generator),
-                        torch.randn(1, backbone.early_channels, height, width, generator=generator),
-                        torch.tensor([[[30.0, 40.0], [150.0, 170.0], [90.0, 100.0]]]), torch.tensor([[2.0, 3.0, 1.0]]),
-                        torch.zeros(1, 1, 4 * height, 4 * width), torch.zeros(1))
+        embedding = torch.randn(1, PROMPT_DIM, height, width, generator=generator)
+        early = torch.randn(1, backbone.early_channels, height, width, generator=generator)
+        no_mask = (torch.zeros(1, 1, 4 * height, 4 * width), torch.zeros(1))
+        # a box with a click, and three candidate boxes in one call: both shapes the engine feeds
+        probes = [(embedding, early, torch.tensor([[[30.0, 40.0], [150.0, 170.0], [90.0, 100.0]]]),
+                   torch.tensor([[2.0, 3.0, 1.0]]), *no_mask),
+                  (embedding, early, torch.tensor([[[30.0, 40.0], [150.0, 170.0]], [[60.0, 70.0], [110.0, 120.0]],
+                                                   [[5.0, 8.0], [250.0, 240.0]]]),
+                   torch.tensor([[2.0, 3.0]] * 3), *no_mask)]
         names = ["embedding", "early", "points", "labels", "mask_input", "has_mask"]
 
         def probe(session) -> float:
-            with torch.no_grad():
-                expected = graph(*probe_inputs)
-            got = session({name: value.numpy() for name, value in zip(names, probe_inputs)})
-            return max(relative_distance(g, e.cpu()) for g, e in zip(got, expected))
+            distances = []
+            for inputs in probes:
+                with torch.no_grad():
+                    expected = graph(*inputs)
+                got = session({name: value.numpy() for name, value in zip(names, inputs)})
+                distances += [relative_distance(g, e.cpu()) for g, e in zip(got, expected)]
+            return max(distances)
 
-        box_only = {"embedding": (1, PROMPT_DIM, height, width), "early": (1, backbone.early_channels, height, width),
-                    "points": (1, 2, 2), "labels": (1, 2), "mask_input": (1, 1, 4 * height, 4 * width),
-                    "has_mask": (1,)}
-        self._decoder, self.models["decoder"] = checked_session(
+        # boxes alone: one (a box prompt), or a click's candidate boxes
+        box_only = [{"embedding": (1, PROMPT_DIM, height, width), "early": (1, backbone.early_channels, height, width),
+                     "points": (sets, 2, 2), "labels": (sets, 2), "mask_input": (1, 1, 4 * height, 4 * width),
+                     "has_mask": (1,)} for sets in (1, len(CLICK_BOX_SIDES))]
+        prompt_sets = {"points": {0: "sets", 1: "n"}, "labels": {0: "sets", 1: "n"}, "logits": {0: "sets"},
+                       "iou": {0: "sets"}}
+        self._decoders[adapter], self._records[adapter] = checked_session(
             self.runtime, "decoder", {"model": backbone.name, "weights": self.backbone_sha256, "adapter": adapter},
-            export_onnx(graph, example, names, ["logits", "iou"], {"points": {1: "n"}, "labels": {1: "n"}}),
-            self.folder, probe, static=box_only)
-        self._decoder_for = adapter
+            export_onnx(graph, example, names, ["logits", "iou"], prompt_sets), self.folder, probe, static=box_only)
 
-    def decode(self, embedding, early, points, labels, box, mask_input):
-        """Prompts as Backbone.decode / SegMoTE.decode take them (batch 1) -> (low-res logits, IoU) tensors."""
-        coords, kinds = prompt_arrays(points, labels, box)
+    def _feeds(self, embedding, early, coords, kinds, mask_input) -> dict[str, np.ndarray]:
         height, width = self.backbone.embedding_size
         feeds = {"embedding": embedding.float().cpu().numpy(), "points": coords, "labels": kinds,
                  "mask_input": (mask_input.float().cpu().numpy() if mask_input is not None
@@ -334,7 +361,23 @@ class FastPaths:
                  "has_mask": np.array([1.0 if mask_input is not None else 0.0], np.float32)}
         if early is not None:
             feeds["early"] = early.float().cpu().numpy()
-        logits, iou = self._decoder(feeds)
+        return feeds
+
+    def decode(self, embedding, early, points, labels, box, mask_input, frozen: bool = False):
+        """Prompts as Backbone.decode / SegMoTE.decode take them (batch 1) -> (low-res logits, IoU) tensors;
+        frozen: the backbone's own decoder even with an adapter."""
+        coords, kinds = prompt_arrays(points, labels, box)
+        decoder = self._decoders[None if frozen else self._adapter]
+        logits, iou = decoder(self._feeds(embedding, early, coords, kinds, mask_input))
+        return torch.from_numpy(logits), torch.from_numpy(iou)
+
+    def decode_boxes(self, embedding, early, boxes: torch.Tensor, frozen: bool = False):
+        """(B, 4) boxes alone (model-input coordinates) on one slice's embedding, in one call -> (low-res logits
+        (B, 1, 256, 256), IoU (B, 1)), each row what ``decode`` gives for that box."""
+        coords = boxes.reshape(-1, 2, 2).float().cpu().numpy()
+        kinds = np.tile(np.array([[2.0, 3.0]], np.float32), (len(coords), 1))
+        decoder = self._decoders[None if frozen else self._adapter]
+        logits, iou = decoder(self._feeds(embedding, early, coords, kinds, None))
         return torch.from_numpy(logits), torch.from_numpy(iou)
 
 

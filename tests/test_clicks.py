@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import dice
-from segmote_core.boxes import class_under_clicks, loose_box, parts_under, search_box
+from segmote_core.boxes import candidate_boxes, class_under_clicks, loose_box, parts_under, search_box
 from segmote_core.demo import one_click_dice
 from segmote_core.metrics import pooled_dice
 
@@ -113,3 +113,48 @@ def test_clicks_outside_the_adapters_classes_are_answered_as_without_it(lung_ada
     assert len(base) == 2
     assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(with_adapter, base))
     assert pooled_dice(base) >= 0.5  # 0.63 / 0.60 measured on these slices
+
+
+def agree(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two masks; two empty masks agree fully (a tiny candidate box may hold nothing)."""
+    return 1.0 if not a.any() and not b.any() else dice(a, b)
+
+
+def test_a_clicks_candidate_boxes_in_one_call_answer_as_one_by_one(lite_engine, chest_ct, chest_truth):
+    """The box search's candidate boxes decoded in one batched call: each mask as the same box decoded alone (Dice
+    >= 0.99, the same predicted IoU to rounding), and the click's answer as the one-by-one search's."""
+    prepared = lite_engine.prepare(chest_ct)
+    k = 19
+    for name in ("right lung", "thoracic vertebral column"):
+        plane = prepared.stack.to_stack(chest_truth[name])[k]
+        click = innermost(plane)
+        candidates = candidate_boxes(click, prepared.slice_shape)
+        lite_engine._box_answers.clear()
+        batched = lite_engine.decode_boxes(prepared, k, candidates)
+        alone = [lite_engine._decode_slice(prepared, k, box=box) for box in candidates]
+        assert len(batched) == len(candidates) == 8
+        for many, one in zip(batched, alone):
+            assert agree(many.mask, one.mask) >= 0.99, name
+            assert abs(many.score - one.score) < 1e-3, name
+        one_by_one = search_box(lambda box: lite_engine._decode_slice(prepared, k, box=box), prepared.slice01(k),
+                                click, np.array([1]))
+        answer = lite_engine.predict_slice(prepared, k, points=click, point_labels=np.array([1]))
+        assert one_by_one is not None and dice(one_by_one.mask, plane) >= 0.5, name  # a real answer
+        assert dice(answer.mask, one_by_one.mask) >= 0.99, name
+
+
+def test_a_click_on_the_same_spot_again_costs_no_decoder_pass(lite_engine, chest_ct, chest_truth, monkeypatch):
+    prepared = lite_engine.prepare(chest_ct)
+    k = 19
+    click = innermost(prepared.stack.to_stack(chest_truth["left lung"])[k])
+    first = lite_engine.predict_slice(prepared, k, points=click, point_labels=np.array([1]))
+    expected = first.mask.copy()
+    first.mask[:] = False  # a caller editing its answer leaves the kept answers alone
+    decoded = []
+    original = lite_engine._decode_boxes
+    monkeypatch.setattr(lite_engine, "_decode_boxes", lambda *args: decoded.append(args) or original(*args))
+    again = lite_engine.predict_slice(lite_engine.prepare(chest_ct), k, points=click, point_labels=np.array([1]))
+    assert decoded == [] and expected.any() and np.array_equal(again.mask, expected)
+    elsewhere = click + np.array([[3.0, 2.0]])
+    lite_engine.predict_slice(prepared, k, points=elsewhere, point_labels=np.array([1]))
+    assert len(decoded) >= 1 and len(decoded[0][2]) == 8  # another spot: its candidates, in one call

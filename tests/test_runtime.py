@@ -117,6 +117,38 @@ def test_adapter_prompts_and_automatic_segmentation_agree_with_pytorch(adapter_e
         assert agreement(engine.segment(crop, box_ijk=box), expected_box) >= AGREEMENT, runtime
 
 
+def test_a_clicks_box_search_runs_in_one_exported_call_with_or_without_an_adapter(fast_engines, adapter_engines,
+                                                                                   lite_engine, chest_ct, chest_truth,
+                                                                                   monkeypatch):
+    """A click's candidate boxes go to the exported frozen decoder in one call, also with the lung adapter loaded
+    (a click on the spine, off its classes): never to PyTorch, and each mask as PyTorch's for the box alone."""
+    from segmote_core.boxes import candidate_boxes
+    from segmote_core.evalset import innermost_point
+
+    k = 19
+    reference_view = lite_engine.prepare(chest_ct)
+    row, col = innermost_point(reference_view.stack.to_stack(chest_truth["thoracic vertebral column"])[k])
+    click = np.array([[col, row]], float)
+    candidates = candidate_boxes(click, reference_view.slice_shape)
+    expected = [lite_engine._decode_slice(reference_view, k, box=box).mask for box in candidates]
+    expected_click = lite_engine.predict_slice(reference_view, k, points=click, point_labels=np.array([1])).mask
+
+    def pytorch_decoder(*args, **kwargs):
+        raise AssertionError("the frozen decoder ran in PyTorch")
+
+    for engine in [*fast_engines.values(), *(adapter_engines[name] for name in FAST)]:
+        monkeypatch.setattr(engine.backbone, "decode", pytorch_decoder)
+        prepared = engine.prepare(chest_ct)
+        batched = engine.decode_boxes(engine.boxes_view(prepared), k, candidates)
+        for got, want in zip(batched, expected, strict=True):
+            assert agreement(got.mask, want) >= 0.99, (engine.runtime, engine.segmote is not None)
+        answer = engine.predict_slice(prepared, k, points=click, point_labels=np.array([1]))
+        assert agreement(answer.mask, expected_click) >= 0.99, (engine.runtime, engine.segmote is not None)
+        if engine.segmote is not None:
+            assert engine._fast.models["frozen decoder"]["file"] != engine._fast.models["decoder"]["file"]
+        monkeypatch.undo()
+
+
 # ---- the export cache -----------------------------------------------------------------------------------
 def test_damaged_export_is_detected_rebuilt_and_never_loaded(fast_engines, export_cache):
     encoder = next((export_cache / "exported").glob("encoder-*.onnx"))
