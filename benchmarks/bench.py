@@ -17,6 +17,8 @@ What is measured (every scenario once for the project's ``Engine`` and once for 
   box around the object under it, about ten decoder passes; the peers with one pass of their decoder on the point,
   as their plugins pass a click: for LiteMedSAM, trained on boxes only, that mask is empty). ``agreement_dice`` is
   not comparable here; the row is about cost.
+- ``prompt_click_adapter``: the same clicks with an adapter loaded (``--adapter``, else a fresh one), p50, and
+  ``vs_box``: against a box with that adapter (issue #22: a click at most 1.5 times a box, with and without one).
 - ``prompt_uncached``: a box on a slice nobody has embedded yet (the peer's ``MedSAMLite.forward`` /
   ``set_image`` + ``predict``; the project: ``Engine.predict_slice`` on a cold cache).
 - ``box3d``: a 3-D box over every slice of the volume from a cold cache (the peer: its per-slice call with the
@@ -88,6 +90,7 @@ TARGET13_CT_BOX_FIRST_S = 1.5
 TARGET13_CT_BOX_S = 10.0
 TARGET13_HELP_S = 1.0
 TARGET13_PEAK_RAM_MB = 2300.0
+TARGET22_CLICK_VS_BOX = 1.5  # issue #22: a click's p50 at most this many times a box's, with and without an adapter
 # Targets of issue #6 that a CPU run can check (GPU targets are listed in docs/benchmarks.md).
 # issue #6's targets. CPU (2 cores):
 TARGET_PROMPT_P50_MS = 100.0
@@ -668,11 +671,14 @@ def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, c
                                                                        point_labels=np.array([1]))))
                 peer_s.append(_timed(dev, lambda: peer.click(centre[0], shape)))
             proj_stats, peer_stats = _percentiles(proj_s), _percentiles(peer_s)
+            box_p50 = next(r for r in results if r["name"] == "prompt_cached_p50")["project"]
             results.append(_row("prompt_click_p50", "ms", proj_stats["p50_ms"], peer_stats["p50_ms"],
                                 f"one positive click -> full-resolution mask, embedding cached, {len(centres)} "
                                 f"clicks (project: box search around the click; peer: one decoder pass on it)",
-                                project_stats=proj_stats, peer_stats=peer_stats))
-            log(f"  click (cached) p50: {proj_stats['p50_ms']} vs {peer_stats['p50_ms']} ms")
+                                project_stats=proj_stats, peer_stats=peer_stats,
+                                vs_box=round(proj_stats["p50_ms"] / box_p50, 2)))
+            log(f"  click (cached) p50: {proj_stats['p50_ms']} vs {peer_stats['p50_ms']} ms "
+                f"({results[-1]['vs_box']}x the project's box)")
             # a slice nobody has embedded: the full path (embedding + decoder)
             cold = (index + 1) % num
 
@@ -685,6 +691,30 @@ def _run(model, size, device, checkpoint, random_weights, batch_size, adapter, c
                                 round(other["seconds"] * 1000, 1),
                                 "box on a slice not embedded yet (embedding + decoder)",
                                 project_memory=proj["memory"], peer_memory=other["memory"]))
+
+            # the same clicks with an adapter loaded, on a slice outside its classes' answers (a fresh adapter's
+            # class masks fit no click): the box search, routed as an adapter routes it; its class answers for the
+            # slice are computed once, before timing, as after a user's first click there
+            engine.load_adapter(adapter or _fresh_adapter(engine, workdir))  # also clears the cache
+            engine.embeddings(prepared, [index])
+            engine.predict_slice(prepared, index, points=centres[0], point_labels=np.array([1]))
+            engine.predict_slice(prepared, index, box=boxes[0])
+            box_s, proj_s, peer_s = [], [], []
+            for box, centre in zip(boxes, centres):  # interleaved, click by click
+                box_s.append(_timed(dev, lambda: engine.predict_slice(prepared, index, box=box)))
+                proj_s.append(_timed(dev, lambda: engine.predict_slice(prepared, index, points=centre,
+                                                                       point_labels=np.array([1]))))
+                peer_s.append(_timed(dev, lambda: peer.click(centre[0], shape)))
+            engine.unload_adapter()
+            engine.cache.clear()
+            box_stats, proj_stats, peer_stats = _percentiles(box_s), _percentiles(proj_s), _percentiles(peer_s)
+            results.append(_row("prompt_click_adapter_p50", "ms", proj_stats["p50_ms"], peer_stats["p50_ms"],
+                                f"the same {len(centres)} clicks with an adapter loaded (box search; peer: one "
+                                f"decoder pass, it has no adapter); vs_box: against the box p50 with the adapter",
+                                project_stats=proj_stats, peer_stats=peer_stats, box_stats=box_stats,
+                                vs_box=round(proj_stats["p50_ms"] / box_stats["p50_ms"], 2)))
+            log(f"  click with an adapter p50: {proj_stats['p50_ms']} vs {peer_stats['p50_ms']} ms "
+                f"({results[-1]['vs_box']}x a box with it, {box_stats['p50_ms']} ms)")
 
         if "box3d" in chosen:
             box = organ_box_ijk(volume.array.shape)
@@ -941,6 +971,9 @@ def evaluate_targets(results: list[dict], size: str, device: torch.device, model
             add("cpu: peak RAM, automatic on 512x512x300", f"<= {TARGET_PEAK_RAM_MB:g} MiB", None, None,
                 "measured with --size full only")
         _issue13_targets(by_name, size, add, judge)
+        for row, what in (("prompt_click_p50", "no adapter"), ("prompt_click_adapter_p50", "an adapter")):
+            add(f"cpu: click p50 vs box p50, {what} (#22)", f"<= {TARGET22_CLICK_VS_BOX:g}",
+                *judge(by_name.get(row), "vs_box", TARGET22_CLICK_VS_BOX))
         return targets
     on = device.type
     add(f"{on}: prompt -> mask p50, cached embedding", f"<= {GPU_TARGET_PROMPT_P50_MS:g} ms",

@@ -19,7 +19,7 @@ sys.modules["bench"] = bench  # dataclasses resolve their module by name
 _spec.loader.exec_module(bench)
 
 SCENARIO_ROWS = {"embed_batch1", "embed_batched", "prompt_cached_p50", "prompt_cached_p95", "prompt_click_p50",
-                 "prompt_uncached",
+                 "prompt_uncached", "prompt_click_adapter_p50",
                  "box3d_first_mask", "box3d", "auto", "startup_help", "startup_weights"}  # ct_box3d, peer_process:
 # LiteMedSAM only
 
