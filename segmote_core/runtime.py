@@ -5,6 +5,10 @@ PyTorch stays the reference and the training path. On a CPU, ``auto`` picks Open
 PyTorch: the order measured fastest, each agreeing with PyTorch fp32 on masks (docs/benchmarks.md,
 tests/test_runtime.py). GPUs always run PyTorch.
 
+The decoder takes a batch of prompt sets against one slice's embedding, so that a click's candidate boxes
+(``segmote_core.boxes.search_box``) are one call. With an adapter, the backbone's frozen decoder stays exported
+and loaded beside the adapter's: boxes alone, and the box search behind a click, go to it without PyTorch.
+
 Exported files live in ``<SegMoTE cache>/exported``, one per (part, weights, adapter, exporter version, torch
 version), named by a key over all of these, so changed weights or a new adapter get a new export. Each ``.onnx`` has
 a ``.sha256`` beside it: a file whose checksum does not match (cut short, overwritten, stale) is never loaded, but
