@@ -158,3 +158,26 @@ def test_a_click_on_the_same_spot_again_costs_no_decoder_pass(lite_engine, chest
     elsewhere = click + np.array([[3.0, 2.0]])
     lite_engine.predict_slice(prepared, k, points=elsewhere, point_labels=np.array([1]))
     assert len(decoded) >= 1 and len(decoded[0][2]) == 8  # another spot: its candidates, in one call
+
+
+def test_an_adapter_that_answers_boxes_itself_gets_the_candidates_in_one_call(lite_engine, chest_ct, tmp_path):
+    """An adapter without boxes_to_base answers boxes alone with its own decoder: the batched candidates go there
+    too, and answer as the same boxes one by one."""
+    from segmote_core.adapters import save_adapter
+    from segmote_core.engine import Engine
+    from segmote_core.models.segmote import SegMoTE, SegMoTEConfig
+
+    backbone = lite_engine.backbone
+    path = tmp_path / "answers_boxes.safetensors"
+    save_adapter(path, SegMoTE(backbone, SegMoTEConfig(num_classes=1, boxes_to_base=False)), ["organ"],
+                 {"kind": "window", "level": 40.0, "width": 400.0}, backbone_sha256=backbone.weights_sha256)
+    engine = Engine(backbone=backbone, device="cpu", adapter=path, runtime="torch")
+    assert not engine.boxes_go_to_base
+    prepared = engine.prepare(chest_ct)
+    k = 19
+    candidates = candidate_boxes(np.array([[300.0, 250.0]]), prepared.slice_shape)[::2]  # four sizes will do
+    batched = engine.decode_boxes(prepared, k, candidates)
+    alone = [engine._decode_slice(prepared, k, box=box) for box in candidates]
+    assert any(answer.mask.any() for answer in alone)
+    for many, one in zip(batched, alone, strict=True):
+        assert agree(many.mask, one.mask) >= 0.99 and abs(many.score - one.score) < 1e-3
