@@ -46,6 +46,7 @@ CONTINUE_SLACK = 0.05  # normalised intensity beyond the object's 5th-95th perce
 CHANGE_SHARE = 0.5  # most of a slice's mask one click may add or remove (the rest: an answer to something else)
 LEVEL_GAP = 0.05  # least normalised intensity difference between two tissues for intensity to tell them apart
 RING_WIDTH = 3  # pixels around a box's answer whose intensity is its surroundings' level
+DESCRIBED_SHARE = 0.8  # share of a removed region nearer its own level than the object's for intensity to carry it
 UNDO_DEPTH = 50  # interactions kept for undo
 
 
@@ -425,7 +426,7 @@ class Session:
     def _removed_at(self, index, current, x, y, positives) -> np.ndarray:
         """What a negative click at (x, y) removes from a slice's mask: a separate island it sits on; else another
         tissue under it (``_other_tissue``); else, on the object's last slice, the part it sits on (``_ends_here``);
-        else the part the model's answer to the mask's box cut short of the click leaves out."""
+        else the part under the click that the model's answer to the mask's box cut short of the click leaves out."""
         row, col = int(round(y)), int(round(x))
         parts, count = ndimage.label(current)
         keep_clicks = boxes._pixels(positives, current.shape) if len(positives) else None
@@ -454,10 +455,9 @@ class Session:
             if best is None or kept.sum() > best.sum():
                 best = kept
         if best is not None and best.any():
-            return current & ~best
-        near = np.zeros_like(current)
-        near[max(row - 2, 0):row + 3, max(col - 2, 0):col + 3] = True
-        return current & near  # nothing better: the clicked spot itself
+            # only the cut-off part under the click: the answer to a smaller box also trims the mask's far edges
+            return _region_at(current & ~best, row, col)
+        return peeled_spot(current, row, col)  # nothing better
 
     def _ends_here(self, index, positives) -> bool:
         """Whether an exclude click on the object's own tissue on its last slice on one side (no box or include
@@ -472,12 +472,16 @@ class Session:
     @staticmethod
     def _other_tissue(image, current, row, col) -> np.ndarray:
         """The part of the mask an exclude click at (row, col) marks as another tissue: where the clicked spot's
-        intensity (its 3x3 median) is not the object's: the pixels of the mask nearer the clicked intensity than the
-        object's median, connected to the click, if the clicked intensity lies outside that of the rest of the
-        mask (``_sets_apart``) and they are not most of the mask; else nothing."""
-        clicked = float(np.median(image[max(row - 1, 0):row + 2, max(col - 1, 0):col + 2]))
-        region = _region_at(current & _nearer(image, clicked, float(np.median(image[current]))), row, col)
-        if region.sum() > CHANGE_SHARE * current.sum() or not _sets_apart(clicked, image[current & ~region]):
+        intensity (its 3x3 median) differs from the object's median by LEVEL_GAP or more, the pixels of the mask
+        nearer the clicked intensity, connected to the click; nothing where that is smaller than the clicked spot
+        (a few pixels brighter than the rest are the object's own texture, bone's cortex beside its marrow) or
+        most of the mask."""
+        spot = image[max(row - 1, 0):row + 2, max(col - 1, 0):col + 2]
+        clicked, kept = float(np.median(spot)), float(np.median(image[current]))
+        if abs(clicked - kept) < LEVEL_GAP:
+            return np.zeros_like(current)
+        region = _region_at(current & _nearer(image, clicked, kept), row, col)
+        if not spot.size <= region.sum() <= CHANGE_SHARE * current.sum():
             return np.zeros_like(current)
         return region
 
@@ -525,7 +529,8 @@ class Session:
         if removed.any() and new.any():
             image = self._image(index)
             lost_levels = float(np.median(image[removed])), float(np.median(image[new]))
-            if not _sets_apart(lost_levels[0], image[new]):
+            described = _nearer(image, *lost_levels)[removed].mean() >= DESCRIBED_SHARE
+            if abs(lost_levels[0] - lost_levels[1]) < LEVEL_GAP or not described:
                 lost_levels = None  # intensity does not tell what was removed from what stays
         whole = old.any() and not new.any()  # the object was removed from this slice: it ended before it
         if whole and not self._anchored(index, step):
@@ -719,13 +724,6 @@ def complete_in_box(mask: np.ndarray, box_xy: np.ndarray, image: np.ndarray, rea
     return _touching(mask | (reach & _nearer(image, *levels)), mask)
 
 
-def _sets_apart(level: float, object_values: np.ndarray) -> bool:
-    """Whether an intensity lies outside an object's own (its 5th-95th percentiles) and LEVEL_GAP from its median:
-    another tissue, not a brighter or darker part of the object (bone's cortex beside its marrow)."""
-    low, median, high = np.percentile(object_values, [5, 50, 95])
-    return bool(abs(level - median) >= LEVEL_GAP and not low <= level <= high)
-
-
 def _nearer(image: np.ndarray, level: float, other: float) -> np.ndarray:
     """Pixels whose intensity lies nearer `level` than `other`."""
     return np.abs(image - level) < np.abs(image - other)
@@ -739,6 +737,15 @@ def _breaks_off(prediction: "SlicePrediction", previous: np.ndarray, previous_me
     mean = image[prediction.mask].mean() if area else 0.0
     return bool(area < max(4, 0.05 * previous.sum()) or prediction.score < MIN_SCORE or overlap < MIN_OVERLAP
                 or abs(mean - previous_mean) > MAX_INTENSITY_JUMP)
+
+
+def peeled_spot(mask: np.ndarray, row: int, col: int) -> np.ndarray:
+    """The mask's pixels within two of (row, col), peeled from the mask's edge down to that pixel's depth: a click
+    on the mask's rim takes the rim, not the object inside it; a click deep inside takes the spot."""
+    near = np.zeros_like(mask)
+    near[max(row - 2, 0):row + 3, max(col - 2, 0):col + 3] = True
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    return mask & near & (depth <= depth[row, col])
 
 
 def _touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from segmote_core.session import Session, complete_in_box, object_levels
+from segmote_core.session import Session, complete_in_box, object_levels, peeled_spot
 from segmote_core.volume import Volume
 
 
@@ -50,6 +50,15 @@ def test_an_exclude_click_marks_another_tissue_only_where_its_intensity_differs(
     taken = Session._other_tissue(image, mask, 15, 24)  # a click on the dark part inside the mask
     assert taken.any() and not (taken & (image > 0.5)).any()
     assert not Session._other_tissue(image, mask, 14, 14).any(), "a click on the object's own intensity"
+
+
+def test_an_exclude_click_on_the_rim_peels_the_rim():
+    mask = np.zeros((30, 30), bool)
+    mask[5:25, 5:25] = True
+    rim = peeled_spot(mask, 5, 15)  # on the top edge
+    assert rim.any() and rim[5].sum() == rim.sum(), "only the edge row"
+    deep = peeled_spot(mask, 15, 15)
+    assert deep.sum() == 25, "deep inside: the whole 5x5 spot"
 
 
 def test_an_exclude_click_on_the_last_slice_ends_the_object_before_it(lite_engine):
