@@ -44,6 +44,9 @@ LOW_CONFIDENCE = 0.75  # predicted IoU under which a result is flagged for the u
 CONTINUE_GROWTH = 2  # pixels an object may grow by from one slice to the next where the model's answer breaks off
 CONTINUE_SLACK = 0.05  # normalised intensity beyond the object's 5th-95th percentiles still taken as the object
 CHANGE_SHARE = 0.5  # most of a slice's mask one click may add or remove (the rest: an answer to something else)
+LEVEL_GAP = 0.05  # least normalised intensity difference between two tissues for intensity to tell them apart
+RING_WIDTH = 3  # pixels around a box's answer whose intensity is its surroundings' level
+DESCRIBED_SHARE = 0.8  # share of a removed region nearer its own level than the object's for intensity to carry it
 UNDO_DEPTH = 50  # interactions kept for undo
 
 
@@ -327,10 +330,22 @@ class Session:
         return max(low, 0), min(high, self.num_slices - 1)
 
     # ---- answering one slice -----------------------------------------------------------------------------------
-    def _decode_box(self, index: int, box: np.ndarray) -> "SlicePrediction":
+    def _decode_box(self, index: int, box: np.ndarray, reach: np.ndarray | None = None,
+                    prior=None) -> "SlicePrediction":
         """The model's answer to a box alone: the frozen decoder (or the adapter's, if it answers boxes) with the
-        input that decoder was trained for."""
-        return self.engine._decode_slice(self.engine.boxes_view(self.view), index, box=box)
+        input that decoder was trained for. With `reach` (where the object may be), the answer is completed there
+        (``complete_in_box``; `prior`: the object's levels so far): LiteMedSAM often outlines only the largest
+        part of an object from a box."""
+        prediction = self.engine._decode_slice(self.engine.boxes_view(self.view), index, box=box)
+        if reach is not None and prediction.mask.any():
+            prediction.mask = complete_in_box(prediction.mask, box, self._image(index), reach, prior)
+        return prediction
+
+    def _decode_next(self, index: int, box: np.ndarray, after: int) -> "SlicePrediction":
+        """The answer on slice `index` to a box that follows the object from its neighbour `after`."""
+        previous = self._stack_mask[after]
+        prior = object_levels(previous, boxes.loose_box(previous), self._image(after))
+        return self._decode_box(index, box, reach=_near(previous), prior=prior)
 
     def _image(self, index: int) -> np.ndarray:
         """A slice as the box decoder sees it (normalised, 0..1)."""
@@ -347,7 +362,7 @@ class Session:
         labels = np.array([label for _, label in clicks], int)
         positives, negatives = boxes.split_clicks(points, labels)
         if box is not None and not len(points):
-            return self._decode_box(index, box)
+            return self._decode_box(index, box, reach=_box_mask(box, current.shape))
         if box is None and not current.any():
             if not len(positives):
                 return SlicePrediction(np.zeros_like(current), None, 0.0)
@@ -366,7 +381,7 @@ class Session:
                         return answer
             return self.engine._answer_clicks(self.view, index, points, labels)
         if not current.any():  # a box with clicks on a new object
-            current = self._decode_box(index, box).mask
+            current = self._decode_box(index, box, reach=_box_mask(box, current.shape)).mask
         score = self._scores.get(index, 0.5)
         mask = current.copy()
         held = mask[boxes._pixels(positives, mask.shape)] if len(positives) else np.zeros(0, bool)
@@ -386,8 +401,11 @@ class Session:
         like = np.percentile(image[current], [5, 95]) if current.any() else None
         row, col = int(round(y)), int(round(x))
         if like is not None and like[0] - CONTINUE_SLACK <= image[row, col] <= like[1] + CONTINUE_SLACK:
-            region = _region_at(~current & (image >= like[0] - CONTINUE_SLACK) & (image <= like[1] + CONTINUE_SLACK),
-                                row, col)
+            alike = ~current & _within(image, like)
+            levels = object_levels(current, boxes.mask_box(current, margin=RING_WIDTH), image)
+            if levels is not None:  # and nearer the object's level than what borders it
+                alike &= _nearer(image, *levels)
+            region = _region_at(alike, row, col)
             if region.sum() <= limit:
                 return region
         click = np.array([[x, y]])
@@ -406,9 +424,9 @@ class Session:
         return spot & ~current
 
     def _removed_at(self, index, current, x, y, positives) -> np.ndarray:
-        """What a negative click at (x, y) removes from a slice's mask: a separate island it sits on; else the
-        region of the clicked intensity connected to it, if that is not the whole mask; else the part the
-        model's answer to the mask's box cut short of the click leaves out."""
+        """What a negative click at (x, y) removes from a slice's mask: a separate island it sits on; else another
+        tissue under it (``_other_tissue``); else, on the object's last slice, the part it sits on (``_ends_here``);
+        else the part under the click that the model's answer to the mask's box cut short of the click leaves out."""
         row, col = int(round(y)), int(round(x))
         parts, count = ndimage.label(current)
         keep_clicks = boxes._pixels(positives, current.shape) if len(positives) else None
@@ -418,9 +436,11 @@ class Session:
             if parts[row, col] != largest and (keep_clicks is None or not island[keep_clicks].any()):
                 return island
         image = self._image(index)
-        region = self._alike_region(image, current, x, y, current, limit=CHANGE_SHARE * current.sum())
+        region = self._other_tissue(image, current, row, col)
         if region.any() and (keep_clicks is None or not region[keep_clicks].any()):
             return region
+        if self._ends_here(index, positives):
+            return _region_at(current, row, col)
         best = None
         x0, y0, x1, y1 = boxes.mask_box(current)
         for cut in ((x0, y0, x - 2, y1), (x + 2, y0, x1, y1), (x0, y0, x1, y - 2), (x0, y + 2, x1, y1)):
@@ -435,10 +455,35 @@ class Session:
             if best is None or kept.sum() > best.sum():
                 best = kept
         if best is not None and best.any():
-            return current & ~best
-        near = np.zeros_like(current)
-        near[max(row - 2, 0):row + 3, max(col - 2, 0):col + 3] = True
-        return current & near  # nothing better: the clicked spot itself
+            # only the cut-off part under the click: the answer to a smaller box also trims the mask's far edges
+            return _region_at(current & ~best, row, col)
+        return peeled_spot(current, row, col)  # nothing better
+
+    def _ends_here(self, index, positives) -> bool:
+        """Whether an exclude click on the object's own tissue on its last slice on one side (no box or include
+        click of the user's on it) says the object ends before that slice: followed objects overshoot their end
+        by a slice or two where the next structure continues them (a vertebral column into the next). A leak of
+        another tissue is taken out before this is asked (``_other_tissue``)."""
+        if index in self._boxes or len(positives):
+            return False
+        ends = [not (0 <= t < self.num_slices and self._stack_mask[t].any()) for t in (index - 1, index + 1)]
+        return any(ends) and not all(ends)
+
+    @staticmethod
+    def _other_tissue(image, current, row, col) -> np.ndarray:
+        """The part of the mask an exclude click at (row, col) marks as another tissue: where the clicked spot's
+        intensity (its 3x3 median) differs from the object's median by LEVEL_GAP or more, the pixels of the mask
+        nearer the clicked intensity, connected to the click; nothing where that is smaller than the clicked spot
+        (a few pixels brighter than the rest are the object's own texture, bone's cortex beside its marrow) or
+        most of the mask."""
+        spot = image[max(row - 1, 0):row + 2, max(col - 1, 0):col + 2]
+        clicked, kept = float(np.median(spot)), float(np.median(image[current]))
+        if abs(clicked - kept) < LEVEL_GAP:
+            return np.zeros_like(current)
+        region = _region_at(current & _nearer(image, clicked, kept), row, col)
+        if not spot.size <= region.sum() <= CHANGE_SHARE * current.sum():
+            return np.zeros_like(current)
+        return region
 
     def _alike_region(self, image, allowed, x, y, reference, limit) -> np.ndarray:
         """The pixels of `allowed` connected to (x, y) whose intensity is within the object's spread (the standard
@@ -480,8 +525,16 @@ class Session:
         the object had not reached the next one yet (the model then follows on from there), else None."""
         added, removed = new & ~old, old & ~new
         gained_like = self._intensities(index, added)
-        lost_like = self._intensities(index, removed)
+        lost_levels = None  # (the removed tissue's intensity, the kept object's)
+        if removed.any() and new.any():
+            image = self._image(index)
+            lost_levels = float(np.median(image[removed])), float(np.median(image[new]))
+            described = _nearer(image, *lost_levels)[removed].mean() >= DESCRIBED_SHARE
+            if abs(lost_levels[0] - lost_levels[1]) < LEVEL_GAP or not described:
+                lost_levels = None  # intensity does not tell what was removed from what stays
         whole = old.any() and not new.any()  # the object was removed from this slice: it ended before it
+        if whole and not self._anchored(index, step):
+            return None  # the user's own prompts lie that way: the object is there
         t, previous = index + step, index
         while self._in_range(t) and (added.any() or removed.any()):
             self._check_cancel()
@@ -493,11 +546,13 @@ class Session:
                 lost = before & _touching(before, ndimage.binary_dilation(removed, iterations=CONTINUE_GROWTH))
                 gained = np.zeros_like(before)
             else:
-                gained = _grow(added, ~before, image, gained_like, shrink=False)
+                gained = _grow(added, ~before, _within(image, gained_like), shrink=False)
                 gained &= ndimage.binary_dilation(before, iterations=CONTINUE_GROWTH)  # what the object misses
                 if gained.sum() > CHANGE_SHARE * before.sum():
                     gained = np.zeros_like(gained)
-                lost = _grow(removed, before, image, lost_like, shrink=True)
+                lost = np.zeros_like(before)
+                if lost_levels is not None:
+                    lost = _grow(removed, before, _nearer(image, *lost_levels), shrink=True)
                 if lost.sum() > CHANGE_SHARE * before.sum():  # most of the object: not the same error any more
                     lost = np.zeros_like(lost)
             after = (before | gained) & ~lost
@@ -514,6 +569,12 @@ class Session:
             added, removed = gained, lost
             previous, t = t, t + step
         return None
+
+    def _anchored(self, index: int, step: int) -> bool:
+        """Whether all of the user's boxes and include clicks lie behind slice `index` when going in direction
+        `step` (so that the object ending at `index` is what they say)."""
+        prompted = list(self._boxes) + [i for i, clicks in self._clicks.items() if any(label for _, label in clicks)]
+        return all((i - index) * step < 0 for i in prompted)
 
     def _intensities(self, index: int, region: np.ndarray):
         """5th-95th percentiles of a region's normalised intensities (None for an empty region)."""
@@ -536,7 +597,7 @@ class Session:
             self._check_cancel()
             if self._stack_mask[t].any():
                 break
-            following = self._next_slice(t, previous, previous_mean, alike)
+            following = self._next_slice(t, t - step, previous, previous_mean, alike)
             if following is None:
                 break
             self._write(t, following.mask, following.score)
@@ -546,13 +607,13 @@ class Session:
             if self.progress:
                 self.progress(abs(t - start), self.num_slices)
 
-    def _next_slice(self, index: int, previous: np.ndarray, previous_mean: float,
+    def _next_slice(self, index: int, after: int, previous: np.ndarray, previous_mean: float,
                     alike) -> "SlicePrediction | None":
         """The object on a slice from the previous slice's mask: the model's answer to the loose box around it,
         or None where the object has ended (the model finds almost nothing, is unsure, or jumps to a region that
         does not continue the previous slice in place and intensity). Inside a z range the user gave, the object
         is there: a break keeps what continues it (``continue_object``)."""
-        prediction = self._decode_box(index, boxes.loose_box(previous))
+        prediction = self._decode_next(index, boxes.loose_box(previous), after)
         image = self.view.slice01(index)
         if _breaks_off(prediction, previous, previous_mean, image):
             if self._z_range is None:
@@ -575,7 +636,7 @@ class Session:
         centre = (first + last) // 2
         self._used_boxes = True
         self._boxes[centre] = box_xy
-        answer = self._decode_box(centre, box_xy)
+        answer = self._decode_box(centre, box_xy, reach=_box_mask(box_xy, self._stack_mask[centre].shape))
         self._write(centre, self._clip(answer.mask, box_xy), answer.score)
         if not answer.mask.any():
             return
@@ -594,7 +655,7 @@ class Session:
                 self._check_cancel()
                 box = boxes.loose_box(previous)
                 box = np.concatenate([np.maximum(box[:2], box_xy[:2]), np.minimum(box[2:], box_xy[2:])])
-                prediction = self._decode_box(index, box)
+                prediction = self._decode_next(index, box, index - step)
                 prediction.mask = self._clip(prediction.mask, box_xy)
                 image = self.view.slice01(index)
                 mean = image[prediction.mask].mean() if prediction.mask.any() else 0.0
@@ -625,6 +686,49 @@ def _box_mask(box_xy, shape) -> np.ndarray:
     return inside
 
 
+def _near(previous: np.ndarray) -> np.ndarray:
+    """Where a followed object may lie on the next slice: within CONTINUE_GROWTH pixels of the previous slice's
+    mask, inside that mask's box (anatomy is continuous; the box keeps a completion from running along a neighbour)."""
+    near = ndimage.binary_dilation(previous, iterations=CONTINUE_GROWTH)
+    return near & _box_mask(boxes.mask_box(previous), near.shape)
+
+
+def object_levels(mask: np.ndarray, box_xy: np.ndarray, image: np.ndarray) -> tuple[float, float] | None:
+    """(the object's intensity, its surroundings' intensity): the medians of a slice's answer and of the ring of
+    RING_WIDTH pixels around it inside its box (what borders the object, not the far side of the box: the lung
+    beside a vertebra is not what the vertebra must be told from); None where they lie closer than LEVEL_GAP."""
+    inside = _box_mask(box_xy, mask.shape)
+    rest = inside & ~mask & ndimage.binary_dilation(mask, iterations=RING_WIDTH)
+    if mask.sum() < 4 or rest.sum() < 4:
+        return None
+    levels = float(np.median(image[mask])), float(np.median(image[rest]))
+    return levels if abs(levels[0] - levels[1]) >= LEVEL_GAP else None
+
+
+def complete_in_box(mask: np.ndarray, box_xy: np.ndarray, image: np.ndarray, reach: np.ndarray,
+                    prior: tuple[float, float] | None = None) -> np.ndarray:
+    """A box's answer completed: the pixels of `reach` nearer the object's intensity than its surroundings'
+    (``object_levels``) and connected to the answer are added. From a box LiteMedSAM often outlines only an
+    object's largest part (a vertebra's body without its arch); the box says where the object is, the answer says
+    what it looks like. Where the answer is not set apart from what borders it, it has taken some of its
+    surroundings: with `prior` (the object's levels on the slice it is followed from), it keeps what is nearer the
+    object's level, completed the same way."""
+    levels = object_levels(mask, box_xy, image)
+    if levels is None:
+        if prior is None:
+            return mask
+        trimmed = mask & _nearer(image, *prior)
+        if trimmed.sum() < 4:
+            return mask
+        mask, levels = trimmed, prior
+    return _touching(mask | (reach & _nearer(image, *levels)), mask)
+
+
+def _nearer(image: np.ndarray, level: float, other: float) -> np.ndarray:
+    """Pixels whose intensity lies nearer `level` than `other`."""
+    return np.abs(image - level) < np.abs(image - other)
+
+
 def _breaks_off(prediction: "SlicePrediction", previous: np.ndarray, previous_mean: float, image: np.ndarray) -> bool:
     """Whether a slice's answer does not continue the previous slice's object: the model finds (almost) nothing,
     is unsure, or jumps to a region that does not continue it in place and intensity (anatomy is continuous)."""
@@ -633,6 +737,15 @@ def _breaks_off(prediction: "SlicePrediction", previous: np.ndarray, previous_me
     mean = image[prediction.mask].mean() if area else 0.0
     return bool(area < max(4, 0.05 * previous.sum()) or prediction.score < MIN_SCORE or overlap < MIN_OVERLAP
                 or abs(mean - previous_mean) > MAX_INTENSITY_JUMP)
+
+
+def peeled_spot(mask: np.ndarray, row: int, col: int) -> np.ndarray:
+    """The mask's pixels within two of (row, col), peeled from the mask's edge down to that pixel's depth: a click
+    on the mask's rim takes the rim, not the object inside it; a click deep inside takes the spot."""
+    near = np.zeros_like(mask)
+    near[max(row - 2, 0):row + 3, max(col - 2, 0):col + 3] = True
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    return mask & near & (depth <= depth[row, col])
 
 
 def _touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -650,16 +763,22 @@ def _region_at(mask: np.ndarray, row: int, col: int) -> np.ndarray:
     return parts == parts[row, col]
 
 
-def _grow(change: np.ndarray, allowed: np.ndarray, image: np.ndarray, like, shrink: bool) -> np.ndarray:
-    """A change carried to the next slice: the pixels of `allowed` next to it (CONTINUE_GROWTH pixels) with its
-    intensities (``like``: its 5th-95th percentiles, plus slack), in parts that overlap it. Where that is more
-    than half as large again as the change (its intensity does not set it apart), only the pixels of `allowed` under
-    it, one pixel in from its edge, so that it ends a few slices on."""
-    if not change.any() or like is None:
+def _within(image: np.ndarray, like) -> np.ndarray | None:
+    """Pixels within `like` (5th-95th percentiles of a region's intensity), plus slack; None without `like`."""
+    if like is None:
+        return None
+    return (image >= like[0] - CONTINUE_SLACK) & (image <= like[1] + CONTINUE_SLACK)
+
+
+def _grow(change: np.ndarray, allowed: np.ndarray, alike: np.ndarray | None, shrink: bool) -> np.ndarray:
+    """A change carried to the next slice: the pixels of `allowed` next to it (CONTINUE_GROWTH pixels) that look
+    like it (``alike``), in parts that overlap it. Where that is more than half as large again as the change (its
+    intensity does not set it apart), only the pixels of `allowed` under it, one pixel in from its edge, so that it
+    ends a few slices on."""
+    if not change.any() or alike is None:
         return np.zeros_like(change)
     near = ndimage.binary_dilation(change, iterations=CONTINUE_GROWTH)
-    alike = allowed & near & (image >= like[0] - CONTINUE_SLACK) & (image <= like[1] + CONTINUE_SLACK)
-    carried = _touching(alike, change)
+    carried = _touching(allowed & near & alike, change)
     if carried.sum() > 1.5 * change.sum() + 8:
         # its intensity does not set it apart: only what lies under it, one pixel in, so that it ends a few slices
         # on (a removal); an addition stops here
