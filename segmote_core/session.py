@@ -409,7 +409,9 @@ class Session:
             if region.sum() <= limit:
                 return region
         click = np.array([[x, y]])
-        under = boxes.search_box(lambda b: self._decode_box(index, b), image, click, np.ones(1, int))
+        view = self.engine.boxes_view(self.view)
+        under = boxes.search_box(lambda b: self._decode_box(index, b), image, click, np.ones(1, int),
+                                 decode_boxes=lambda many: self.engine.decode_boxes(view, index, many))
         if under is not None:
             added = boxes.parts_under(under.mask | current, click) & ~current
             if negatives.size and added[boxes._pixels(negatives, added.shape)].any():
