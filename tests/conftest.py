@@ -29,11 +29,6 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
-
-
 @pytest.fixture(scope="module")
 def single_torch_thread():
     """For modules of tiny-model tests: on a 2-core machine two busy-waiting torch threads run small ops far
@@ -80,5 +75,7 @@ def lung_adapter_engine():
 
 def bounding_box_ijk(mask: np.ndarray) -> list[int]:
     """(i0, j0, k0, i1, j1, k1) of a (K, J, I) mask: the box a user would drag around the object."""
-    k, j, i = np.nonzero(mask)
-    return [int(i.min()), int(j.min()), int(k.min()), int(i.max()), int(j.max()), int(k.max())]
+    from segmote_core.toolbox import mask_extent
+
+    k, j, i = mask_extent(mask)
+    return [i.start, j.start, k.start, i.stop - 1, j.stop - 1, k.stop - 1]

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import CHEST_CT, bounding_box_ijk, dice
+from conftest import CHEST_CT, bounding_box_ijk
+from segmote_core.metrics import dice
 from segmote_core import cli
 from segmote_core.session import LOW_CONFIDENCE, Update
 from segmote_core.models.backbones import input_convention

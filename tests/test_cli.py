@@ -12,7 +12,8 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from conftest import CHEST_CT, CHEST_SEG, bounding_box_ijk, dice
+from conftest import CHEST_CT, CHEST_SEG, bounding_box_ijk
+from segmote_core.metrics import dice
 from segmote_core import cli
 from segmote_core.segmentation_io import read_segments
 

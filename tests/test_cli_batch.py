@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import CHEST_CT, bounding_box_ijk, dice
+from conftest import CHEST_CT, bounding_box_ijk
+from segmote_core.metrics import dice
 from segmote_core import cli, engine as engine_module
 from segmote_core.cases import find_input_cases
 from segmote_core.cli import common

@@ -16,7 +16,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.valuerep import DS
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from conftest import CHEST_CT, CHEST_SEG, dice
+from conftest import CHEST_CT, CHEST_SEG
+from segmote_core.metrics import dice
 from segmote_core import cli
 from segmote_core.dicom_seg import write_dicom_seg
 from segmote_core.errors import InputError

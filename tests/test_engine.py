@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LUNG_WINDOW, bounding_box_ijk, dice
+from conftest import LUNG_WINDOW, bounding_box_ijk
+from segmote_core.metrics import dice
 from segmote_core.errors import CheckpointError, DeviceError, InputError
 from segmote_core.volume import SliceStack, Volume
 

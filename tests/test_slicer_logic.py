@@ -17,7 +17,8 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from conftest import LUNG_WINDOW, bounding_box_ijk, dice  # noqa: E402
+from conftest import LUNG_WINDOW, bounding_box_ijk  # noqa: E402
+from segmote_core.metrics import dice  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "SegMoTESlicer"
 sys.path.insert(0, str(MODULE_DIR))

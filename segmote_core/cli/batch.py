@@ -162,7 +162,7 @@ def run_cases(args, kind: str, cases, targets: dict, collection: bool, segment_c
             except Exception as error:  # noqa: BLE001 - a folder run reports the case and goes on
                 if not collection:
                     raise
-                result.error = _one_line(error)
+                result.error = _error_line(error)
                 log.error(f"case {shown(case.name)}: {result.error}")
             result.seconds = time.perf_counter() - started
             results.append(result)
@@ -233,11 +233,12 @@ def shown(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def _one_line(error: Exception) -> str:
+def _error_line(error: Exception) -> str:
+    """A case's failure for the summary: a user's error as it is, anything else named as an internal error."""
     from ..errors import SegMoTEError
+    from ..toolbox import one_line
 
-    text = " ".join(str(error).split())[:300]
-    return text if isinstance(error, SegMoTEError) else f"internal error ({type(error).__name__}: {text})"
+    return one_line(error) if isinstance(error, SegMoTEError) else f"internal error ({one_line(error, named=True)})"
 
 
 def write_case(args, kind, engine, volume, case, target, result: CaseResult, segments, details, prompts,
