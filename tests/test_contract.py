@@ -3,6 +3,7 @@ error exit 3 with a hint; writes leave no stray files (docs/reliability.md, "Con
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -66,9 +67,15 @@ def test_the_documented_border_box_through_the_cli(tmp_path, capsys, tiny_ct):
     sitk.WriteImage(tiny_ct.to_sitk(), str(image))
     out = tmp_path / "o.seg.nrrd"
     code, stdout, err = run(["segment", str(image), "--box-ijk", "4", "6", "-0.5", "26", "27", "-0.5", "--out",
-                             str(out), "--device", "cpu", "--quiet"], capsys)
+                             str(out), "--device", "cpu"], capsys)
     assert code == 0, err
     assert read_segments(out)[1][0].mask[0].sum() > 50
+    # what the command printed is what it recorded
+    record = json.loads(out.with_name("o.json").read_text(encoding="utf-8"))
+    (row,) = record["segments"]
+    assert stdout.splitlines() == [f"normalisation: {record['normalization']}",
+                                   f"segment: {row['voxels']} voxels, {row['volume_ml']:.1f} ml, {row['confidence']} "
+                                   f"-> {out}"]
 
 
 @pytest.mark.parametrize("box,message", [
