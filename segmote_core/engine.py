@@ -188,8 +188,8 @@ class Engine:
         try:
             self._fast = runtimes.FastPaths(chosen, self.backbone)
         except Exception as error:  # noqa: BLE001 - any export/runtime failure: PyTorch still works
-            self.notices.append(f"could not export the image encoder for {chosen} ({one_line(error, 200, named=True)}): "
-                                "using PyTorch")
+            self.notices.append(f"could not export the image encoder for {chosen} "
+                                f"({one_line(error, 200, named=True)}): using PyTorch")
             return
         self.encode, self.runtime = self._fast.encode, chosen
         self._use_fast_decoder()
@@ -203,8 +203,16 @@ class Engine:
             self._fast.use_decoder(self.segmote)
             self._fast_decoder = True
         except Exception as error:  # noqa: BLE001
-            self.notices.append(f"could not export the prompt decoder for {self.runtime} ({one_line(error, 200, named=True)}): "
-                                "using PyTorch for prompts")
+            self.notices.append(f"could not export the prompt decoder for {self.runtime} "
+                                f"({one_line(error, 200, named=True)}): using PyTorch for prompts")
+
+    @property
+    def runtime_models(self) -> dict[str, dict]:
+        """The exported graphs that run now (part -> the file, its SHA-256, how it was checked), each checked
+        against the weights; empty on PyTorch. A prompt decoder that could not be exported is not among them."""
+        if self._fast is None:
+            return {}
+        return {part: found for part, found in self._fast.models.items() if part != "decoder" or self._fast_decoder}
 
     # ---- adapters ----------------------------------------------------------------------------------
     def load_adapter(self, path) -> None:

@@ -6,6 +6,7 @@ The engine is session-scoped so that slice embeddings (≈1.3 s each on 2 cores)
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,11 @@ os.environ.setdefault("SEGMOTE_RUNTIME", "torch")
 # Property-based tests draw the same examples on every run, so a result (red or green) reproduces on any machine;
 # HYPOTHESIS_PROFILE=explore draws new ones each run, to look for more failing cases.
 from hypothesis import settings  # noqa: E402
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
+
+# Hypothesis keeps its files (examples, constants) in a temporary folder, not in the checkout's .hypothesis/.
+_HYPOTHESIS_HOME = tempfile.TemporaryDirectory(prefix="segmote-tests-hypothesis-")
+set_hypothesis_home_dir(_HYPOTHESIS_HOME.name)
 
 settings.register_profile("reproducible", derandomize=True)
 settings.register_profile("explore", derandomize=False)
@@ -71,6 +77,41 @@ def lung_adapter_engine():
     from segmote_core.shipped import shipped_adapter
 
     return Engine("lite_medsam", device="cpu", adapter=shipped_adapter("chest_ct_lungs"))
+
+
+def _shared_with_cli(engine, adapter):
+    """Register `engine` as the CLI's in-process engine for LiteMedSAM on the CPU with `adapter` (as the command line
+    names it), under the CLI's own key (``engine_key``), for the default runtime and --runtime torch (the tests'
+    default, SEGMOTE_RUNTIME): a command then embeds nothing the session's engine has already embedded."""
+    from segmote_core.cli import common
+
+    keys = [common.engine_key("lite_medsam", None, "cpu", adapter, runtime=runtime) for runtime in (None, "torch")]
+    for key in keys:
+        common._engines[key] = engine
+    # Left registered after the test: the engine lives for the whole run anyway, and a later command that forgot
+    # to ask for it finds it rather than loading the model again.
+    yield engine
+
+
+@pytest.fixture
+def cli_engine(lite_engine):
+    """`segmote ... --device cpu` in this process runs on the session's `lite_engine`."""
+    yield from _shared_with_cli(lite_engine, None)
+
+
+@pytest.fixture
+def cli_lung_engine(lung_adapter_engine):
+    """`segmote ... --adapter chest_ct_lungs --device cpu` in this process runs on `lung_adapter_engine`."""
+    yield from _shared_with_cli(lung_adapter_engine, "chest_ct_lungs")
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `segmote ARGS` run in this process."""
+    from segmote_core import cli
+
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def bounding_box_ijk(mask: np.ndarray) -> list[int]:

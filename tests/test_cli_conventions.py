@@ -102,8 +102,7 @@ def test_python_dash_m_segmote_core_is_the_cli(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == f"segmote {__version__}"
 
 
-def test_verbose_shows_what_each_case_runs_on(tmp_path, capsys, lite_engine):
-    cli._engines[cli.engine_key("lite_medsam", None, "cpu", None)] = lite_engine
+def test_verbose_shows_what_each_case_runs_on(tmp_path, capsys, cli_engine):
     prompt = ["--box-ijk", "20", "30", "17", "60", "90", "17", "--device", "cpu"]
     assert cli.main(["-v", "segment", str(CHEST_CT), "--out", str(tmp_path / "v.seg.nrrd"), *prompt]) == 0
     verbose = capsys.readouterr().err

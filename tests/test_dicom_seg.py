@@ -187,15 +187,8 @@ def test_dicom_seg_passes_dciodvfy(tmp_path, chest_dicom):
     assert dciodvfy_errors(tmp_path / "broken.dcm")
 
 
-@pytest.fixture
-def shared_engine(lite_engine):
-    """The CLI's in-process engine is the session's, so embeddings are computed once per test run."""
-    cli._engines[cli.engine_key("lite_medsam", None, "cpu", None)] = lite_engine
-    yield
-
-
 @pytest.mark.slow
-def test_cli_segments_a_dicom_series_into_dicom_seg(tmp_path, capsys, shared_engine, chest_dicom, chest_truth):
+def test_cli_segments_a_dicom_series_into_dicom_seg(tmp_path, capsys, cli_engine, chest_dicom, chest_truth):
     """A real prompt on one axial slice of the series (LiteMedSAM), written as DICOM SEG; an unknown name in a
     .seg.nrrd gets the generic code and a warning."""
     folder, sources = chest_dicom

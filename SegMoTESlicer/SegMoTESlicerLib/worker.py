@@ -74,7 +74,6 @@ class EngineWorker:
         self._queue: queue.SimpleQueue | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.threadIds: set[int] = set()  # threads that ran jobs (tests check it stays one)
 
     def submit(self, fn: Callable[..., Any], *args, **kwargs) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -88,7 +87,6 @@ class EngineWorker:
         return future
 
     def _loop(self, work: "queue.SimpleQueue") -> None:
-        self.threadIds.add(threading.get_ident())
         while True:
             item = work.get()
             if item is None:

@@ -335,7 +335,7 @@ def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, no
         "prompts": prompts,
         "device": str(engine.device), "runtime": engine.runtime,
         # the exported graphs that ran (ONNX Runtime / OpenVINO), each checked against the weights named above
-        "runtime_models": dict(getattr(getattr(engine, "_fast", None), "models", None) or {}) or None,
+        "runtime_models": engine.runtime_models or None,
         "segments": result.segments,
         "preview": str(preview) if preview else None,
         "wall_time_s": round(seconds, 3),
