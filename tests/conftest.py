@@ -1,6 +1,11 @@
 """Shared fixtures: the real chest CT that slicerio ships, its ground truth, and one LiteMedSAM engine.
 
 The engine is session-scoped so that slice embeddings (≈1.3 s each on 2 cores) are computed once per test run.
+
+Two tiers. `make test-fast` runs the tests not marked ``slow``: pure logic, files the tests write, tiny random
+models. `make test` runs every test. A test that loads LiteMedSAM or reads a real scan (the chest CT and its
+ground truth, the MNI152 and pydicom CT cases) is ``slow``: asking for one of REAL_FIXTURES marks it so, any other
+way needs @pytest.mark.slow, and a test that loads the real weights without the mark fails and says so.
 """
 
 from __future__ import annotations
@@ -33,6 +38,34 @@ set_hypothesis_home_dir(_HYPOTHESIS_HOME.name)
 settings.register_profile("reproducible", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
+
+
+REAL_FIXTURES = {"lite_engine", "lung_adapter_engine", "cli_engine", "cli_lung_engine", "chest_ct", "chest_truth"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _real_weights_only_in_slow_tests(request, monkeypatch):
+    """A test not marked slow that loads a backbone's real weights fails, naming the mark it lacks (so that
+    `make test-fast` stays fast as tests are added)."""
+    if request.node.get_closest_marker("slow") is None:
+        from segmote_core import checkpoints
+
+        found_weights = checkpoints.default_checkpoint
+
+        def refuse(name):
+            if found_weights(name) is not None:
+                pytest.fail(f"{request.node.nodeid} loads the real {name} weights: mark it @pytest.mark.slow",
+                            pytrace=False)
+            return None
+
+        monkeypatch.setattr(checkpoints, "default_checkpoint", refuse)
+    yield
 
 
 @pytest.fixture(scope="module")

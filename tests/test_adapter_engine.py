@@ -18,6 +18,8 @@ from segmote_core.models.segmote import SegMoTE, SegMoTEConfig
 from segmote_core.normalize import window
 from segmote_core.volume import Volume
 
+pytestmark = pytest.mark.slow  # LiteMedSAM or real scans throughout: `make test` only (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def small_ct_file(tmp_path_factory, chest_ct):

@@ -249,6 +249,7 @@ def test_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(
 SHIPPED = shipped_adapter("chest_ct_lungs")
 
 
+@pytest.mark.slow
 def test_shipped_lung_adapter_leaves_a_box_on_the_spine_as_good_as_the_base_model(chest_ct, chest_truth,
                                                                                     lite_engine):
     """The lung adapter once turned a box on the thoracic spine from Dice 0.55 into 0.003; now a box alone with the

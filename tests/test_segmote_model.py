@@ -63,6 +63,7 @@ def lite_medsam_features():
 
 
 # ---- step-0 identity -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_step0_identity_lite_medsam_real_weights_box_and_points(lite_medsam_features):
     model, embedding, early = lite_medsam_features
     assert embedding.shape == (1, 256, 64, 64) and early.shape == (1, 160, 64, 64)

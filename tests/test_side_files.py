@@ -17,6 +17,8 @@ from conftest import CHEST_CT
 from segmote_core import cli
 from segmote_core.segmentation_io import read_segments
 
+pytestmark = pytest.mark.slow  # LiteMedSAM or real scans throughout: `make test` only (tests/conftest.py)
+
 BOX = ["--box-ijk", "20", "30", "1", "60", "90", "1"]
 
 
