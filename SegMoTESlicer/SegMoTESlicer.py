@@ -34,6 +34,7 @@ from SegMoTESlicerLib.logic import SegMoTESlicerLogic
 from SegMoTESlicerLib.prompts import PromptController
 from SegMoTESlicerLib.worker import POLL_INTERVAL_MS, POLL_WAIT_S
 from segmote_core.errors import Cancelled, SegMoTEError
+from segmote_core.toolbox import one_line
 
 try:
     from slicer.i18n import tr as _
@@ -555,8 +556,7 @@ class SegMoTESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         except Exception as error:  # whatever an installer raises stays in the panel, as one line
             logging.exception("SegMoTE: installing the Python packages failed")
-            self.showError(f"installing SegMoTE's Python packages failed: {type(error).__name__}: {error}"
-                           .splitlines()[0][:300])
+            self.showError(f"installing SegMoTE's Python packages failed: {one_line(error, 250, named=True)}")
             return False
         finally:
             self._installCancelled = False

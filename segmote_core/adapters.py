@@ -30,6 +30,7 @@ from .errors import CheckpointError, InputError
 from .files import atomic_write
 from .segmentation_io import check_header_text
 from .shipped import missing_adapter_error, resolve_adapter
+from .toolbox import one_line
 from .models.backbones import Backbone
 from .models.segmote import SegMoTE, SegMoTEConfig
 
@@ -56,10 +57,6 @@ class AdapterClass:
 
 
 ClassSpec = AdapterClass | str | tuple
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _normalise_classes(classes: Sequence[ClassSpec], expected: int) -> list[AdapterClass]:
@@ -108,7 +105,7 @@ def _json_ready(value: object, what: str) -> object:
     try:
         return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as error:
-        raise InputError(f"{what} must be JSON-serialisable: {_one_line(error)}") from None
+        raise InputError(f"{what} must be JSON-serialisable: {one_line(error)}") from None
 
 
 # ---- writing -------------------------------------------------------------------------------------------
@@ -184,13 +181,13 @@ def read_adapter_header(path: str | os.PathLike) -> dict:
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
     except Exception as error:  # safetensors raises its own error types for every kind of damage
-        raise CheckpointError(f"adapter {path.name} is truncated or corrupt ({_one_line(error)})") from None
+        raise CheckpointError(f"adapter {path.name} is truncated or corrupt ({one_line(error)})") from None
     if HEADER_KEY not in metadata:
         raise CheckpointError(f"{path.name} is a safetensors file but not a SegMoTE adapter (no '{HEADER_KEY}' header)")
     try:
         header = json.loads(metadata[HEADER_KEY])
     except json.JSONDecodeError as error:
-        raise CheckpointError(f"adapter {path.name} has a corrupt header ({_one_line(error)})") from None
+        raise CheckpointError(f"adapter {path.name} has a corrupt header ({one_line(error)})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CheckpointError(f"{path.name} is not a SegMoTE adapter (header format {header.get('format')!r})"
                               if isinstance(header, dict) else f"adapter {path.name} has a corrupt header")
@@ -271,7 +268,7 @@ def load_adapter(
     try:
         config = SegMoTEConfig.from_dict(header["config"])
     except (InputError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"adapter {path.name} has an unusable config ({_one_line(error)})") from None
+        raise CheckpointError(f"adapter {path.name} has an unusable config ({one_line(error)})") from None
     if len(header["classes"]) != config.num_classes:
         raise CheckpointError(f"adapter {path.name} names {len(header['classes'])} classes but its config has "
                               f"{config.num_classes}")
@@ -280,7 +277,7 @@ def load_adapter(
     try:
         state_dict = load_file(str(path), device="cpu")
     except Exception as error:
-        raise CheckpointError(f"adapter {path.name} is truncated or corrupt ({_one_line(error)})") from None
+        raise CheckpointError(f"adapter {path.name} is truncated or corrupt ({one_line(error)})") from None
     for key, tensor in state_dict.items():
         if not tensor.is_floating_point():
             raise CheckpointError(f"adapter {path.name}: tensor {key} holds {tensor.dtype}, not floating-point weights")

@@ -23,6 +23,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 from scipy import ndimage
 
+from .toolbox import mask_box
+
 # Sides of the square boxes tried around the clicks, as shares of the slice's longer side (8 to 96 pixels on a
 # 128-pixel slice): from a small structure to half a chest.
 CLICK_BOX_SIDES = (1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4)
@@ -37,17 +39,6 @@ INTENSITY_SLACK = 0.05
 class Answer(Protocol):
     mask: np.ndarray  # bool (H, W)
     score: float  # predicted IoU
-
-
-def mask_box(mask: np.ndarray, margin: float = 0.0) -> np.ndarray | None:
-    """Tight box (x0, y0, x1, y1) of a 2-D mask, grown by `margin` pixels; None if empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    height, width = mask.shape
-    return np.array([max(cols[0] - margin, 0), max(rows[0] - margin, 0),
-                     min(cols[-1] + margin, width - 1), min(rows[-1] + margin, height - 1)], dtype=float)
 
 
 def loose_box(mask: np.ndarray) -> np.ndarray | None:

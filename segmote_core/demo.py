@@ -22,6 +22,7 @@ from .normalize import CT_WINDOWS, window
 from .preview import save_overlay_png
 from .segmentation_io import Segment, read_segments, save_segments
 from .shipped import ADAPTER_DIR
+from .toolbox import mask_extent
 
 log = logging.getLogger(__name__)
 SHIPPED_ADAPTER = ADAPTER_DIR / "chest_ct_lungs.safetensors"
@@ -36,9 +37,9 @@ def demo_data() -> tuple[Path, Path]:
 
 def _box_ras(volume, mask: np.ndarray, slice_k: int | None = None) -> np.ndarray:
     """RAS corners of the box around a (K, J, I) mask (or one of its axial slices), one voxel looser in-plane."""
-    k, j, i = np.nonzero(mask if slice_k is None else (mask & (np.arange(mask.shape[0]) == slice_k)[:, None, None]))
-    low = [max(i.min() - 1, 0), max(j.min() - 1, 0), k.min()]
-    high = [min(i.max() + 1, mask.shape[2] - 1), min(j.max() + 1, mask.shape[1] - 1), k.max()]
+    ks, js, is_ = mask_extent(mask if slice_k is None else (mask & (np.arange(mask.shape[0]) == slice_k)[:, None, None]))
+    low = [max(is_.start - 1, 0), max(js.start - 1, 0), ks.start]
+    high = [min(is_.stop, mask.shape[2] - 1), min(js.stop, mask.shape[1] - 1), ks.stop - 1]
     return volume.ijk_to_ras_points([low, high]).reshape(-1)
 
 

@@ -19,6 +19,7 @@ from .errors import InputError
 from .files import atomic_write
 from .segmentation_io import Segment, check_color, check_header_text
 from .terminology import resolve as resolve_terminology
+from .toolbox import one_line
 from .volume import Volume, dicom_series_files
 
 MAX_LABEL_LENGTH = 64  # Segment Label is a DICOM LO
@@ -158,8 +159,7 @@ def write_dicom_seg(path: str | Path, volume: Volume, segments: list[Segment], s
             pixel_measures=measures,
         )
     except (ValueError, AttributeError, TypeError, KeyError) as error:  # highdicom's view of unusual source series
-        raise InputError(f"cannot build a DICOM SEG on this series: {type(error).__name__}: "
-                         f"{str(error).strip().splitlines()[0][:150] if str(error).strip() else ''}") from None
+        raise InputError(f"cannot build a DICOM SEG on this series: {one_line(error, 180, named=True)}") from None
     finally:
         log.setLevel(level)
     atomic_write(path, lambda temporary: seg.save_as(temporary, enforce_file_format=True))

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 from .files import atomic_write, atomic_write_text, output_lock
 from .normalize import Normalization
+from .toolbox import content_hash
 
 FORMAT_VERSION = 1
 
@@ -42,13 +43,6 @@ def backbone_checksum(backbone) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
     return "tensors:" + digest.hexdigest()
-
-
-def _array_checksum(array: np.ndarray) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(str((array.shape, array.dtype.str)).encode())
-    digest.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
-    return digest.hexdigest()
 
 
 class EmbeddingStore:
@@ -92,8 +86,8 @@ class EmbeddingStore:
             early = np.load(early_path, mmap_mode="r")
         except (OSError, ValueError, json.JSONDecodeError):
             return None
-        if (meta.get("version") != FORMAT_VERSION or meta.get("embedding") != _array_checksum(embedding)
-                or meta.get("early") != _array_checksum(early)):
+        if (meta.get("version") != FORMAT_VERSION or meta.get("embedding") != content_hash(embedding)
+                or meta.get("early") != content_hash(early)):
             return None
         return embedding, early
 
@@ -119,7 +113,7 @@ class EmbeddingStore:
                     np.save(handle, array)
             return write
 
-        meta = {"version": FORMAT_VERSION, "embedding": _array_checksum(embedding), "early": _array_checksum(early),
+        meta = {"version": FORMAT_VERSION, "embedding": content_hash(embedding), "early": content_hash(early),
                 "embedding_shape": list(embedding.shape), "early_shape": list(early.shape)}
         with output_lock(meta_path):
             if self.exists(key):

@@ -33,6 +33,7 @@ from .devices import default_cache_bytes, default_encoder_batch, resolve_device,
 from .errors import Cancelled, InputError, SegMoTEError
 from .normalize import Normalization, check_rule, choose_normalization, normalize
 from .segmentation_io import Segment
+from .toolbox import mask_extent, one_line
 from .volume import SliceStack, Volume, check_contrast
 
 if TYPE_CHECKING:  # the session module imports this one
@@ -192,8 +193,8 @@ class Engine:
         try:
             self._fast = runtimes.FastPaths(chosen, self.backbone)
         except Exception as error:  # noqa: BLE001 - any export/runtime failure: PyTorch still works
-            self.notices.append(f"could not export the image encoder for {chosen} ({_first_line(error)}): "
-                                "using PyTorch")
+            self.notices.append(f"could not export the image encoder for {chosen} "
+                                f"({one_line(error, 200, named=True)}): using PyTorch")
             return
         self.encode, self.runtime = self._fast.encode, chosen
         self._use_fast_decoder()
@@ -207,8 +208,16 @@ class Engine:
             self._fast.use_decoder(self.segmote)
             self._fast_decoder = True
         except Exception as error:  # noqa: BLE001
-            self.notices.append(f"could not export the prompt decoder for {self.runtime} ({_first_line(error)}): "
-                                "using PyTorch for prompts")
+            self.notices.append(f"could not export the prompt decoder for {self.runtime} "
+                                f"({one_line(error, 200, named=True)}): using PyTorch for prompts")
+
+    @property
+    def runtime_models(self) -> dict[str, dict]:
+        """The exported graphs that run now (part -> the file, its SHA-256, how it was checked), each checked
+        against the weights; empty on PyTorch. A prompt decoder that could not be exported is not among them."""
+        if self._fast is None:
+            return {}
+        return {part: found for part, found in self._fast.models.items() if part != "decoder" or self._fast_decoder}
 
     # ---- adapters ----------------------------------------------------------------------------------
     def load_adapter(self, path) -> None:
@@ -683,11 +692,6 @@ class Engine:
             raise InputError(f"{what} at voxel {bad} lies outside the image ({'x'.join(map(str, volume.shape_ijk))} voxels)")
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:160]}" if text else type(error).__name__
-
-
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 26-connected 3-D component of a bool mask (an empty mask stays empty)."""
     from scipy import ndimage
@@ -703,14 +707,3 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     result = np.zeros_like(mask)
     result[box] = labels == (int(np.argmax(sizes)) + 1)
     return result
-
-
-def mask_extent(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The bounding box of a bool mask as slices, or None if it is empty."""
-    bounds = []
-    for axis in range(mask.ndim):
-        occupied = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if occupied.size == 0:
-            return None
-        bounds.append(slice(int(occupied[0]), int(occupied[-1]) + 1))
-    return tuple(bounds)

@@ -23,6 +23,7 @@ import numpy as np
 
 from .datasets import resolve_path
 from .metrics import dice
+from .toolbox import mask_box
 from .volume import Volume, read_volume
 
 MNI_DIR = "pkg:nilearn/datasets/data"
@@ -124,10 +125,7 @@ def evaluate(engine, case: EvalCase, structures=None, slices=None, modes=("box",
             for k in present:
                 plane = truth[k]
                 if mode == "box":
-                    rows, cols = np.flatnonzero(plane.any(1)), np.flatnonzero(plane.any(0))
-                    box = np.array([max(cols[0] - 1, 0), max(rows[0] - 1, 0), min(cols[-1] + 1, plane.shape[1] - 1),
-                                    min(rows[-1] + 1, plane.shape[0] - 1)], float)
-                    prediction = engine.predict_slice(prepared, k, box=box)
+                    prediction = engine.predict_slice(prepared, k, box=mask_box(plane, margin=1))
                 else:
                     row_, col = innermost_point(plane)
                     prediction = engine.predict_slice(prepared, k, points=np.array([[col, row_]], float),

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .toolbox import one_line, ras_lps
 
 SPACES = ("RAS", "LPS", "IJK")
 NEGATIVE_DESCRIPTIONS = ("negative", "-")
@@ -58,8 +59,8 @@ def _to_ijk(volume, space: str, xyz) -> np.ndarray:
 
 def _ras(space: str, xyz) -> tuple[str, tuple[float, float, float]]:
     """LPS -> RAS (x and y change sign); RAS and IJK as they are."""
-    x, y, z = (float(v) for v in xyz)
-    return ("RAS", (-x, -y, z)) if space == "LPS" else (space, (x, y, z))
+    xyz = tuple(float(v) for v in xyz)
+    return ("RAS", tuple(ras_lps(xyz).tolist())) if space == "LPS" else (space, xyz)
 
 
 class PromptTable:
@@ -127,7 +128,7 @@ def read_markups(path: Path) -> PromptTable:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as error:  # ValueError: bad JSON, a number of 5000 digits
-        raise InputError(f"cannot read {path.name}: not valid JSON ({' '.join(str(error).split())[:160]})") from None
+        raise InputError(f"cannot read {path.name}: not valid JSON ({one_line(error, 160)})") from None
     markups = document.get("markups") if isinstance(document, dict) else None
     if not isinstance(markups, list):
         raise InputError(f"{path.name} is not a Slicer markups file (no 'markups' list)")
@@ -145,8 +146,7 @@ def read_markups(path: Path) -> PromptTable:
         except InputError as error:
             raise InputError(f"{where}: {error}") from None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as error:
-            text = " ".join(str(error).split())[:120]
-            raise InputError(f"{where}: malformed entry ({type(error).__name__}: {text})") from None
+            raise InputError(f"{where}: malformed entry ({one_line(error, 150, named=True)})") from None
     return table.check()
 
 
@@ -177,7 +177,7 @@ def _read_roi(table: PromptTable, markup: dict) -> None:
     name = (points[0].get("label") if points else None) or markup.get("name") or "segment"
     obj = table.object(None, _COUNTER.sub("", name) or name)
     if space == "LPS":
-        corners = corners * (-1.0, -1.0, 1.0)
+        corners = ras_lps(corners)
     obj.corners.extend([("RAS", tuple(corners.min(axis=0))), ("RAS", tuple(corners.max(axis=0)))])
 
 

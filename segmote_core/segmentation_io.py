@@ -34,6 +34,7 @@ from .colors import palette_color
 from .errors import InputError
 from .files import atomic_write, output_lock
 from .terminology import resolve as resolve_terminology
+from .toolbox import mask_extent, ras_lps
 from .volume import Volume, check_output_path, is_segmentation_path, read_volume, same_grid
 
 
@@ -97,7 +98,7 @@ def read_segments(path: str | Path) -> tuple[Volume, list[Segment]]:
         voxels = seg["voxels"]
         shape = voxels.shape[-3:]
         matrix = np.asarray(seg["ijkToLPS"], dtype=float)
-        grid = Volume.from_ijk_to_ras(np.zeros(shape[::-1], np.uint8), np.diag([-1.0, -1.0, 1, 1]) @ matrix)
+        grid = Volume.from_ijk_to_ras(np.zeros(shape[::-1], np.uint8), ras_lps(matrix))
         segments = [
             Segment(s.get("name", s["id"]), np.transpose(slicerio.segment_mask(seg, s["id"]), (2, 1, 0)),
                     tuple(s.get("color", (0.5, 0.5, 0.5))))
@@ -274,9 +275,8 @@ def _add_segments(seg: dict, masks: list[np.ndarray], fields: list[dict]) -> Non
         used[layer != 0] = index + 1
     ids = {s.get("id") for s in seg["segments"]}
     for mask, field in zip(masks, fields):
-        nonzero = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-        empty = any(len(n) == 0 for n in nonzero)
-        box = tuple(slice(0, 0) if empty else slice(int(n[0]), int(n[-1]) + 1) for n in nonzero)
+        extent = mask_extent(mask)
+        box = extent or (slice(0, 0),) * 3
         inside = mask[box]
         layer = int(used[box][inside].max(initial=0))
         while layer < len(layers) and next_label[layer] > max_label:
@@ -292,7 +292,7 @@ def _add_segments(seg: dict, masks: list[np.ndarray], fields: list[dict]) -> Non
         segment.setdefault("id", generate_unique_segment_id(ids))
         ids.add(segment["id"])
         segment.update(labelValue=int(label), layer=int(layer),
-                       extent=[0, -1, 0, -1, 0, -1] if empty else [v for b in box for v in (b.start, b.stop - 1)])
+                       extent=[0, -1, 0, -1, 0, -1] if extent is None else [v for b in box for v in (b.start, b.stop - 1)])
         seg["segments"].append(segment)
     seg["voxels"] = np.stack(layers) if len(layers) > 1 else layers[0]
 

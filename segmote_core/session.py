@@ -28,6 +28,7 @@ from scipy import ndimage
 
 from . import boxes
 from .errors import Cancelled, InputError
+from .toolbox import box_mask, mask_box
 from .volume import Volume, prompt_array
 
 if TYPE_CHECKING:  # the engine imports this module
@@ -362,7 +363,7 @@ class Session:
         labels = np.array([label for _, label in clicks], int)
         positives, negatives = boxes.split_clicks(points, labels)
         if box is not None and not len(points):
-            return self._decode_box(index, box, reach=_box_mask(box, current.shape))
+            return self._decode_box(index, box, reach=box_mask(box, current.shape))
         if box is None and not current.any():
             if not len(positives):
                 return SlicePrediction(np.zeros_like(current), None, 0.0)
@@ -381,7 +382,7 @@ class Session:
                         return answer
             return self.engine._answer_clicks(self.view, index, points, labels)
         if not current.any():  # a box with clicks on a new object
-            current = self._decode_box(index, box, reach=_box_mask(box, current.shape)).mask
+            current = self._decode_box(index, box, reach=box_mask(box, current.shape)).mask
         score = self._scores.get(index, 0.5)
         mask = current.copy()
         held = mask[boxes._pixels(positives, mask.shape)] if len(positives) else np.zeros(0, bool)
@@ -402,7 +403,7 @@ class Session:
         row, col = int(round(y)), int(round(x))
         if like is not None and like[0] - CONTINUE_SLACK <= image[row, col] <= like[1] + CONTINUE_SLACK:
             alike = ~current & _within(image, like)
-            levels = object_levels(current, boxes.mask_box(current, margin=RING_WIDTH), image)
+            levels = object_levels(current, mask_box(current, margin=RING_WIDTH), image)
             if levels is not None:  # and nearer the object's level than what borders it
                 alike &= _nearer(image, *levels)
             region = _region_at(alike, row, col)
@@ -444,7 +445,7 @@ class Session:
         if self._ends_here(index, positives):
             return _region_at(current, row, col)
         best = None
-        x0, y0, x1, y1 = boxes.mask_box(current)
+        x0, y0, x1, y1 = mask_box(current)
         for cut in ((x0, y0, x - 2, y1), (x + 2, y0, x1, y1), (x0, y0, x1, y - 2), (x0, y + 2, x1, y1)):
             cut = np.array(cut, float)
             if cut[2] - cut[0] < 2 or cut[3] - cut[1] < 2:
@@ -559,7 +560,7 @@ class Session:
                     lost = np.zeros_like(lost)
             after = (before | gained) & ~lost
             if t in self._boxes:
-                after &= _box_mask(self._boxes[t], after.shape)
+                after &= box_mask(self._boxes[t], after.shape)
             clicks = self._clicks.get(t)
             if clicks:
                 positives, negatives = boxes.split_clicks([xy for xy, _ in clicks], [label for _, label in clicks])
@@ -638,7 +639,7 @@ class Session:
         centre = (first + last) // 2
         self._used_boxes = True
         self._boxes[centre] = box_xy
-        answer = self._decode_box(centre, box_xy, reach=_box_mask(box_xy, self._stack_mask[centre].shape))
+        answer = self._decode_box(centre, box_xy, reach=box_mask(box_xy, self._stack_mask[centre].shape))
         self._write(centre, self._clip(answer.mask, box_xy), answer.score)
         if not answer.mask.any():
             return
@@ -678,28 +679,21 @@ class Session:
     @staticmethod
     def _clip(mask: np.ndarray, box_xy: np.ndarray) -> np.ndarray:
         """SAM can spill outside its box; the user's 3-D box is a hard limit."""
-        return mask & _box_mask(box_xy, mask.shape)
-
-
-def _box_mask(box_xy, shape) -> np.ndarray:
-    x0, y0, x1, y1 = np.round(box_xy).astype(int)
-    inside = np.zeros(shape, dtype=bool)
-    inside[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
-    return inside
+        return mask & box_mask(box_xy, mask.shape)
 
 
 def _near(previous: np.ndarray) -> np.ndarray:
     """Where a followed object may lie on the next slice: within CONTINUE_GROWTH pixels of the previous slice's
     mask, inside that mask's box (anatomy is continuous; the box keeps a completion from running along a neighbour)."""
     near = ndimage.binary_dilation(previous, iterations=CONTINUE_GROWTH)
-    return near & _box_mask(boxes.mask_box(previous), near.shape)
+    return near & box_mask(mask_box(previous), near.shape)
 
 
 def object_levels(mask: np.ndarray, box_xy: np.ndarray, image: np.ndarray) -> tuple[float, float] | None:
     """(the object's intensity, its surroundings' intensity): the medians of a slice's answer and of the ring of
     RING_WIDTH pixels around it inside its box (what borders the object, not the far side of the box: the lung
     beside a vertebra is not what the vertebra must be told from); None where they lie closer than LEVEL_GAP."""
-    inside = _box_mask(box_xy, mask.shape)
+    inside = box_mask(box_xy, mask.shape)
     rest = inside & ~mask & ndimage.binary_dilation(mask, iterations=RING_WIDTH)
     if mask.sum() < 4 or rest.sum() < 4:
         return None
@@ -797,7 +791,7 @@ def continue_object(answer: np.ndarray, previous: np.ndarray, image: np.ndarray,
     limited to them, or (if that keeps almost nothing: the model answered another organ) the object-like pixels
     themselves; only the parts that touch the previous mask."""
     near = ndimage.binary_dilation(previous, iterations=CONTINUE_GROWTH)
-    inside = _box_mask(clip_box, near.shape) if clip_box is not None else np.ones_like(near)
+    inside = box_mask(clip_box, near.shape) if clip_box is not None else np.ones_like(near)
     like = near & inside & (image >= alike[0] - CONTINUE_SLACK) & (image <= alike[1] + CONTINUE_SLACK)
     wanted = max(4, 0.05 * previous.sum())
     # In order: the answer where it looks like the object; the pixels that look like it; the answer where the

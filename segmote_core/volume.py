@@ -18,7 +18,6 @@ rule about voxel grids, orientations, RAS/LPS and slice stacks sits together and
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +25,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .toolbox import content_hash, ras_lps
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 ANATOMICAL_AXES = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}  # index into LPS coordinates
 AXIS_NAMES = {0: "sagittal (L-R)", 1: "coronal (A-P)", 2: "axial (S-I)"}
 # Two grids are one grid when their voxel counts match and their ijk -> LPS matrices (spacing x direction, origin)
@@ -133,13 +132,12 @@ class Volume:
 
     @property
     def ijk_to_ras(self) -> np.ndarray:
-        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-        return flip @ self.ijk_to_lps
+        return ras_lps(self.ijk_to_lps)
 
     @classmethod
     def from_ijk_to_ras(cls, array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> "Volume":
         """Build from a (K, J, I) array and a 4x4 IJK-to-RAS matrix (what a Slicer volume node holds)."""
-        ijk_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(ijk_to_ras, dtype=float)
+        ijk_to_lps = ras_lps(ijk_to_ras)
         columns = ijk_to_lps[:3, :3]
         spacing = np.linalg.norm(columns, axis=0)
         if np.any(spacing <= 0):
@@ -148,13 +146,13 @@ class Volume:
 
     def ras_to_ijk(self, points_ras) -> np.ndarray:
         """(N, 3) RAS mm -> (N, 3) continuous voxel indices (i, j, k); voxel centres are integers."""
-        points = np.atleast_2d(np.asarray(points_ras, dtype=float)) @ LPS_TO_RAS
+        points = ras_lps(np.atleast_2d(points_ras))
         inverse = np.linalg.inv(self.ijk_to_lps)
         return points @ inverse[:3, :3].T + inverse[:3, 3]
 
     def ijk_to_ras_points(self, points_ijk) -> np.ndarray:
         points = np.atleast_2d(np.asarray(points_ijk, dtype=float))
-        return (points @ self.ijk_to_lps[:3, :3].T + self.ijk_to_lps[:3, 3]) @ LPS_TO_RAS
+        return ras_lps(points @ self.ijk_to_lps[:3, :3].T + self.ijk_to_lps[:3, 3])
 
     def contains_ijk(self, points_ijk) -> np.ndarray:
         """Whether continuous voxel positions lie inside the image (within half a voxel of the border)."""
@@ -217,13 +215,6 @@ def check_contrast(volume: Volume) -> None:
         if low == high:
             raise InputError(f"the image has no contrast: every voxel is {low.item()}")
         found["contrast"] = True
-
-
-def content_hash(array: np.ndarray) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(str((array.shape, array.dtype.str)).encode())
-    digest.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
-    return digest.hexdigest()
 
 
 # ---- reading -----------------------------------------------------------------------------------------

@@ -1,11 +1,17 @@
 """Shared fixtures: the real chest CT that slicerio ships, its ground truth, and one LiteMedSAM engine.
 
 The engine is session-scoped so that slice embeddings (≈1.3 s each on 2 cores) are computed once per test run.
+
+Two tiers. `make test-fast` runs the tests not marked ``slow``: pure logic, files the tests write, tiny random
+models. `make test` runs every test. A test that loads LiteMedSAM or reads a real scan (the chest CT and its
+ground truth, the MNI152 and pydicom CT cases) is ``slow``: asking for one of REAL_FIXTURES marks it so, any other
+way needs @pytest.mark.slow, and a test that loads the real weights without the mark fails and says so.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +29,43 @@ os.environ.setdefault("SEGMOTE_RUNTIME", "torch")
 # Property-based tests draw the same examples on every run, so a result (red or green) reproduces on any machine;
 # HYPOTHESIS_PROFILE=explore draws new ones each run, to look for more failing cases.
 from hypothesis import settings  # noqa: E402
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
+
+# Hypothesis keeps its files (examples, constants) in a temporary folder, not in the checkout's .hypothesis/.
+_HYPOTHESIS_HOME = tempfile.TemporaryDirectory(prefix="segmote-tests-hypothesis-")
+set_hypothesis_home_dir(_HYPOTHESIS_HOME.name)
 
 settings.register_profile("reproducible", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+REAL_FIXTURES = {"lite_engine", "lung_adapter_engine", "cli_engine", "cli_lung_engine", "chest_ct", "chest_truth"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _real_weights_only_in_slow_tests(request, monkeypatch):
+    """A test not marked slow that loads a backbone's real weights fails, naming the mark it lacks (so that
+    `make test-fast` stays fast as tests are added)."""
+    if request.node.get_closest_marker("slow") is None:
+        from segmote_core import checkpoints
+
+        found_weights = checkpoints.default_checkpoint
+
+        def refuse(name):
+            if found_weights(name) is not None:
+                pytest.fail(f"{request.node.nodeid} loads the real {name} weights: mark it @pytest.mark.slow",
+                            pytrace=False)
+            return None
+
+        monkeypatch.setattr(checkpoints, "default_checkpoint", refuse)
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +112,44 @@ def lung_adapter_engine():
     return Engine("lite_medsam", device="cpu", adapter=shipped_adapter("chest_ct_lungs"))
 
 
+def _shared_with_cli(engine, adapter):
+    """Register `engine` as the CLI's in-process engine for LiteMedSAM on the CPU with `adapter` (as the command line
+    names it), under the CLI's own key (``engine_key``), for the default runtime and --runtime torch (the tests'
+    default, SEGMOTE_RUNTIME): a command then embeds nothing the session's engine has already embedded."""
+    from segmote_core.cli import common
+
+    keys = [common.engine_key("lite_medsam", None, "cpu", adapter, runtime=runtime) for runtime in (None, "torch")]
+    for key in keys:
+        common._engines[key] = engine
+    # Left registered after the test: the engine lives for the whole run anyway, and a later command that forgot
+    # to ask for it finds it rather than loading the model again.
+    yield engine
+
+
+@pytest.fixture
+def cli_engine(lite_engine):
+    """`segmote ... --device cpu` in this process runs on the session's `lite_engine`."""
+    yield from _shared_with_cli(lite_engine, None)
+
+
+@pytest.fixture
+def cli_lung_engine(lung_adapter_engine):
+    """`segmote ... --adapter chest_ct_lungs --device cpu` in this process runs on `lung_adapter_engine`."""
+    yield from _shared_with_cli(lung_adapter_engine, "chest_ct_lungs")
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `segmote ARGS` run in this process."""
+    from segmote_core import cli
+
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def bounding_box_ijk(mask: np.ndarray) -> list[int]:
     """(i0, j0, k0, i1, j1, k1) of a (K, J, I) mask: the box a user would drag around the object."""
-    k, j, i = np.nonzero(mask)
-    return [int(i.min()), int(j.min()), int(k.min()), int(i.max()), int(j.max()), int(k.max())]
+    from segmote_core.toolbox import mask_extent
+
+    k, j, i = mask_extent(mask)
+    return [i.start, j.start, k.start, i.stop - 1, j.stop - 1, k.stop - 1]

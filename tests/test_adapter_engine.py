@@ -18,6 +18,8 @@ from segmote_core.models.segmote import SegMoTE, SegMoTEConfig
 from segmote_core.normalize import window
 from segmote_core.volume import Volume
 
+pytestmark = pytest.mark.slow  # LiteMedSAM or real scans throughout: `make test` only (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def small_ct_file(tmp_path_factory, chest_ct):
@@ -50,10 +52,11 @@ def test_fresh_adapter_gives_the_same_segmentation_voxel_for_voxel(tmp_path, sma
     assert np.array_equal(outputs[0], outputs[1])
 
 
-def test_auto_with_an_untrained_adapter_writes_a_valid_segmentation(tmp_path, small_ct_file, fresh_adapter):
+def test_auto_with_an_untrained_adapter_writes_a_valid_segmentation(tmp_path, small_ct_file, fresh_adapter,
+                                                                   capsys):
     out = tmp_path / "auto.seg.nrrd"
     code = cli.main(["auto", str(small_ct_file), "--adapter", str(fresh_adapter), "--out", str(out),
-                     "--device", "cpu", "--quiet"])
+                     "--device", "cpu"])
     assert code == 0
     segmentation = slicerio.read_segmentation(str(out))
     names = [s["name"] for s in segmentation["segments"]]
@@ -64,6 +67,10 @@ def test_auto_with_an_untrained_adapter_writes_a_valid_segmentation(tmp_path, sm
     assert record["command"] == "auto" and record["adapter"]["classes"] == ["right lung", "left lung"]
     assert record["adapter"]["sha256"] == hashlib.sha256(fresh_adapter.read_bytes()).hexdigest()
     assert [s["name"] for s in record["segments"]] == names and record["normalization"].startswith("window")
+    # what the command printed is what it recorded
+    assert capsys.readouterr().out.splitlines() == [f"normalisation: {record['normalization']}",
+                                                    *(f"{s['name']}: {s['voxels']} voxels" for s in record["segments"]),
+                                                    f"-> {out}"]
 
 
 def test_auto_refuses_unknown_classes_and_adapters_for_other_backbones(tmp_path, small_ct_file, fresh_adapter, capsys):

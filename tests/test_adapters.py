@@ -249,12 +249,13 @@ def test_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(
 SHIPPED = shipped_adapter("chest_ct_lungs")
 
 
+@pytest.mark.slow
 def test_shipped_lung_adapter_leaves_a_box_on_the_spine_as_good_as_the_base_model(chest_ct, chest_truth,
                                                                                     lite_engine):
     """The lung adapter once turned a box on the thoracic spine from Dice 0.55 into 0.003; now a box alone with the
     adapter loaded is answered exactly as without it (held-out slices 16 and 22): the frozen decoder, fed the input
     it was trained for rather than the adapter's lung window."""
-    from conftest import dice
+    from segmote_core.metrics import dice
     from segmote_core.engine import Engine
 
     tuned = Engine("lite_medsam", device="cpu", adapter=SHIPPED)

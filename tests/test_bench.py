@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import mmap
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,9 +124,14 @@ def test_synthetic_ct_and_boxes_fit_the_volume():
     assert boxes.shape == (7, 4) and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
 
 
-def test_peak_memory_probe():
+def test_peak_memory_probe_counts_a_block_freed_inside_it():
+    before = bench.current_rss_mb()
     with bench.Probe(torch.device("cpu")) as probe:
-        block = np.ones(32 * 2**20 // 8)  # 32 MiB
-        block += 1
-    assert probe.seconds >= 0 and probe.peak_rss_mb >= (bench.current_rss_mb() or 0) * 0.5
-    assert probe.peak_vram_mb is None
+        # 128 MiB of fresh pages, every one written (an array could reuse pages the allocator already holds)
+        block = mmap.mmap(-1, 128 * 2**20)
+        np.frombuffer(block, np.uint8)[:] = 1
+        block.close()
+        time.sleep(0.05)
+    assert before is not None and probe.peak_rss_mb >= before + 100  # the peak, not what is left at the end
+    assert bench.current_rss_mb() < probe.peak_rss_mb - 50
+    assert probe.seconds >= 0.05 and probe.peak_vram_mb is None

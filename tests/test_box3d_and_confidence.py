@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import CHEST_CT, bounding_box_ijk, dice
+from conftest import CHEST_CT, bounding_box_ijk
+from segmote_core.metrics import dice
 from segmote_core import cli
 from segmote_core.session import LOW_CONFIDENCE, Update
 from segmote_core.models.backbones import input_convention
@@ -16,13 +17,6 @@ from segmote_core.normalize import window
 from segmote_core.volume import Volume
 
 CT_DEFAULT = input_convention("lite_medsam").ct_window  # as a window: shares the cached embeddings of the default
-
-
-@pytest.fixture(autouse=True)
-def share_engine(lite_engine):
-    """The CLI's in-process engine is the session's, so embeddings are computed once per test run."""
-    cli._engines[("lite_medsam", "None", "cpu", "None", "fp32", False)] = lite_engine
-    yield
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def empty_slices_inside(mask: np.ndarray, truth: np.ndarray) -> list[int]:
     return [int(k) for k in np.flatnonzero(present & ~mask.any(axis=(1, 2)))]
 
 
-def test_cli_3d_box_without_a_window_segments_both_lungs(tmp_path, capsys, chest_ct, chest_truth):
+def test_cli_3d_box_without_a_window_segments_both_lungs(tmp_path, capsys, chest_ct, chest_truth, cli_engine):
     """No --window, no --preset: the CT is recognised and gets the model's CT default (done-when of issue 12)."""
     from segmote_core.segmentation_io import read_segments
 
@@ -58,7 +52,7 @@ def test_cli_3d_box_without_a_window_segments_both_lungs(tmp_path, capsys, chest
         assert empty_slices_inside(masks[name], chest_truth[name]) == [], name
 
 
-def test_cli_fill_box_puts_a_mask_on_every_slice_of_the_box(tmp_path, capsys, chest_ct, chest_truth):
+def test_cli_fill_box_puts_a_mask_on_every_slice_of_the_box(tmp_path, capsys, chest_ct, chest_truth, cli_engine):
     """--fill-box: the model's whole answer on every slice of the box; at the lung's base the box also holds the
     liver, which the model takes confidently, so Dice drops (0.843 measured, docs/training.md)."""
     from segmote_core.segmentation_io import read_segments

@@ -12,22 +12,9 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from conftest import CHEST_CT, CHEST_SEG, bounding_box_ijk, dice
-from segmote_core import cli
+from conftest import CHEST_CT, CHEST_SEG, bounding_box_ijk, run_cli
+from segmote_core.metrics import dice
 from segmote_core.segmentation_io import read_segments
-
-
-@pytest.fixture(autouse=True)
-def share_engine(lite_engine):
-    """The CLI's in-process engine is the session's, so embeddings are computed once per test run."""
-    cli._engines[cli.engine_key("lite_medsam", None, "cpu", None)] = lite_engine
-    yield
-
-
-def run(args, capsys):
-    code = cli.main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def digest(path) -> str:
@@ -39,11 +26,12 @@ def lung_box_ras(chest_ct, truth) -> list[str]:
     return [f"{v:.4f}" for v in corners]
 
 
-def test_segment_adds_to_existing_segmentation_keeping_every_segment(tmp_path, capsys, chest_ct, chest_truth):
+def test_segment_adds_to_existing_segmentation_keeping_every_segment(tmp_path, capsys, chest_ct, chest_truth,
+                                                                     cli_engine):
     out = tmp_path / "case.seg.nrrd"
     shutil.copy(CHEST_SEG, out)
     before = slicerio.read_segmentation(str(out))
-    code, stdout, err = run(["segment", str(CHEST_CT), "--out", str(out), "--box-ras",
+    code, stdout, err = run_cli(["segment", str(CHEST_CT), "--out", str(out), "--box-ras",
                              *lung_box_ras(chest_ct, chest_truth["right lung"]), "--preset", "lung_parenchyma",
                              "--name", "AI right lung", "--device", "cpu", "--quiet"], capsys)
     assert code == 0, err
@@ -55,18 +43,18 @@ def test_segment_adds_to_existing_segmentation_keeping_every_segment(tmp_path, c
     assert dice(new.mask, chest_truth["right lung"]) >= 0.90
     # same name again: refused without --overwrite, file unchanged
     saved = digest(out)
-    code, _, err = run(["segment", str(CHEST_CT), "--out", str(out), "--box-ras",
+    code, _, err = run_cli(["segment", str(CHEST_CT), "--out", str(out), "--box-ras",
                         *lung_box_ras(chest_ct, chest_truth["right lung"]), "--name", "AI right lung",
                         "--device", "cpu", "--quiet"], capsys)
     assert code == 1 and "already has a segment" in err and digest(out) == saved
 
 
-def test_segment_label_map_output_and_point_prompts(tmp_path, capsys, chest_ct, chest_truth):
+def test_segment_label_map_output_and_point_prompts(tmp_path, capsys, chest_ct, chest_truth, cli_engine):
     out = tmp_path / "lung.nii.gz"
     truth = chest_truth["left lung"]
     k = int(np.median(np.nonzero(truth)[0]))
     j, i = np.argwhere(truth[k])[len(np.argwhere(truth[k])) // 2]
-    code, _, err = run(["segment", str(CHEST_CT), "--out", str(out), "--point-ijk", str(i), str(j), str(k),
+    code, _, err = run_cli(["segment", str(CHEST_CT), "--out", str(out), "--point-ijk", str(i), str(j), str(k),
                         "--point-label", "1", "--preset", "lung_parenchyma", "--device", "cpu", "--quiet"], capsys)
     assert code == 0, err
     labels = sitk.ReadImage(str(out))
@@ -78,14 +66,14 @@ def test_segment_label_map_output_and_point_prompts(tmp_path, capsys, chest_ct, 
     # one click gives the whole lung (followed up and down), not only its slice; --slice-only gives the slice
     assert array[k - 2].any() and array[k + 2].any() and dice(array, truth) >= 0.8
     one_slice = tmp_path / "one_slice.nii.gz"
-    code, _, err = run(["segment", str(CHEST_CT), "--out", str(one_slice), "--point-ijk", str(i), str(j), str(k),
+    code, _, err = run_cli(["segment", str(CHEST_CT), "--out", str(one_slice), "--point-ijk", str(i), str(j), str(k),
                         "--preset", "lung_parenchyma", "--device", "cpu", "--quiet", "--slice-only"], capsys)
     assert code == 0, err
     one = sitk.GetArrayFromImage(sitk.ReadImage(str(one_slice)))
     assert one[k].any() and np.flatnonzero(one.any(axis=(1, 2))).tolist() == [k]
 
 
-def test_same_ct_stored_with_another_axis_order(tmp_path, capsys, chest_ct, chest_truth):
+def test_same_ct_stored_with_another_axis_order(tmp_path, capsys, chest_ct, chest_truth, cli_engine):
     """A transposed, flipped copy of the CT gives the same segmentation in world space."""
     from test_engine import reorder_mask_to
     from test_volume import reorder
@@ -97,7 +85,7 @@ def test_same_ct_stored_with_another_axis_order(tmp_path, capsys, chest_ct, ches
     outs = []
     for image in (CHEST_CT, stored_path):
         out = tmp_path / f"{image.stem}.seg.nrrd"
-        code, _, err = run(["segment", str(image), "--out", str(out), "--box-ras", *box, "--preset",
+        code, _, err = run_cli(["segment", str(image), "--out", str(out), "--box-ras", *box, "--preset",
                             "lung_parenchyma", "--device", "cpu", "--quiet"], capsys)
         assert code == 0, err
         outs.append(out)
@@ -148,14 +136,14 @@ BOX_IJK = ["20", "30", "10", "60", "90", "12"]
                            "lung"], "either"),
     ("unknown preset", ["segment", str(CHEST_CT), "--box-ijk", *BOX_IJK, "--preset", "lungs"], "unknown CT window"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, bad_files, case, args, message):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, bad_files, case, args, message, cli_engine):
     out = tmp_path / "existing.seg.nrrd"
     shutil.copy(CHEST_SEG, out)
     before = digest(out)
     args = [a.format(tmp=tmp_path, **bad_files) for a in args]
     if "--out" not in args:
         args += ["--out", str(out)]
-    code, stdout, err = run(args + ["--device", "cpu", "--quiet"], capsys)
+    code, stdout, err = run_cli(args + ["--device", "cpu", "--quiet"], capsys)
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
@@ -164,12 +152,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, bad_files, c
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files left
 
 
-def test_absent_cuda_is_a_clear_error(tmp_path, capsys):
+def test_absent_cuda_is_a_clear_error(tmp_path, capsys, cli_engine):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("CUDA is present on this machine")
-    code, _, err = run(["segment", str(CHEST_CT), "--box-ijk", *BOX_IJK, "--out", str(tmp_path / "x.seg.nrrd"),
+    code, _, err = run_cli(["segment", str(CHEST_CT), "--box-ijk", *BOX_IJK, "--out", str(tmp_path / "x.seg.nrrd"),
                         "--device", "cuda"], capsys)
     assert code == 1 and "not available" in err and not (tmp_path / "x.seg.nrrd").exists()
 

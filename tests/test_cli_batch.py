@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import CHEST_CT, bounding_box_ijk, dice
-from segmote_core import cli, engine as engine_module
+from conftest import CHEST_CT, bounding_box_ijk, run_cli
+from segmote_core.metrics import dice
+from segmote_core import engine as engine_module
 from segmote_core.cases import find_input_cases
 from segmote_core.cli import common
 from segmote_core.errors import InputError
@@ -19,19 +20,6 @@ from segmote_core.prompt_files import read_prompts
 from segmote_core.segmentation_io import read_segments
 
 LPS = np.array([-1.0, -1.0, 1.0])
-
-
-def run(args, capsys):
-    code = cli.main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-@pytest.fixture
-def share_engine(lite_engine):
-    """The CLI's in-process engine is the session's, so embeddings are computed once per test run."""
-    cli._engines[cli.engine_key("lite_medsam", None, "cpu", None)] = lite_engine
-    yield
 
 
 def lung_slice_box_ras(chest_ct, mask) -> tuple[np.ndarray, int]:
@@ -66,7 +54,7 @@ def test_a_folder_of_three_stored_copies_loads_the_model_once(tmp_path, capsys, 
     monkeypatch.setattr(common, "_engines", {})
     corners, k = lung_slice_box_ras(chest_ct, chest_truth["right lung"])
     out = tmp_path / "results"
-    code, stdout, err = run(["segment", "-i", str(cases), "-o", str(out), "--box-ras",
+    code, stdout, err = run_cli(["segment", "-i", str(cases), "-o", str(out), "--box-ras",
                              *[f"{v:.4f}" for v in corners.reshape(-1)], "--name", "right lung", "--preset",
                              "lung_parenchyma", "--device", "cpu", "--runtime", "torch"], capsys)
     assert code == 1  # one case failed
@@ -102,7 +90,7 @@ def test_nnunet_images_folder_reads_channel_zero_of_each_case(tmp_path):
 def test_a_folder_without_images_is_one_line_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.txt").write_text("no scans here")
-    code, _, err = run(["segment", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--box-ijk", "1", "1",
+    code, _, err = run_cli(["segment", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--box-ijk", "1", "1",
                         "1", "4", "4", "1"], capsys)
     assert code == 1 and err.strip().startswith("error: folder") and "holds no images" in err
     assert len(err.strip().splitlines()) == 1
@@ -131,7 +119,7 @@ def slicer_markups(roi_lps_center, roi_size, points_lps, system="LPS", more_rois
 
 
 def test_prompts_from_slicer_markups_two_objects_with_record_statistics_and_preview(
-        tmp_path, capsys, share_engine, chest_ct, chest_truth):
+        tmp_path, capsys, cli_engine, chest_ct, chest_truth):
     right, k = lung_slice_box_ras(chest_ct, chest_truth["right lung"])
     center_lps, size = (right.mean(axis=0) * LPS), np.abs(right[1] - right[0])
     left = chest_truth["left lung"]
@@ -144,7 +132,7 @@ def test_prompts_from_slicer_markups_two_objects_with_record_statistics_and_prev
     prompts = tmp_path / "prompts.mrk.json"
     prompts.write_text(json.dumps(markups))
     out = tmp_path / "lungs.seg.nrrd"
-    code, stdout, err = run(["segment", str(CHEST_CT), "--out", str(out), "--prompts", str(prompts), "--preset",
+    code, stdout, err = run_cli(["segment", str(CHEST_CT), "--out", str(out), "--prompts", str(prompts), "--preset",
                              "lung_parenchyma", "--device", "cpu", "--statistics", "--preview"], capsys)
     assert code == 0, err
     _, segments = read_segments(out)
@@ -227,7 +215,7 @@ def test_malformed_prompt_files_are_one_line_naming_the_entry(tmp_path, capsys, 
     with pytest.raises(InputError) as error:
         read_prompts(path)
     assert message in str(error.value) and "\n" not in str(error.value)
-    code, _, err = run(["segment", str(CHEST_CT), "--out", str(tmp_path / "o.seg.nrrd"), "--prompts", str(path)],
+    code, _, err = run_cli(["segment", str(CHEST_CT), "--out", str(tmp_path / "o.seg.nrrd"), "--prompts", str(path)],
                        capsys)
     assert code == 1 and err.strip() == f"error: {error.value}"
     assert not (tmp_path / "o.seg.nrrd").exists()
@@ -277,7 +265,7 @@ def test_a_preview_naming_an_input_or_the_output_is_refused_before_anything_is_w
     before = image.read_bytes()
     out = tmp_path / "o.seg.nrrd"
     for preview, message in ((image, "is one of the inputs"), (out, "would overwrite the segmentation")):
-        code, _, err = run(["segment", str(image), "--out", str(out), "--box-ijk", "20", "30", "17", "60", "90", "17",
+        code, _, err = run_cli(["segment", str(image), "--out", str(out), "--box-ijk", "20", "30", "17", "60", "90", "17",
                             "--preview", str(preview)], capsys)
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1
     assert image.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd"]
@@ -335,13 +323,13 @@ def test_an_unreadable_image_is_permission_denied_not_missing(tmp_path, capsys, 
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(volume_module, "open", denied, raising=False)
-    code, _, err = run(["segment", str(image), "--out", str(tmp_path / "o.seg.nrrd"), "--box-ijk", "1", "1", "1",
+    code, _, err = run_cli(["segment", str(image), "--out", str(tmp_path / "o.seg.nrrd"), "--box-ijk", "1", "1", "1",
                         "5", "5", "1"], capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1 and "permission denied" in lines[0] and "exist" not in lines[0]
 
 
-def test_ctrl_c_after_a_written_case_says_what_was_written(tmp_path, capsys, monkeypatch, share_engine):
+def test_ctrl_c_after_a_written_case_says_what_was_written(tmp_path, capsys, monkeypatch, cli_engine):
     from segmote_core import volume as volume_module
 
     cases = tmp_path / "cases"
@@ -360,7 +348,7 @@ def test_ctrl_c_after_a_written_case_says_what_was_written(tmp_path, capsys, mon
 
     monkeypatch.setattr(volume_module, "read_volume", interrupt_second)
     out = tmp_path / "results"
-    code, _, err = run(["segment", "-i", str(cases), "-o", str(out), "--box-ijk", "20", "30", "1", "60", "90", "1",
+    code, _, err = run_cli(["segment", "-i", str(cases), "-o", str(out), "--box-ijk", "20", "30", "1", "60", "90", "1",
                         "--device", "cpu", "--runtime", "torch", "-q"], capsys)
     assert code == 130 and (out / "a.seg.nrrd").is_file() and not (out / "b.seg.nrrd").exists()
     assert "nothing was written" not in err and "interrupted after 1 of 2 cases" in err and "a.seg.nrrd" in err
@@ -372,7 +360,7 @@ def test_a_folder_output_whose_parent_is_a_file_is_one_line(tmp_path, capsys):
     for name in ("a", "b"):
         _tiny_image(cases / f"{name}.nrrd")
     (tmp_path / "notes.txt").write_text("mine")
-    code, _, err = run(["segment", "-i", str(cases), "-o", str(tmp_path / "notes.txt" / "results"), "--box-ijk", "1",
+    code, _, err = run_cli(["segment", "-i", str(cases), "-o", str(tmp_path / "notes.txt" / "results"), "--box-ijk", "1",
                         "1", "1", "5", "5", "1"], capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1 and "is a file, not a folder" in lines[0]

@@ -81,6 +81,7 @@ def test_usage_and_user_errors_have_their_own_exit_codes(tmp_path, capsys):
     assert err.startswith("error: ") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_segment_writes_no_dependency_warnings_and_quiet_prints_nothing(tmp_path):
     """A real run in a fresh interpreter (the LiteMedSAM import path is the one users take): nothing on stderr
     but what the tool itself has to say."""
@@ -102,8 +103,7 @@ def test_python_dash_m_segmote_core_is_the_cli(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == f"segmote {__version__}"
 
 
-def test_verbose_shows_what_each_case_runs_on(tmp_path, capsys, lite_engine):
-    cli._engines[cli.engine_key("lite_medsam", None, "cpu", None)] = lite_engine
+def test_verbose_shows_what_each_case_runs_on(tmp_path, capsys, cli_engine):
     prompt = ["--box-ijk", "20", "30", "17", "60", "90", "17", "--device", "cpu"]
     assert cli.main(["-v", "segment", str(CHEST_CT), "--out", str(tmp_path / "v.seg.nrrd"), *prompt]) == 0
     verbose = capsys.readouterr().err

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from conftest import dice
 from segmote_core.boxes import candidate_boxes, class_under_clicks, loose_box, parts_under, search_box
 from segmote_core.demo import one_click_dice
-from segmote_core.metrics import pooled_dice
+from segmote_core.metrics import dice, pooled_dice
+from segmote_core.toolbox import box_mask
 
 HELD_OUT = range(1, 34, 3)  # the slices the shipped adapter never saw (configs/chest_ct_lungs.yaml)
 
@@ -32,9 +32,7 @@ def box_decoder(objects):
     """A decoder that knows only boxes: the object that fills the box best, scored by how well it fills it; the part
     inside the box, or the whole object once most of it is inside (a SAM-family model completes a loose box)."""
     def decode(box):
-        x0, y0, x1, y1 = np.round(box).astype(int)
-        inside = np.zeros_like(objects[0])
-        inside[y0:y1 + 1, x0:x1 + 1] = True
+        inside = box_mask(box, objects[0].shape)
         fills = [((o & inside).sum() / max(o.sum(), 1)) * ((o & inside).sum() / inside.sum()) for o in objects]
         best = int(np.argmax(fills))
         most = (objects[best] & inside).sum() >= 0.6 * objects[best].sum()

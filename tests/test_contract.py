@@ -3,6 +3,7 @@ error exit 3 with a hint; writes leave no stray files (docs/reliability.md, "Con
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import run_cli
 from segmote_core import cli
 from segmote_core.devices import resolve_device
 from segmote_core.errors import DeviceError, InputError, SegMoTEError
@@ -27,12 +29,6 @@ from segmote_core.volume import Volume, read_volume
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def share_engine(lite_engine):
-    cli._engines[("lite_medsam", "None", "cpu", "None", "fp32", False)] = lite_engine
-    yield
-
-
 @pytest.fixture(scope="module")
 def tiny_ct() -> Volume:
     """Four slices of a synthetic 'CT': a bright disc on a dark background."""
@@ -40,12 +36,6 @@ def tiny_ct() -> Volume:
     disc = ((yy - 16) ** 2 + (xx - 14) ** 2 < 64).astype(np.int16)
     array = np.stack([disc * 900 - 700 + k for k in range(4)]).astype(np.int16)
     return Volume(array, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
-
-
-def run(args, capsys):
-    code = cli.main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_error_line(err: str) -> str:
@@ -61,14 +51,20 @@ def test_a_box_on_the_half_voxel_border_is_inside(lite_engine, tiny_ct, k):
     assert mask.shape == tiny_ct.array.shape and not mask[1:3].any()
 
 
-def test_the_documented_border_box_through_the_cli(tmp_path, capsys, tiny_ct):
+def test_the_documented_border_box_through_the_cli(tmp_path, capsys, tiny_ct, cli_engine):
     image = tmp_path / "ct.nrrd"
     sitk.WriteImage(tiny_ct.to_sitk(), str(image))
     out = tmp_path / "o.seg.nrrd"
-    code, stdout, err = run(["segment", str(image), "--box-ijk", "4", "6", "-0.5", "26", "27", "-0.5", "--out",
-                             str(out), "--device", "cpu", "--quiet"], capsys)
+    code, stdout, err = run_cli(["segment", str(image), "--box-ijk", "4", "6", "-0.5", "26", "27", "-0.5", "--out",
+                             str(out), "--device", "cpu"], capsys)
     assert code == 0, err
     assert read_segments(out)[1][0].mask[0].sum() > 50
+    # what the command printed is what it recorded
+    record = json.loads(out.with_name("o.json").read_text(encoding="utf-8"))
+    (row,) = record["segments"]
+    assert stdout.splitlines() == [f"normalisation: {record['normalization']}",
+                                   f"segment: {row['voxels']} voxels, {row['volume_ml']:.1f} ml, {row['confidence']} "
+                                   f"-> {out}"]
 
 
 @pytest.mark.parametrize("box,message", [
@@ -142,7 +138,7 @@ def test_device_names_are_judged_by_one_resolver(tmp_path, capsys, device, messa
         return
     with pytest.raises(DeviceError, match=message):
         resolve_device(device)
-    code, _, err = run(["segment", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "o.seg.nrrd"), "--box-ijk",
+    code, _, err = run_cli(["segment", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "o.seg.nrrd"), "--box-ijk",
                         "1", "1", "1", "5", "5", "1", "--device", device], capsys)
     assert code == 1  # the image is missing too: whichever is found first, one line and exit 1
     one_error_line(err)
@@ -152,7 +148,7 @@ def test_device_names_are_judged_by_one_resolver(tmp_path, capsys, device, messa
 def test_an_output_whose_parent_is_a_file_is_a_user_error(tmp_path, capsys):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("x")
-    code, _, err = run(["segment", "/nonexistent.nrrd", "--out", str(blocker / "o.seg.nrrd"), "--box-ijk", "1", "1",
+    code, _, err = run_cli(["segment", "/nonexistent.nrrd", "--out", str(blocker / "o.seg.nrrd"), "--box-ijk", "1", "1",
                         "1", "5", "5", "1"], capsys)
     assert code == 1 and "is a file, not a folder" in one_error_line(err)
     volume = Volume(np.zeros((2, 3, 4), np.int16), (1, 1, 1), (0, 0, 0), np.eye(3))
@@ -166,7 +162,7 @@ def test_a_read_only_output_folder_is_a_user_error_before_the_model_runs(tmp_pat
     """Tests run as root, whom permissions do not stop; the refusal is simulated where the OS answers."""
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode))
-    code, _, err = run(["segment", "/nonexistent.nrrd", "--out", str(tmp_path / "o.seg.nrrd"), "--box-ijk", "1", "1",
+    code, _, err = run_cli(["segment", "/nonexistent.nrrd", "--out", str(tmp_path / "o.seg.nrrd"), "--box-ijk", "1", "1",
                         "1", "5", "5", "1"], capsys)
     assert code == 1 and "is not writable" in one_error_line(err)
 
@@ -189,7 +185,7 @@ def test_an_unwritable_cache_folder_is_a_user_error(tmp_path, capsys, monkeypatc
     blocker = tmp_path / "file"
     blocker.write_text("x")
     monkeypatch.setenv("SEGMOTE_CACHE_DIR", str(blocker / "cache"))
-    code, _, err = run(["weights", "download", "sam_vit_b", "--url", "http://127.0.0.1:9/w.pth", "--quiet"], capsys)
+    code, _, err = run_cli(["weights", "download", "sam_vit_b", "--url", "http://127.0.0.1:9/w.pth", "--quiet"], capsys)
     assert code == 1 and "cannot create the cache folder" in one_error_line(err)
 
 

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CHEST_CT, CHEST_SEG, LUNG_WINDOW, bounding_box_ijk, dice
+from conftest import CHEST_CT, CHEST_SEG, LUNG_WINDOW, bounding_box_ijk
+from segmote_core.metrics import dice
 from segmote_core.shipped import shipped_adapter
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.cuda, pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 ADAPTER = shipped_adapter("chest_ct_lungs")
 
@@ -25,14 +26,15 @@ ADAPTER = shipped_adapter("chest_ct_lungs")
 def read_nrrd_volume(path):
     import nrrd
 
+    from segmote_core.toolbox import ras_lps
     from segmote_core.volume import Volume
 
     data, header = nrrd.read(str(path))  # (I, J, K)
     ijk_to_space = np.eye(4)
     ijk_to_space[:3, :3] = np.asarray(header["space directions"], float).T  # columns: the i, j, k steps
     ijk_to_space[:3, 3] = header["space origin"]
-    to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) if header["space"].startswith("left-posterior") else np.eye(4)
-    return Volume.from_ijk_to_ras(np.transpose(data, (2, 1, 0)), to_ras @ ijk_to_space)
+    ijk_to_ras = ras_lps(ijk_to_space) if header["space"].startswith("left-posterior") else ijk_to_space
+    return Volume.from_ijk_to_ras(np.transpose(data, (2, 1, 0)), ijk_to_ras)
 
 
 @pytest.fixture(scope="module")

@@ -99,6 +99,7 @@ BAD_NAMES = ["liver\n", "x\nSegment0_Name:=HIJACKED", "tab\there", "Rückenmark"
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
+@pytest.mark.slow
 def test_a_name_that_a_header_cannot_hold_is_refused_and_the_file_kept(tmp_path, chest_ct, name):
     out = tmp_path / "seg.seg.nrrd"
     shutil.copy(CHEST_SEG, out)

@@ -7,8 +7,12 @@ from __future__ import annotations
 import logging
 import re
 
+import pytest
+
 from segmote_core import demo
 from segmote_core.segmentation_io import read_segments
+
+pytestmark = pytest.mark.slow  # LiteMedSAM or real scans throughout: `make test` only (tests/conftest.py)
 
 
 def test_demo_segments_both_lungs_and_writes_its_files(tmp_path, lite_engine, lung_adapter_engine, caplog):

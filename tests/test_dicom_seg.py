@@ -16,13 +16,16 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.valuerep import DS
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from conftest import CHEST_CT, CHEST_SEG, dice
+from conftest import CHEST_CT, CHEST_SEG
+from segmote_core.metrics import dice
 from segmote_core import cli
 from segmote_core.dicom_seg import write_dicom_seg
 from segmote_core.errors import InputError
 from segmote_core.outputs import OUTPUT_FORMATS, plan_output, save_output
 from segmote_core.segmentation_io import Segment, read_segments
 from segmote_core.volume import Volume, read_volume
+
+pytestmark = pytest.mark.slow  # LiteMedSAM or real scans throughout: `make test` only (tests/conftest.py)
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -186,15 +189,7 @@ def test_dicom_seg_passes_dciodvfy(tmp_path, chest_dicom):
     assert dciodvfy_errors(tmp_path / "broken.dcm")
 
 
-@pytest.fixture
-def shared_engine(lite_engine):
-    """The CLI's in-process engine is the session's, so embeddings are computed once per test run."""
-    cli._engines[cli.engine_key("lite_medsam", None, "cpu", None)] = lite_engine
-    yield
-
-
-@pytest.mark.slow
-def test_cli_segments_a_dicom_series_into_dicom_seg(tmp_path, capsys, shared_engine, chest_dicom, chest_truth):
+def test_cli_segments_a_dicom_series_into_dicom_seg(tmp_path, capsys, cli_engine, chest_dicom, chest_truth):
     """A real prompt on one axial slice of the series (LiteMedSAM), written as DICOM SEG; an unknown name in a
     .seg.nrrd gets the generic code and a warning."""
     folder, sources = chest_dicom
@@ -296,7 +291,6 @@ def test_series_that_does_not_match_the_volume_is_refused(tmp_path, chest_dicom,
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-@pytest.mark.slow
 def test_auto_on_a_dicom_series_writes_one_automatic_segment_per_adapter_class(tmp_path, capsys, chest_ct,
                                                                                 chest_truth):
     """The shipped adapter on three axial slices of the chest CT stored as DICOM: both lungs, coded, in the

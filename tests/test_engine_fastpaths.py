@@ -44,11 +44,15 @@ def test_auto_embeds_each_slice_once_even_when_the_cache_is_too_small(tmp_path):
     engine = _engine(batch_size=2, cache_bytes=1)  # the cache keeps one entry: nothing survives a batch
     engine.load_adapter(_adapter(engine, tmp_path / "a.safetensors"))
     seen = []
-    segments = engine.auto(_volume(), progress=lambda done, total: seen.append((done, total)))
+    volume = _volume()
+    segments = engine.auto(volume, progress=lambda done, total: seen.append((done, total)))
     assert len(segments) == 1 and segments[0].mask.shape == (6, 48, 48)
     assert engine.cache.misses == 6  # before: 12 (everything embedded, evicted, embedded again)
     assert seen[0] == (0, 6) and seen[-1] == (6, 6)
-    assert engine.cache._bytes == 0  # a volume that does not fit is not cached: nothing useful was evicted for it
+    # A volume that does not fit is not cached (nothing useful was evicted for it): even the slice embedded last,
+    # which a one-entry cache would have kept, is embedded again when asked for.
+    engine.embeddings(engine.prepare(volume), [5])
+    assert engine.cache.misses == 7
 
 
 def test_auto_caches_a_volume_that_fits_so_prompts_afterwards_need_no_encoder(tmp_path):
@@ -60,7 +64,9 @@ def test_auto_caches_a_volume_that_fits_so_prompts_afterwards_need_no_encoder(tm
     volume = _volume()
     assert 6 * engine.embedding_bytes() <= engine.cache.max_bytes
     engine.auto(volume)
-    assert engine.cache.misses == 6 and engine.cache._bytes == 6 * engine.embedding_bytes()
+    assert engine.cache.misses == 6
+    engine.embeddings(engine.prepare(volume), range(6))  # all six kept
+    assert engine.cache.misses == 6
     engine.segment(volume, box_ijk=[14, 10, 1, 33, 37, 4])
     assert engine.cache.misses == 6
 

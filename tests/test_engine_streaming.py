@@ -9,6 +9,8 @@ import pytest
 from conftest import LUNG_WINDOW, bounding_box_ijk
 from segmote_core.errors import Cancelled
 
+pytestmark = pytest.mark.slow  # LiteMedSAM or real scans throughout: `make test` only (tests/conftest.py)
+
 
 def five_slice_lung_box(truth: np.ndarray) -> list[int]:
     """A 3-D box around the lung, five slices deep (k), centred on its middle slice."""

@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segmote_core.engine import Engine
 from segmote_core.session import LOW_CONFIDENCE
 from segmote_core.evalset import evaluate, innermost_point, mni152_case, pydicom_ct_case
-from segmote_core.shipped import shipped_adapter
+
+pytestmark = pytest.mark.slow  # LiteMedSAM or real scans throughout: `make test` only (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +50,12 @@ def test_ct_slice_box_and_click(lite_engine):
     assert results["vertebra"]["click"] >= 0.15  # 0.197: the box search finds the vertebral body, not the rib head
 
 
-def test_the_lung_adapter_leaves_boxes_on_an_mr_and_a_spine_exactly_as_the_base_model_answers_them(lite_engine, mni):
+def test_the_lung_adapter_leaves_boxes_on_an_mr_and_a_spine_exactly_as_the_base_model_answers_them(
+        lite_engine, lung_adapter_engine, mni):
     """Outside its classes (here: another modality, another structure) an adapter must not make a box worse: a box
     alone goes to the frozen decoder with the input that decoder was trained for, not the adapter's lung window."""
     ct = pydicom_ct_case()
-    with_adapter = Engine("lite_medsam", device="cpu", adapter=shipped_adapter("chest_ct_lungs"))
+    with_adapter = lung_adapter_engine  # the shipped lung adapter
     for case, slices in ((mni, {8}), (ct, None)):
         base = evaluate(lite_engine, case, slices=slices, modes=("box",))
         adapted = evaluate(with_adapter, case, slices=slices, modes=("box",))

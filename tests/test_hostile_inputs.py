@@ -318,6 +318,7 @@ def _write_entries(root: str, seed: int, rounds: int, start) -> None:
             store.write(key, rng.random((4, 8, 8), np.float32), rng.random((2, 8, 8), np.float32))
 
 
+@pytest.mark.slow  # two training processes: about 20 s on 2 cores
 def test_two_trainings_sharing_an_embedding_store_leave_every_entry_whole(tmp_path):
     """Unserialised, one writer's rename could land between another's checks (a FileNotFoundError ended that
     training) and an entry's three files could come from different writers."""

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "interactive.py"
@@ -30,6 +31,7 @@ def test_protocol_clicks_the_centre_of_the_largest_error():
     assert interactive.auc([1, 1, 1]) == 1.0 and interactive.auc([0, 1]) == 0.5
 
 
+@pytest.mark.slow  # the protocol loads LiteMedSAM
 def test_tiny_case_runs_both_sides_and_writes_json(tmp_path, capsys):
     array = np.full((4, 40, 40), -1000, np.int16)
     labels = np.zeros(array.shape, np.uint8)

@@ -17,10 +17,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import yaml
 
 from conftest import CHEST_CT, CHEST_SEG
+
+pytestmark = pytest.mark.slow  # LiteMedSAM or real scans throughout: `make test` only (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,6 +112,7 @@ def outside(calls: list[dict]) -> list[dict]:
 
 def test_no_command_contacts_any_address_but_loopback(tmp_path):
     from segmote_core.segmentation_io import Segment, read_segments, save_segments
+    from segmote_core.toolbox import ras_lps
     from segmote_core.volume import Volume, read_volume
 
     # The hooks work: a connection to a documentation address is seen (and refused).
@@ -119,7 +123,7 @@ def test_no_command_contacts_any_address_but_loopback(tmp_path):
     _, truth = read_segments(CHEST_SEG)
     k0, k1 = 15, 18
     crop = Volume(np.ascontiguousarray(ct.array[k0:k1]), ct.spacing,
-                  ct.ijk_to_ras_points([[0, 0, k0]])[0] * np.array([-1, -1, 1]), ct.direction)
+                  ras_lps(ct.ijk_to_ras_points([[0, 0, k0]])[0]), ct.direction)
     crop_ct = tmp_path / "crop.nrrd"
     sitk.WriteImage(crop.to_sitk(), str(crop_ct))
     crop_seg = tmp_path / "crop_truth.seg.nrrd"

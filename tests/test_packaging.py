@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.parser
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,9 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of the files git would ship: setuptools writes build/ and *.egg-info beside the sources it
+    # builds, and the checkout stays as the developer left it.
+    source = tmp_path_factory.mktemp("source") / "segmote"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                ".pytest_cache", ".hypothesis", "segmote-demo",
+                                                                "runs", ".whl", ".gl"))
     # No build isolation: the project's own build requirement (setuptools >= 77) is in the test environment.
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True, text=True)
+                    str(source)], check=True, capture_output=True, text=True)
     [built] = out.glob("segmote-*.whl")
     return built
 

@@ -138,6 +138,7 @@ def test_negative_zero_spacing_and_degenerate_directions_are_refused(spacing, di
         Volume(np.zeros((2, 2, 2)), spacing, (0, 0, 0), direction)
 
 
+@pytest.mark.slow
 def test_labels_on_another_grid_are_refused_with_both_geometries(tmp_path, chest_ct):
     out = tmp_path / "seg.seg.nrrd"
     shutil.copy(CHEST_SEG, out)
@@ -196,6 +197,7 @@ def test_cancel_in_the_middle_of_a_propagation(lite_engine, chest_ct):
     assert calls["n"] == 4
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_batch_then_gives_a_clear_error(small_ct):
     engine = Engine("lite_medsam", device="cpu", batch_size=4)
     real_encode = engine.encode  # the image encoder as the engine calls it
@@ -217,6 +219,7 @@ def test_out_of_memory_halves_the_batch_then_gives_a_clear_error(small_ct):
         engine.embeddings(engine.prepare(small_ct, window=(40, 400)), [0])
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_keeps_the_previous_file(tmp_path, chest_ct, monkeypatch):
     import nrrd  # the NRRD writer under every .seg.nrrd write (slicerio's and the appending one)
 
@@ -283,6 +286,7 @@ def test_fuzzed_files_read_correctly_or_fail_cleanly(tmp_path, suffix, data):
         assert volume.array.ndim == 3 and np.all(volume.spacing > 0)
 
 
+@pytest.mark.slow
 def test_out_of_memory_at_batch_one_on_an_accelerator_moves_to_the_cpu(small_ct):
     """The GPU -> CPU step, exercised on any machine: the 'accelerator' is torch's meta device, whose every
     encoding fails with out-of-memory, as a full GPU would."""

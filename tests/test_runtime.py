@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = shipped_adapter("chest_ct_lungs")
 AGREEMENT = 0.995
 FAST = [name for name in ("onnx", "openvino") if runtimes.installed(name)]
-pytestmark = pytest.mark.skipif(not FAST, reason="neither onnxruntime nor openvino is installed (segmote[cpu])")
+pytestmark = [pytest.mark.slow,  # LiteMedSAM on every runtime: `make test` only (tests/conftest.py)
+              pytest.mark.skipif(not FAST, reason="neither onnxruntime nor openvino is installed (segmote[cpu])")]
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -70,7 +71,7 @@ def slice_box(mask: np.ndarray, near: int = 20) -> list[int]:
 
 def test_engines_use_the_runtime_asked_for(fast_engines):
     for name, engine in fast_engines.items():
-        assert engine.runtime == name and engine._fast_decoder and engine.notices == []
+        assert engine.runtime == name and set(engine.runtime_models) == {"encoder", "decoder"} and engine.notices == []
     assert runtimes.choose("auto", torch.device("cpu")) == FAST[-1]  # OpenVINO first when installed
     assert runtimes.choose("auto", torch.device("cuda")) == "torch"
 
@@ -111,7 +112,7 @@ def test_adapter_prompts_and_automatic_segmentation_agree_with_pytorch(adapter_e
     box = slice_box(chest_truth["right lung"][19:21], near=1)
     expected_box = reference.segment(crop, box_ijk=box)
     for runtime, engine in adapter_engines.items():
-        assert engine.runtime == runtime and engine._fast_decoder, engine.notices
+        assert engine.runtime == runtime and "decoder" in engine.runtime_models, engine.notices
         for segment in engine.auto(crop):
             assert agreement(segment.mask, expected[segment.name]) >= AGREEMENT, (runtime, segment.name)
         assert agreement(engine.segment(crop, box_ijk=box), expected_box) >= AGREEMENT, runtime
@@ -230,7 +231,7 @@ def test_missing_runtime_package_falls_back_to_pytorch_with_one_notice(monkeypat
 def test_failing_adapter_export_keeps_the_fast_encoder_and_prompts_run_pytorch(monkeypatch, tmp_path, fast_engines,
                                                                                 chest_ct, chest_truth):
     engine = Engine(backbone=fast_engines[FAST[0]].backbone, device="cpu", runtime=FAST[0])
-    assert engine._fast_decoder
+    assert "decoder" in engine.runtime_models
     monkeypatch.setattr(runtimes, "exported_dir", lambda: tmp_path)  # nothing cached for the adapter
 
     def fail(*args, **kwargs):
@@ -238,7 +239,7 @@ def test_failing_adapter_export_keeps_the_fast_encoder_and_prompts_run_pytorch(m
 
     monkeypatch.setattr(torch.onnx, "export", fail)
     engine.load_adapter(ADAPTER)
-    assert engine.runtime == FAST[0] and not engine._fast_decoder
+    assert engine.runtime == FAST[0] and set(engine.runtime_models) == {"encoder"}  # the record names no decoder graph
     assert len(engine.notices) == 1 and engine.notices[0].startswith("could not export the prompt decoder")
     assert "\n" not in engine.notices[0]
     box = slice_box(chest_truth["left lung"])

@@ -63,6 +63,7 @@ def lite_medsam_features():
 
 
 # ---- step-0 identity -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_step0_identity_lite_medsam_real_weights_box_and_points(lite_medsam_features):
     model, embedding, early = lite_medsam_features
     assert embedding.shape == (1, 256, 64, 64) and early.shape == (1, 160, 64, 64)
@@ -183,7 +184,7 @@ def test_straight_through_gate_is_hard_forward_soft_backward():
     assert logits.grad.abs().sum() > 0
 
 
-def test_balance_loss_is_summed_over_blocks_and_on_in_both_modes():
+def test_balance_loss_is_summed_over_blocks_in_training_and_not_computed_at_inference():
     model = tiny_model()
     embedding, early = tiny_features(model)
     per_block = []
@@ -196,9 +197,42 @@ def test_balance_loss_is_summed_over_blocks_and_on_in_both_modes():
         out = model.decode(embedding, early, boxes=box)
         assert len(per_block) == len(model.mote.moe_layers) == 2
         assert torch.allclose(out.balance_loss, sum(per_block))
+        assert (out.balance_loss > 0) == training  # four experts for four tokens in two blocks are never even
         assert out.expert_choice.shape == (1, 2, 4)
     for hook in hooks:
         hook.remove()
+
+
+def test_inference_computes_only_the_selected_expert_mask_and_gives_the_same_output():
+    """At inference MoTE decodes only the selected expert token's full-resolution mask; the output is the one of
+    the full formula (every token's mask, weighted by the one-hot selection), which training still uses, to float
+    rounding (one product instead of T: about 1e-7) and mask for mask."""
+    model = tiny_model(seed=4)
+    perturb_zero_inits(model)
+    embedding, early = tiny_features(model, batch=3, seed=5)
+    decoder, image_pe = model.backbone.mask_decoder, model.backbone.prompt_encoder.get_dense_pe()
+    boxes = torch.tensor([[10.0, 20.0, 200.0, 150.0], [0.0, 0.0, 255.0, 255.0], [90.0, 5.0, 120.0, 60.0]])
+    prompts = [{"boxes": boxes},
+               {"points": torch.tensor([[[60.0, 70.0]], [[200.0, 30.0]], [[5.0, 250.0]]]),
+                "point_labels": torch.tensor([[1], [1], [0]])}]
+    selected = set()
+    with torch.no_grad():
+        for prompt in prompts:
+            sparse, dense = model.backbone.encode_prompts(prompt.get("points"), prompt.get("point_labels"),
+                                                          prompt.get("boxes"), None)
+            full = model.mote(decoder, image_pe, embedding + dense, sparse, early, every_expert_mask=True)
+            only = model.mote(decoder, image_pe, embedding + dense, sparse, early)
+            assert full.expert_logits.shape == (3, 4, 64, 64) and only.expert_logits.shape == (3, 1, 64, 64)
+            assert torch.equal(only.selected_token, full.selected_token)
+            rows = torch.arange(3)
+            torch.testing.assert_close(only.expert_logits[:, 0], full.expert_logits[rows, full.selected_token],
+                                       rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(only.logits, full.logits, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(only.iou, full.iou, rtol=0, atol=0)
+            assert torch.equal(only.logits > 0, full.logits > 0)
+            assert torch.equal(model.decode_embeddings(embedding, early, sparse, dense).logits, only.logits)
+            selected.update(full.selected_token.tolist())
+    assert (model.mote.residual_scale > 0).all() and len(selected) > 1  # the experts' masks do count
 
 
 def test_noisy_gating_only_while_training():
@@ -309,7 +343,13 @@ def test_auto_decode_shapes_refinement_and_class_checks():
     assert torch.equal(coarse_only.logits, coarse_only.coarse_logits)
     assert torch.equal(refined.coarse_logits, coarse_only.logits)
     assert torch.equal(refined.objectness, coarse_only.objectness)
-    assert refined.balance_loss > coarse_only.balance_loss  # three passes' balance losses add up
+    model.train()  # the balance loss is a training term
+    torch.manual_seed(0)
+    coarse_only = model.auto_decode(embedding, early, class_index=2, refine_passes=0)
+    torch.manual_seed(0)
+    refined = model.auto_decode(embedding, early, class_index=2, refine_passes=2)
+    assert refined.balance_loss > coarse_only.balance_loss > 0  # three passes' balance losses add up
+    model.eval()
     with pytest.raises(InputError, match="class index 3"):
         model.auto_decode(embedding, early, class_index=3)
 

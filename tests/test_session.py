@@ -11,6 +11,8 @@ from segmote_core.errors import Cancelled, InputError
 from segmote_core.metrics import dice
 from segmote_core.volume import Volume
 
+pytestmark = pytest.mark.slow  # LiteMedSAM or real scans throughout: `make test` only (tests/conftest.py)
+
 
 def middle_box(truth: np.ndarray) -> tuple[list[float], int]:
     """The tight 2-D box (i0, j0, k, i1, j1, k) of a (K, J, I) mask on its middle axial slice."""

@@ -17,13 +17,14 @@ from conftest import CHEST_CT
 from segmote_core import cli
 from segmote_core.segmentation_io import read_segments
 
+pytestmark = pytest.mark.slow  # LiteMedSAM or real scans throughout: `make test` only (tests/conftest.py)
+
 BOX = ["--box-ijk", "20", "30", "1", "60", "90", "1"]
 
 
 @pytest.fixture
-def crop(tmp_path, lite_engine) -> Path:
+def crop(tmp_path, cli_engine) -> Path:
     """Two axial slices of the chest CT; the CLI's engine is the session's, so a slice is embedded once."""
-    cli._engines[cli.engine_key("lite_medsam", None, "cpu", None)] = lite_engine
     image = sitk.ReadImage(str(CHEST_CT))[:, :, 16:18]
     path = tmp_path / "ct.nrrd"
     sitk.WriteImage(image, str(path))

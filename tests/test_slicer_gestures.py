@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # LiteMedSAM or real scans throughout: `make test` only (tests/conftest.py)
+
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 from vtk.util.numpy_support import vtk_to_numpy  # noqa: E402
 
-from conftest import dice  # noqa: E402
+from segmote_core.metrics import dice  # noqa: E402
 from slicer_views import SliceViews  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SegMoTESlicer"))

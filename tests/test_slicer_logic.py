@@ -17,7 +17,8 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from conftest import LUNG_WINDOW, bounding_box_ijk, dice  # noqa: E402
+from conftest import LUNG_WINDOW, bounding_box_ijk  # noqa: E402
+from segmote_core.metrics import dice  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "SegMoTESlicer"
 sys.path.insert(0, str(MODULE_DIR))
@@ -191,7 +192,19 @@ def chest_scene(scene, chest):
 
 
 # ---- the main cases ------------------------------------------------------------------------------------------------
-def test_roi_around_a_lung_lands_on_the_ground_truth(logic, scene, chest, chest_scene):
+def test_roi_around_a_lung_lands_on_the_ground_truth(logic, scene, chest, chest_scene, monkeypatch):
+    import threading
+
+    from segmote_core.engine import Engine
+
+    model_threads = set()  # the threads that prompted the engine: one, and not Slicer's (this test's) thread
+    open_session = Engine.open
+
+    def recording(self, *args, **kwargs):
+        model_threads.add(threading.get_ident())
+        return open_session(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "open", recording)
     array, ijk_to_ras, truth = chest
     volume, segmentation, left = chest_scene
     before_left = segment_array(volume, segmentation, left).copy()
@@ -208,7 +221,7 @@ def test_roi_around_a_lung_lands_on_the_ground_truth(logic, scene, chest, chest_
     assert segmentation.GetSegmentation().GetSegment(segment_id).GetName() == "SegMoTE 1"
     # Nothing outside the box's slices and the box (grown to the result) was written.
     assert not result[:, :, : box[0] - 3].any() and not result[:, :, box[3] + 4:].any()
-    assert len(logic._worker.threadIds) == 1
+    assert len(model_threads) == 1 and threading.get_ident() not in model_threads
 
 
 def test_oblique_volume_and_rotated_box(logic, scene, chest_ct, chest_truth):

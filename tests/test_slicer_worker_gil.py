@@ -104,6 +104,7 @@ def test_the_imitation_holds_the_gil_and_the_panels_poll_gives_it_to_the_engine_
     assert BEST_POSSIBLE >= 0.85, "the panel's timer leaves the engine thread too small a share of each cycle"
 
 
+@pytest.mark.slow  # about 20 s of model steps under a busy main thread
 def test_engine_thread_keeps_its_speed_while_the_main_thread_holds_the_gil(single_torch_thread):
     worker = EngineWorker()
     try:

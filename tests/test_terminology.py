@@ -31,6 +31,7 @@ def slicer_codes(terminology: dict) -> tuple:
     return terminology["category"][1], terminology["type"][1], modifier[1] if modifier else None
 
 
+@pytest.mark.slow
 def test_the_ground_truth_names_get_the_codes_slicer_stored_for_them():
     """The shipped segmentation was labelled in 3D Slicer with its terminology: each name resolves to those codes."""
     truth = slicerio.read_segmentation(str(CHEST_SEG), skip_voxels=True)
@@ -104,6 +105,7 @@ def test_the_table_is_well_formed_and_shipped_as_package_data():
     assert "segmote_core/data/terminology.csv" in (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_seg_nrrd_output_carries_terminology_and_keeps_existing_segments(tmp_path, chest_ct):
     out = tmp_path / "case.seg.nrrd"
     shutil.copy(CHEST_SEG, out)
@@ -137,6 +139,7 @@ def test_a_segment_colour_of_its_own_wins_over_the_recommended_one(tmp_path, che
     assert slicer_codes(segment["terminology"]) == ("123037004", "39607008", "24028007")
 
 
+@pytest.mark.slow
 def test_label_maps_carry_no_terminology_and_give_no_notice(tmp_path, chest_ct):
     out = tmp_path / "labels.nii.gz"
     mask = np.zeros(chest_ct.array.shape, bool)

@@ -219,6 +219,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
 
 
+@pytest.mark.slow
 def test_heldout_report_scores_the_shipped_adapter_through_the_engine(tmp_path, tiny_data, monkeypatch):
     """Slice split with the real LiteMedSAM: the held-out report runs Engine.auto and single-click / box prompts on
     the held-out slices, with the engines seeded from the training store (nothing embedded twice with one input)."""
@@ -250,6 +251,7 @@ def test_heldout_report_scores_the_shipped_adapter_through_the_engine(tmp_path, 
     assert embedded[:8] == list(range(8)) and sorted(embedded[8:]) == [1, 1, 5, 5]
 
 
+@pytest.mark.slow  # two processes under torchrun: about 10 s on 2 cores
 def test_two_process_ddp_under_torchrun(tmp_path, tiny_data):
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(tiny_values(tiny_data, tmp_path / "ddp", steps=2, interaction_steps=0)))

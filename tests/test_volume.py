@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from segmote_core.errors import InputError
 from segmote_core.normalize import choose_normalization, normalize, window
+from segmote_core.toolbox import ras_lps
 from segmote_core.volume import SliceStack, Volume, read_volume
 
 
@@ -125,8 +126,7 @@ def reorder(volume: Volume, permutation, flips) -> Volume:
     # new voxel axis n is old voxel axis permutation[n]
     array = np.transpose(array, [2 - permutation[2 - d] for d in range(3)])
     ijk_to_lps[:3, :3] = ijk_to_lps[:3, list(permutation)]
-    ijk_to_ras = np.diag([-1.0, -1.0, 1, 1]) @ ijk_to_lps
-    return Volume.from_ijk_to_ras(np.ascontiguousarray(array), ijk_to_ras)
+    return Volume.from_ijk_to_ras(np.ascontiguousarray(array), ras_lps(ijk_to_lps))
 
 
 def test_reorder_helper_keeps_world_positions():

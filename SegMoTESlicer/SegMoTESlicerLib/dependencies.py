@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 
 from segmote_core.errors import SegMoTEError
+from segmote_core.toolbox import one_line
 
 TORCH_REQUIREMENT = ">=2.4"
 TORCHVISION_REQUIREMENT = ">=0.19"
@@ -147,7 +148,7 @@ def _installTorch() -> None:
                                         torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
     except Exception as error:  # pip's CalledProcessError, a failed import of the new torch, ...
         log.error("installing PyTorch failed", exc_info=error)
-        raise SegMoTEError(f"installing PyTorch failed ({type(error).__name__}: {str(error).strip()[:150]}); "
+        raise SegMoTEError(f"installing PyTorch failed ({one_line(error, 180, named=True)}); "
                            "open the PyTorch Utils module to install it by hand") from error
     if torch is None:
         raise SegMoTEError("PyTorch was not installed; open the PyTorch Utils module to install it by hand")

@@ -18,6 +18,7 @@ import vtk
 from vtk.util import numpy_support
 
 from segmote_core.errors import InputError
+from segmote_core.toolbox import mask_extent
 
 Extent = tuple  # (i0, i1, j0, j1, k0, k1), inclusive
 LATTICE_TOLERANCE = 1e-3  # voxels
@@ -153,13 +154,12 @@ def extentSlices(extent, within) -> tuple[slice, slice, slice]:
 
 def maskExtent(mask: np.ndarray, origin=(0, 0, 0)):
     """Tight extent of the True voxels of a (K, J, I) array whose voxel (0, 0, 0) is grid voxel `origin` (IJK)."""
-    if not mask.any():
+    extent = mask_extent(mask)
+    if extent is None:
         return None
     ranges = []
     for axis in (2, 1, 0):  # I, J, K
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        ranges += [int(hits[0]) + origin[2 - axis], int(hits[-1]) + origin[2 - axis]]
+        ranges += [extent[axis].start + origin[2 - axis], extent[axis].stop - 1 + origin[2 - axis]]
     return tuple(ranges)
 
 

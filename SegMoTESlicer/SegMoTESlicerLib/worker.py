@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable
 
 from segmote_core.errors import Cancelled, SegMoTEError
+from segmote_core.toolbox import one_line
 
 ProgressFn = Callable[[int, int], None]
 # The panel's timer while a job runs: fire every POLL_INTERVAL_MS, then wait up to POLL_WAIT_S for the job. Inside
@@ -27,17 +28,10 @@ POLL_INTERVAL_MS = 10
 POLL_WAIT_S = 0.08
 
 
-def oneLine(text: object, limit: int = 300) -> str:
-    """The first non-empty line of a message, shortened: what the panel shows."""
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    line = lines[0] if lines else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def asSegMoTEError(error: BaseException, doing: str = "running the model") -> SegMoTEError:
     """Any failure as a SegMoTEError with one line for the panel (the original stays in __cause__)."""
     if isinstance(error, SegMoTEError):
-        message = oneLine(error)
+        message = one_line(error)
         return error if message == str(error) else type(error)(message)
     if _isOutOfMemory(error):
         converted = SegMoTEError(
@@ -45,7 +39,7 @@ def asSegMoTEError(error: BaseException, doing: str = "running the model") -> Se
             "or close other programs that use the GPU")
     else:
         logging.getLogger("SegMoTE").error("unexpected error while %s", doing, exc_info=error)
-        converted = SegMoTEError(f"unexpected error while {doing}: {type(error).__name__}: {oneLine(error, 200)} "
+        converted = SegMoTEError(f"unexpected error while {doing}: {one_line(error, 200, named=True)} "
                                  "(details in the Python console)")
     converted.__cause__ = error
     return converted
@@ -80,7 +74,6 @@ class EngineWorker:
         self._queue: queue.SimpleQueue | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.threadIds: set[int] = set()  # threads that ran jobs (tests check it stays one)
 
     def submit(self, fn: Callable[..., Any], *args, **kwargs) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -94,7 +87,6 @@ class EngineWorker:
         return future
 
     def _loop(self, work: "queue.SimpleQueue") -> None:
-        self.threadIds.add(threading.get_ident())
         while True:
             item = work.get()
             if item is None:

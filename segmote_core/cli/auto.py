@@ -33,16 +33,11 @@ def run(args) -> int:
         seen = engine.prepare(volume, args.axis, **normalization).normalization  # as auto() resolved it
         return segments, [{} for _ in segments], None, seen
 
-    code = run_cases(args, "auto", cases, outputs, collection, segment_case)
+    code, results = run_cases(args, "auto", cases, outputs, collection, segment_case)
     if not collection and not args.quiet:
-        import json
-
-        from ..cases import record_path
-
-        output = outputs[cases[0].name].path
-        record = json.loads(record_path(output).read_text(encoding="utf-8"))
-        print(f"normalisation: {record['normalization']}")
-        for s in record["segments"]:
+        result = results[0]
+        print(f"normalisation: {result.normalization}")
+        for s in result.segments:
             print(f"{s['name']}: {s['voxels']} voxels")
-        print(f"-> {output}")
+        print(f"-> {result.output}")
     return code

@@ -42,7 +42,8 @@ def add_io_options(parser) -> None:
 class CaseResult:
     name: str
     output: Path | None = None
-    segments: list[dict] = field(default_factory=list)
+    segments: list[dict] = field(default_factory=list)  # the run record's rows: name, voxels, volume_ml, ...
+    normalization: str = ""  # what the model saw, in words
     seconds: float = 0.0
     error: str | None = None
 
@@ -133,9 +134,11 @@ def _read_record(path: Path) -> dict | None:
     return record if isinstance(record, dict) and record.get("tool") == "segmote" else None
 
 
-def run_cases(args, kind: str, cases, targets: dict, collection: bool, segment_case) -> int:
+def run_cases(args, kind: str, cases, targets: dict, collection: bool,
+              segment_case) -> tuple[int, list[CaseResult]]:
     """segment_case(engine, volume, case, show_slice_progress) -> (segments, details per segment, prompts record,
-    the normalisation the model saw). Returns the exit status."""
+    the normalisation the model saw). Returns the exit status and each case's result (this process's cases and,
+    under torchrun, the other ranks')."""
     from ..torchrun import torchrun_environment
     from ..volume import read_volume
 
@@ -162,7 +165,7 @@ def run_cases(args, kind: str, cases, targets: dict, collection: bool, segment_c
             except Exception as error:  # noqa: BLE001 - a folder run reports the case and goes on
                 if not collection:
                     raise
-                result.error = _one_line(error)
+                result.error = _error_line(error)
                 log.error(f"case {shown(case.name)}: {result.error}")
             result.seconds = time.perf_counter() - started
             results.append(result)
@@ -181,7 +184,7 @@ def run_cases(args, kind: str, cases, targets: dict, collection: bool, segment_c
                 print(statistics_table(result.name, result.segments))
     if collection and not args.quiet and shard.rank == 0:
         print(summary_table(results))
-    return 1 if any(r.error for r in results) else 0
+    return (1 if any(r.error for r in results) else 0), results
 
 
 @dataclass
@@ -233,11 +236,12 @@ def shown(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def _one_line(error: Exception) -> str:
+def _error_line(error: Exception) -> str:
+    """A case's failure for the summary: a user's error as it is, anything else named as an internal error."""
     from ..errors import SegMoTEError
+    from ..toolbox import one_line
 
-    text = " ".join(str(error).split())[:300]
-    return text if isinstance(error, SegMoTEError) else f"internal error ({type(error).__name__}: {text})"
+    return one_line(error) if isinstance(error, SegMoTEError) else f"internal error ({one_line(error, named=True)})"
 
 
 def write_case(args, kind, engine, volume, case, target, result: CaseResult, segments, details, prompts,
@@ -276,6 +280,7 @@ def write_case(args, kind, engine, volume, case, target, result: CaseResult, seg
                 row["mean_intensity"] = float(values.mean()) if values.size else None
                 row["std_intensity"] = float(values.std()) if values.size else None
             result.segments.append(row)
+        result.normalization = normalization.description
         record = run_record(args, kind, engine, volume, case, result, prompts, normalization,
                             time.perf_counter() - started, preview)
         text = json.dumps(json_safe(record), indent=1, allow_nan=False)
@@ -330,7 +335,7 @@ def run_record(args, kind, engine, volume, case, result: CaseResult, prompts, no
         "prompts": prompts,
         "device": str(engine.device), "runtime": engine.runtime,
         # the exported graphs that ran (ONNX Runtime / OpenVINO), each checked against the weights named above
-        "runtime_models": dict(getattr(getattr(engine, "_fast", None), "models", None) or {}) or None,
+        "runtime_models": engine.runtime_models or None,
         "segments": result.segments,
         "preview": str(preview) if preview else None,
         "wall_time_s": round(seconds, 3),

@@ -142,7 +142,8 @@ def _main(argv: list[str] | None) -> int:
     except Exception as error:  # noqa: BLE001 - the user gets one line; developers set SEGMOTE_DEBUG=1
         if debug_enabled():
             raise
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        print(f"error: internal error ({type(error).__name__}: {first}); rerun with SEGMOTE_DEBUG=1 for details",
+        from ..toolbox import one_line
+
+        print(f"error: internal error ({one_line(error, 250, named=True)}); rerun with SEGMOTE_DEBUG=1 for details",
               file=sys.stderr)
         return EXIT_INTERNAL_ERROR

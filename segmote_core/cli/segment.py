@@ -113,9 +113,9 @@ def run(args) -> int:
         seen = result.normalization if result else engine.prepare(volume, args.axis, **normalization).normalization
         return segments, details, prompts, seen
 
-    code = run_cases(args, "segment", cases, outputs, collection, segment_case)
+    code, results = run_cases(args, "segment", cases, outputs, collection, segment_case)
     if not collection and not args.quiet:
-        print_single(args, outputs[cases[0].name].path)
+        print_single(results[0])
     return code
 
 
@@ -134,13 +134,8 @@ def prompt_record(volume, name, box, points, labels) -> dict:
     return record
 
 
-def print_single(args, output) -> None:
-    """The result lines of a one-case run, read back from its run record."""
-    import json
-
-    from ..cases import record_path
-
-    record = json.loads(record_path(output).read_text(encoding="utf-8"))
-    print(f"normalisation: {record['normalization']}")
-    for s in record["segments"]:
-        print(f"{s['name']}: {s['voxels']} voxels, {s['volume_ml']:.1f} ml, {s['confidence']} -> {output}")
+def print_single(result) -> None:
+    """The result lines of a one-case run: what its run record holds."""
+    print(f"normalisation: {result.normalization}")
+    for s in result.segments:
+        print(f"{s['name']}: {s['voxels']} voxels, {s['volume_ml']:.1f} ml, {s['confidence']} -> {result.output}")

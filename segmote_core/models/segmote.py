@@ -55,7 +55,8 @@ class tokens plus that box. Objectness, per class per slice, is ``sigmoid(head([
 where the IoU token is the decoder's output state in the coarse (first) pass.
 
 Balance loss: ``CV²(importance) + CV²(load)`` per block (see ``balance_loss``), summed over blocks and passes,
-always computed and returned next to the masks; the training loop weights it (paper: 0.01).
+computed in training and returned next to the masks; the training loop weights it (paper: 0.01). At inference it is
+not computed (a zero), and only the selected expert token's full-resolution mask is (``MixtureOfTokenExperts``).
 
 Why one module of about 600 lines: MoTE and PPT share the decoder pass they are woven into (the step-0 identity
 with the frozen decoder depends on both), so the model reads as one piece next to the paper.
@@ -121,10 +122,11 @@ class SegMoTEConfig:
 class SegMoTEOutput:
     """Result of a prompted decode.
 
-    logits: (B, 1, 256, 256) final low-res mask logits; iou: (B, 1); balance_loss: scalar tensor (sum over blocks);
-    base_logits / base_iou: the frozen model's own prediction; expert_logits: (B, T, 256, 256) each expert token's
-    mask before the residual scale; selected_token: (B,) index of the chosen expert token; expert_choice:
-    (B, depth, T) the expert each token was routed to in each block.
+    logits: (B, 1, 256, 256) final low-res mask logits; iou: (B, 1); balance_loss: scalar tensor (sum over blocks;
+    zero at inference); base_logits / base_iou: the frozen model's own prediction; expert_logits: (B, T, 256, 256)
+    each expert token's mask before the residual scale (in training; at inference (B, 1, 256, 256), the selected
+    token's alone); selected_token: (B,) index of the chosen expert token; expert_choice: (B, depth, T) the expert
+    each token was routed to in each block.
     """
 
     logits: torch.Tensor
@@ -239,7 +241,8 @@ class TokenMixtureOfExperts(nn.Module):
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(B, T, D) tokens -> (B, T, D) chosen expert's output and routing facts.
 
-        The routing facts: ``clean_logits`` (B, T, E), ``choice`` (B, T) long, ``balance_loss`` scalar.
+        The routing facts: ``clean_logits`` (B, T, E), ``choice`` (B, T) long, ``balance_loss`` scalar (training
+        only: at inference nothing uses it, and it is a zero).
         """
         clean, noise_std = self.router_logits(tokens)
         logits = clean + torch.randn_like(clean) * noise_std if self.training else clean
@@ -250,7 +253,10 @@ class TokenMixtureOfExperts(nn.Module):
         # while its straight-through part hands the router the gradient of the softmax probabilities.
         expert_out = torch.stack([expert(tokens) for expert in self.experts], dim=-2)  # (B, T, E, D)
         mixed = (gates.to(expert_out.dtype).unsqueeze(-1) * expert_out).sum(dim=-2)
-        loss = balance_loss(gates.flatten(0, -2), probs.flatten(0, -2))
+        if self.training:
+            loss = balance_loss(gates.flatten(0, -2), probs.flatten(0, -2))
+        else:
+            loss = clean.new_zeros(())
         return mixed, {"clean_logits": clean, "choice": choice, "balance_loss": loss}
 
 
@@ -282,6 +288,83 @@ class MixtureOfTokenExperts(nn.Module):
         self.iou_correction = nn.Linear(dim, 1)
         nn.init.zeros_(self.iou_correction.weight)
         nn.init.zeros_(self.iou_correction.bias)
+
+    def forward(self, decoder, image_pe: torch.Tensor, src: torch.Tensor, sparse: torch.Tensor, early: torch.Tensor,
+                every_expert_mask: bool | None = None) -> SegMoTEOutput:
+        """SAM's mask decoder (``decoder``, frozen) with the expert tokens beside its own: the base mask exactly as
+        SAM makes it, plus the selected expert token's mask (on the early, high-resolution features) times its
+        residual scale.
+
+        image_pe (1, D, h, w) the prompt encoder's dense positional encoding; src (B, D, h, w) the image embedding
+        plus the dense prompt; sparse (B, N, D) sparse prompts; early (B, C, h, w). every_expert_mask (default:
+        in training) computes every expert token's full-resolution mask, as training needs for the gradient of the
+        token selection; otherwise only the selected token's, since the others are weighted by exactly zero (the
+        same logits to float rounding, T times fewer full-resolution products). ``expert_logits`` is then
+        (B, 1, 256, 256).
+        """
+        transformer = decoder.transformer
+        batch = src.shape[0]
+        # SAM's token sequence, built exactly as MaskDecoder.predict_masks builds it.
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(batch, -1, -1)
+        sam_tokens = torch.cat((output_tokens, sparse), dim=1)
+        height, width = src.shape[-2:]
+        keys = src.flatten(2).permute(0, 2, 1)
+        key_pe = image_pe.flatten(2).permute(0, 2, 1)
+
+        expert_pe = self.expert_tokens.weight.unsqueeze(0).expand(batch, -1, -1).to(sam_tokens.dtype)
+        queries, experts = sam_tokens, expert_pe
+        balance = sam_tokens.new_zeros((), dtype=torch.float32)
+        choices, last_logits = [], None
+        for block, moe in zip(transformer.layers, self.moe_layers):
+            queries, experts, keys, routing = _two_way_block(block, moe, queries, experts, keys,
+                                                             sam_tokens, expert_pe, key_pe)
+            balance = balance + routing["balance_loss"]
+            choices.append(routing["choice"])
+            last_logits = routing["clean_logits"]
+
+        # Final token-to-image attention, for SAM tokens as in TwoWayTransformer.forward, and for expert tokens.
+        final_keys = keys + key_pe
+        queries = transformer.norm_final_attn(
+            queries + transformer.final_attn_token_to_image(q=queries + sam_tokens, k=final_keys, v=keys))
+        experts = transformer.norm_final_attn(
+            experts + transformer.final_attn_token_to_image(q=experts + expert_pe, k=final_keys, v=keys))
+
+        # Base masks exactly as MaskDecoder.predict_masks; multimask=False keeps mask token 0.
+        iou_token = queries[:, 0, :]
+        mask_tokens = queries[:, 1 : 1 + decoder.num_mask_tokens, :]
+        upscaled = decoder.output_upscaling(keys.transpose(1, 2).view(batch, -1, height, width))
+        hyper = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
+        channels, up_h, up_w = upscaled.shape[1:]
+        base_masks = (hyper @ upscaled.view(batch, channels, up_h * up_w)).view(batch, -1, up_h, up_w)
+        base_logits = base_masks[:, 0:1]
+        base_iou = decoder.iou_prediction_head(iou_token)[:, 0:1]
+
+        # Expert masks on HQ features, from the expert token with the highest top-1 router logit in the last block.
+        fused = upscaled + self.early_projection(early.to(upscaled.dtype))
+        expert_hyper = torch.stack([mlp(experts[:, t, :]) for t, mlp in enumerate(self.hypernetworks)], 1)
+        token_scores = last_logits.max(dim=-1).values  # (B, T)
+        selected = token_scores.argmax(dim=-1)
+        if every_expert_mask is None:
+            every_expert_mask = self.training
+        if every_expert_mask:
+            expert_logits = (expert_hyper @ fused.flatten(2)).view(batch, -1, up_h, up_w)  # (B, T, 256, 256)
+            selection = straight_through_one_hot(token_scores.softmax(dim=-1), selected).to(expert_logits.dtype)
+            weights = selection * self.residual_scale  # (B, T)
+            logits = base_logits + (weights[:, :, None, None] * expert_logits).sum(dim=1, keepdim=True)
+            selected_token_state = (selection.unsqueeze(-1) * experts).sum(dim=1)
+        else:
+            rows = torch.arange(batch, device=selected.device)
+            expert_logits = (expert_hyper[rows, selected].unsqueeze(1) @ fused.flatten(2)).view(batch, 1, up_h, up_w)
+            weight = self.residual_scale[selected].to(expert_logits.dtype)  # (B,)
+            logits = base_logits + weight[:, None, None, None] * expert_logits
+            selected_token_state = experts[rows, selected]
+        iou = base_iou + self.iou_correction(selected_token_state)
+        return SegMoTEOutput(
+            logits=logits, iou=iou, balance_loss=balance, base_logits=base_logits, base_iou=base_iou,
+            expert_logits=expert_logits, selected_token=selected, expert_choice=torch.stack(choices, dim=1),
+            iou_token=iou_token,
+        )
 
 
 class ProgressivePromptTokens(nn.Module):
@@ -410,71 +493,14 @@ class SegMoTE(nn.Module):
         self, embedding: torch.Tensor, early: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
     ) -> SegMoTEOutput:
         """The MoTE decoder on already-encoded prompts: sparse (B, N, 256), dense (B, 256, 64, 64)."""
-        decoder = self.backbone.mask_decoder
-        transformer = decoder.transformer
         # Prompt-less calls give batch-1 prompt embeddings; one image may serve many prompt sets.
         batch = max(sparse.shape[0], embedding.shape[0])
         embedding = _match_batch(embedding, batch, "embedding")
         early = _match_batch(early, batch, "early feature")
         sparse = _match_batch(sparse, batch, "sparse prompt")
         dense = _match_batch(dense, batch, "dense prompt")
-
-        # SAM's token sequence, built exactly as MaskDecoder.predict_masks builds it.
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.unsqueeze(0).expand(batch, -1, -1)
-        sam_tokens = torch.cat((output_tokens, sparse), dim=1)
-        src = embedding + dense
-        height, width = src.shape[-2:]
-        image_pe = self.backbone.prompt_encoder.get_dense_pe()
-        keys = src.flatten(2).permute(0, 2, 1)
-        key_pe = image_pe.flatten(2).permute(0, 2, 1)
-
-        expert_pe = self.mote.expert_tokens.weight.unsqueeze(0).expand(batch, -1, -1).to(sam_tokens.dtype)
-        queries, experts = sam_tokens, expert_pe
-        balance = sam_tokens.new_zeros((), dtype=torch.float32)
-        choices, last_logits = [], None
-        for block, moe in zip(transformer.layers, self.mote.moe_layers):
-            queries, experts, keys, routing = _two_way_block(block, moe, queries, experts, keys,
-                                                             sam_tokens, expert_pe, key_pe)
-            balance = balance + routing["balance_loss"]
-            choices.append(routing["choice"])
-            last_logits = routing["clean_logits"]
-
-        # Final token-to-image attention, for SAM tokens as in TwoWayTransformer.forward, and for expert tokens.
-        final_keys = keys + key_pe
-        queries = transformer.norm_final_attn(
-            queries + transformer.final_attn_token_to_image(q=queries + sam_tokens, k=final_keys, v=keys))
-        experts = transformer.norm_final_attn(
-            experts + transformer.final_attn_token_to_image(q=experts + expert_pe, k=final_keys, v=keys))
-
-        # Base masks exactly as MaskDecoder.predict_masks; multimask=False keeps mask token 0.
-        iou_token = queries[:, 0, :]
-        mask_tokens = queries[:, 1 : 1 + decoder.num_mask_tokens, :]
-        upscaled = decoder.output_upscaling(keys.transpose(1, 2).view(batch, -1, height, width))
-        hyper = torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
-        channels, up_h, up_w = upscaled.shape[1:]
-        base_masks = (hyper @ upscaled.view(batch, channels, up_h * up_w)).view(batch, -1, up_h, up_w)
-        base_logits = base_masks[:, 0:1]
-        base_iou = decoder.iou_prediction_head(iou_token)[:, 0:1]
-
-        # Expert masks on HQ features.
-        fused = upscaled + self.mote.early_projection(early.to(upscaled.dtype))
-        expert_hyper = torch.stack([mlp(experts[:, t, :]) for t, mlp in enumerate(self.mote.hypernetworks)], 1)
-        expert_logits = (expert_hyper @ fused.flatten(2)).view(batch, -1, up_h, up_w)  # (B, T, 256, 256)
-
-        # Select the expert token with the highest top-1 router logit in the last block.
-        token_scores = last_logits.max(dim=-1).values  # (B, T)
-        selected = token_scores.argmax(dim=-1)
-        selection = straight_through_one_hot(token_scores.softmax(dim=-1), selected).to(expert_logits.dtype)
-        weights = selection * self.mote.residual_scale  # (B, T)
-        logits = base_logits + (weights[:, :, None, None] * expert_logits).sum(dim=1, keepdim=True)
-        selected_token_state = (selection.unsqueeze(-1) * experts).sum(dim=1)
-        iou = base_iou + self.mote.iou_correction(selected_token_state)
-        return SegMoTEOutput(
-            logits=logits, iou=iou, balance_loss=balance, base_logits=base_logits, base_iou=base_iou,
-            expert_logits=expert_logits, selected_token=selected, expert_choice=torch.stack(choices, dim=1),
-            iou_token=iou_token,
-        )
+        return self.mote(self.backbone.mask_decoder, self.backbone.prompt_encoder.get_dense_pe(), embedding + dense,
+                         sparse, early)
 
     # ---- prompt-free decode -----------------------------------------------------------------------------
     def auto_decode(

@@ -13,6 +13,7 @@ import yaml
 
 from ..errors import InputError
 from ..models.segmote import SegMoTEConfig
+from ..toolbox import one_line
 
 
 @dataclass
@@ -197,7 +198,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         except UnicodeDecodeError:
             raise InputError(f"config {path.name} is not UTF-8 text") from None
         except yaml.YAMLError as error:
-            raise InputError(f"config {path.name} is not valid YAML: {' '.join(str(error).split())[:200]}") from None
+            raise InputError(f"config {path.name} is not valid YAML: {one_line(error, 200)}") from None
         if not isinstance(loaded, dict):
             raise InputError(f"config {path.name} must be a mapping of keys to values")
         make_config(loaded, f"config {path.name}")  # refuse unknown keys naming the file

@@ -7,13 +7,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..toolbox import mask_box
 from .data import SliceItem
 
 
 def sample_box(mask: np.ndarray, rng: np.random.Generator, jitter: float) -> np.ndarray:
     """Tight box (x0, y0, x1, y1) of a (H, W) mask, each edge moved outwards by up to ``jitter`` of its side."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    x0, x1, y0, y1 = cols[0], cols[-1], rows[0], rows[-1]
+    x0, y0, x1, y1 = mask_box(mask)
     width, height = x1 - x0 + 1, y1 - y0 + 1
     grow = rng.uniform(0, jitter, 4) * np.array([width, height, width, height])
     h, w = mask.shape

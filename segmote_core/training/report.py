@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ..metrics import pooled_dice
+from ..toolbox import mask_box
 from .config import TrainConfig
 from .data import TrainData
 from .prompts import centre_point
@@ -66,8 +65,7 @@ def heldout_report(config: TrainConfig, data: TrainData, adapter: Path, device, 
         for i in present:
             x, y = centre_point(truth[i])
             point_ijk = stack.stack_to_ijk([i, y, x])[0].tolist()
-            rows, cols = np.flatnonzero(truth[i].any(1)), np.flatnonzero(truth[i].any(0))
-            box = np.array([cols[0], rows[0], cols[-1], rows[-1]], float)
+            box = mask_box(truth[i])
             for label, engine, for_boxes in (("base", base, base_prep), ("tuned", tuned, tuned_boxes)):
                 mask = stack.to_stack(engine.segment(volume, points_ijk=[point_ijk], point_labels=[1]))
                 scores[f"click_{label}"].append((mask[i], truth[i]))

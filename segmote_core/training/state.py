@@ -20,6 +20,7 @@ import yaml
 from ..errors import InputError, TrainingError
 from ..files import _reason, atomic_write, atomic_write_text
 from ..models.segmote import SegMoTE
+from ..toolbox import one_line
 from .config import TrainConfig
 from .data import TrainData
 
@@ -169,7 +170,7 @@ def restore(out: Path, config: TrainConfig, model: SegMoTE, optimizer, scheduler
         return int(state["step"]), dict(state["best"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise TrainingError(f"cannot resume from {out / STATE_FILE}: its contents do not fit this run "
-                            f"({type(error).__name__}: {' '.join(str(error).split())[:120]})") from None
+                            f"({one_line(error, 150, named=True)})") from None
 
 
 def load_state(out: Path) -> dict:
@@ -179,8 +180,7 @@ def load_state(out: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise TrainingError(f"cannot resume from {path}: {type(error).__name__}: "
-                            f"{' '.join(str(error).split())[:160]}") from None
+        raise TrainingError(f"cannot resume from {path}: {one_line(error, 200, named=True)}") from None
     if not isinstance(state, dict) or state.get("format") != "segmote-train-state":
         raise TrainingError(f"{path} is not a SegMoTE training state")
     if state.get("version") != STATE_VERSION:
