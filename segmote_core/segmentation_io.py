@@ -248,6 +248,15 @@ def _save_seg_nrrd(path: Path, volume: Volume, segments: list[Segment], replace_
 _SEGMENT_FIELD = re.compile(r"^Segment([0-9]+)_(.+)$")
 
 
+def _remove_segment(seg: dict, segment: dict) -> None:
+    """Take a segment out of a slicerio segmentation: its voxels in its layer are cleared, its entry dropped (the
+    other segments, their labels and layers stay as they were)."""
+    voxels = seg["voxels"]
+    layer = voxels[segment.get("layer", 0)] if voxels.ndim == 4 else voxels
+    layer[layer == segment.get("labelValue", 1)] = 0
+    seg["segments"] = [s for s in seg["segments"] if s is not segment]
+
+
 def _raw_segment_fields(header: dict) -> list[dict]:
     """Each segment's header fields (name after `SegmentN_` -> the text as written), in slicerio's order."""
     fields: dict[int, dict] = {}

@@ -166,6 +166,16 @@ def test_overwrite_in_a_label_map_takes_only_the_replaced_labels_voxels(tmp_path
     assert [s.name for s in read_segments(out)[1]] == ["liver", "spleen"]
 
 
+def test_overwrite_in_a_seg_nrrd_replaces_only_that_segment(tmp_path):
+    out = tmp_path / "objects.seg.nrrd"
+    save_segments(out, grid(), [Segment("liver", box(k=1)), Segment("spleen", box(k=slice(1, 3), j=0))])
+    assert save_segments(out, grid(), [Segment("liver", box(k=3))], replace_same_name=True) == [48]
+    segments = {s.name: s.mask for s in read_segments(out)[1]}
+    assert sorted(segments) == ["liver", "spleen"]
+    assert np.array_equal(segments["liver"], box(k=3)), "the old liver's voxels are gone, the new ones there"
+    assert np.array_equal(segments["spleen"], box(k=slice(1, 3), j=0)), "the overlapping segment is untouched"
+
+
 @pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
 def test_the_same_name_twice_in_a_label_map_is_refused(tmp_path, suffix):
     out = tmp_path / f"labels{suffix}"
