@@ -367,7 +367,10 @@ def test_overwrite_masks_other_segments_and_undo_gives_them_back(logic, scene, c
     after_other = segment_array(volume, segmentation, other)
     assert new[k].any() and not (new & after_other).any()
     assert np.array_equal(after_other, sloppy & ~new)
-    assert snapshot(volume, segmentation)[left] == before[left]
+    # the left lung loses exactly the voxels the new segment took (at the lungs' junction the box's answer can take
+    # a few voxels labelled left lung), and keeps its name and colour
+    assert np.array_equal(segment_array(volume, segmentation, left), truth["left lung"] & ~new)
+    assert snapshot(volume, segmentation)[left][:2] == before[left][:2]
     assert logic.undo(segmentation)
     assert snapshot(volume, segmentation) == before
 
