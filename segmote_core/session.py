@@ -399,10 +399,10 @@ class Session:
         model's object under the click that the mask lacks; else the pixels of the clicked intensity around it."""
         image = self._image(index)
         limit = max(CHANGE_SHARE * current.sum(), 16)
-        like = np.percentile(image[current], [5, 95]) if current.any() else None
+        within = _within(image, self._intensities(index, current))
         row, col = int(round(y)), int(round(x))
-        if like is not None and like[0] - CONTINUE_SLACK <= image[row, col] <= like[1] + CONTINUE_SLACK:
-            alike = ~current & _within(image, like)
+        if within is not None and within[row, col]:
+            alike = ~current & within
             levels = object_levels(current, mask_box(current, margin=RING_WIDTH), image)
             if levels is not None:  # and nearer the object's level than what borders it
                 alike &= _nearer(image, *levels)
@@ -792,7 +792,7 @@ def continue_object(answer: np.ndarray, previous: np.ndarray, image: np.ndarray,
     themselves; only the parts that touch the previous mask."""
     near = ndimage.binary_dilation(previous, iterations=CONTINUE_GROWTH)
     inside = box_mask(clip_box, near.shape) if clip_box is not None else np.ones_like(near)
-    like = near & inside & (image >= alike[0] - CONTINUE_SLACK) & (image <= alike[1] + CONTINUE_SLACK)
+    like = near & inside & _within(image, alike)
     wanted = max(4, 0.05 * previous.sum())
     # In order: the answer where it looks like the object; the pixels that look like it; the answer where the
     # object was (an object's thin end blurred by a thick slice no longer has the object's intensity).
