@@ -60,6 +60,9 @@ def run(out_dir: str | Path = "segmote-demo", device: str = "auto", engine=None,
 
     started = time.perf_counter()
     engine = engine or Engine("lite_medsam", device=device)
+    log.info(f"runtime: {engine.runtime_description}")
+    for notice in engine.notices:
+        log.info(f"note: {notice}")
     seen = engine.prepare(volume).normalization  # no window: the model's own default for the scan's modality
     log.info(f"normalisation: {seen.description}")
     right = truth["right lung"]

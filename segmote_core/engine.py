@@ -134,11 +134,12 @@ class Engine:
                  precision: str = "fp32", compile: bool = False, runtime: str | None = None,
                  tune_allocator: bool = True):
         """backbone: an already built ``Backbone`` (tests, benchmarks, random weights) instead of `model` +
-        `checkpoint`; precision: "fp32", or "bf16" to run the image encoder under bfloat16 autocast (GPUs; CPUs
-        without native bf16 run it ~13x slower, docs/benchmarks.md); compile: torch.compile the image encoder
+        `checkpoint`; precision: "fp32", or "bf16" to run the image encoder under bfloat16 autocast (GPUs), or on
+        OpenVINO at bf16 (CPUs with native bf16: ~1.75x faster, but masks differ from fp32's; CPUs without it run
+        PyTorch bf16 ~13x slower, docs/benchmarks.md); compile: torch.compile the image encoder
         (GPUs: the first run on a machine compiles for a minute or so, later runs load the kernels from disk);
-        runtime: "torch", "onnx" (ONNX Runtime), "openvino", or "auto" (CPUs: the fastest installed one; GPUs,
-        bf16 and compile: torch), see segmote_core/runtime.py; None: $SEGMOTE_RUNTIME, else "auto";
+        runtime: "torch", "onnx" (ONNX Runtime), "openvino", or "auto" (CPUs: the fastest installed one; GPUs
+        and compile: torch), see segmote_core/runtime.py; None: $SEGMOTE_RUNTIME, else "auto";
         tune_allocator: on CPUs, tune glibc's allocator for the whole process (faster encoder passes; off inside a
         host application such as 3D Slicer, whose own buffers would then never be returned to the system)."""
         self.device = resolve_device(device)
@@ -181,17 +182,22 @@ class Engine:
 
         chosen = runtimes.choose(runtime, self.device)
         if chosen == "torch":
+            if runtime == "auto" and self.device.type == "cpu" and not self.compiled:
+                self.notices.append("no faster CPU runtime is installed: using PyTorch (pip install 'segmote[cpu]' "
+                                    "for OpenVINO, about twice as fast on CPUs)")
             return
-        if self.precision != "fp32" or self.compiled:
+        precision = runtimes.exported_precision(self.precision, chosen)
+        if precision is None or self.compiled:
             if runtime != "auto":
-                self.notices.append(f"runtime {runtime} runs fp32 without torch.compile: using PyTorch")
+                self.notices.append(f"runtime {runtime} runs fp32 (bf16: OpenVINO on CPUs with native bf16) without "
+                                    "torch.compile: using PyTorch")
             return
         if not runtimes.installed(chosen):
             self.notices.append(f"{runtimes._RUNTIME_PACKAGES[chosen]} is not installed: using PyTorch "
                                 "(pip install 'segmote[cpu]' for the faster CPU runtimes)")
             return
         try:
-            self._fast = runtimes.FastPaths(chosen, self.backbone)
+            self._fast = runtimes.FastPaths(chosen, self.backbone, encoder_precision=precision)
         except Exception as error:  # noqa: BLE001 - any export/runtime failure: PyTorch still works
             self.notices.append(f"could not export the image encoder for {chosen} "
                                 f"({one_line(error, 200, named=True)}): using PyTorch")
@@ -210,6 +216,14 @@ class Engine:
         except Exception as error:  # noqa: BLE001
             self.notices.append(f"could not export the prompt decoder for {self.runtime} "
                                 f"({one_line(error, 200, named=True)}): using PyTorch for prompts")
+
+    @property
+    def runtime_description(self) -> str:
+        """What runs the image encoder, in words: "OpenVINO, encoder f32", "PyTorch fp32 on cpu", ..."""
+        if self._fast is None:
+            return f"PyTorch {self.precision}{' compiled' if self.compiled else ''} on {self.device}"
+        name = {"openvino": "OpenVINO", "onnx": "ONNX Runtime"}[self.runtime]
+        return f"{name}, encoder {self._fast.models['encoder']['precision']}"
 
     @property
     def runtime_models(self) -> dict[str, dict]:

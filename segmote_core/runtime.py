@@ -3,7 +3,9 @@ OpenVINO.
 
 PyTorch stays the reference and the training path. On a CPU, ``auto`` picks OpenVINO, else ONNX Runtime, else
 PyTorch: the order measured fastest, each agreeing with PyTorch fp32 on masks (docs/benchmarks.md,
-tests/test_runtime.py). GPUs always run PyTorch.
+tests/test_runtime.py). GPUs always run PyTorch. Everything runs f32 unless the engine is asked for bf16, which
+OpenVINO then runs on the encoder where the CPU has native bf16 (``exported_precision``); the lower precisions
+measured (bf16, int8) do not give fp32's masks on LiteMedSAM, so none is a default.
 
 The decoder takes a batch of prompt sets against one slice's embedding, so that a click's candidate boxes
 (``segmote_core.boxes.search_box``) are one call. With an adapter, the backbone's frozen decoder stays exported
@@ -58,6 +60,29 @@ def installed(runtime: str) -> bool:
     import importlib.util
 
     return runtime == "torch" or importlib.util.find_spec(_RUNTIME_PACKAGES[runtime]) is not None
+
+
+def native_bf16() -> bool:
+    """Whether OpenVINO runs bf16 natively on this CPU (AVX-512 BF16 or AMX: it lists BF16 among the CPU's
+    optimisation capabilities); elsewhere bf16 would be emulated, and slower than f32."""
+    if not installed("openvino"):
+        return False
+    import openvino as ov
+
+    try:
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # noqa: BLE001 - no CPU plugin, or it cannot say: not native
+        return False
+
+
+def exported_precision(precision: str, runtime: str) -> str | None:
+    """The exported encoder's precision for the engine's `precision` on `runtime`, or None where that runtime
+    cannot run it (the engine then uses PyTorch). fp32 everywhere by default: bf16 (OpenVINO on a CPU with native
+    bf16, 1.7-1.8x faster encoder) changes LiteMedSAM's masks too much to be a default (Dice against fp32 down to
+    0.93 on the chest CT's structures, docs/benchmarks.md), so it runs only when asked for."""
+    if precision == "fp32":
+        return "f32"
+    return "bf16" if precision == "bf16" and runtime == "openvino" and native_bf16() else None
 
 
 def choose(runtime: str, device: torch.device) -> str:
@@ -179,21 +204,23 @@ def relative_distance(got, expected) -> float:
 
 
 def checked_session(runtime: str, part: str, identity: dict, export: Callable[[Path], None], folder: Path | None,
-                    probe: Callable[["Session"], float], static: list[dict] | None = None) -> tuple["Session", dict]:
+                    probe: Callable[["Session"], float], static: list[dict] | None = None,
+                    precision: str = "f32") -> tuple["Session", dict]:
     """A Session on the cached (or new) export of `part`, judged against PyTorch: probe(session) is the relative
     distance between its outputs and PyTorch's on a fixed input. A cached file that disagrees is exported again
-    (with a warning); a new export that disagrees is an error (the engine then uses PyTorch). Returns the session
-    and what the run record says about the file."""
+    (with a warning); a new export that disagrees is an error (the engine then uses PyTorch). The file is always
+    judged at f32, so that a lower `precision` (OpenVINO bf16) runs a graph known to compute what the weights
+    compute. Returns the session and what the run record says about the file."""
     path, digest, exported = cached_export(part, identity, export, folder)
+    options = {"static": static} if static else {}
     for attempt in range(2):
-        session = Session(runtime, path, **({"static": static} if static else {}))
-        if (str(path), digest) in _PROBED:
-            distance = 0.0
-        else:
-            distance = probe(session)
+        known = (str(path), digest) in _PROBED
+        judged = None if known and precision != "f32" else Session(runtime, path, **options)
+        distance = 0.0 if known else probe(judged)
         if distance <= PROBE_TOLERANCE:
             _PROBED.add((str(path), digest))
-            return session, {"file": path.name, "sha256": digest,
+            session = judged if precision == "f32" else Session(runtime, path, precision=precision, **options)
+            return session, {"file": path.name, "sha256": digest, "precision": precision,
                              "checked": "exported now" if exported else "cached; agrees with PyTorch on the probe"}
         if exported or attempt:
             raise RuntimeUnavailable(f"the exported {part} disagrees with PyTorch (relative distance {distance:.3g})")
@@ -219,11 +246,14 @@ def export_onnx(module: nn.Module, inputs: tuple, input_names, output_names, dyn
 class Session:
     """One exported graph loaded into ONNX Runtime or OpenVINO: dict of numpy inputs -> list of numpy outputs."""
 
-    def __init__(self, runtime: str, path: Path, threads: int | None = None, static: list[dict] | None = None):
+    def __init__(self, runtime: str, path: Path, threads: int | None = None, static: list[dict] | None = None,
+                 precision: str = "f32"):
         """static: OpenVINO also compiles the graph for each of these fixed input shapes ({name: shape}) and uses
         one when a call's shapes match (a box prompt, a click's candidate boxes: 20-25 % faster than the
-        dynamic-shape graph)."""
-        self.runtime = runtime
+        dynamic-shape graph); precision: OpenVINO's inference precision, "f32" (PyTorch's) or "bf16"."""
+        if precision != "f32" and runtime != "openvino":
+            raise RuntimeUnavailable(f"{runtime} runs the exported graphs at f32 only, not {precision}")
+        self.runtime, self.precision = runtime, precision
         self._static = []
         threads = threads or torch.get_num_threads()
         self._lock = threading.Lock()  # an OpenVINO infer request serves one call at a time (prefetch thread)
@@ -240,8 +270,8 @@ class Session:
             import openvino as ov
 
             core = ov.Core()
-            # f32: PyTorch's precision (CPUs with bf16 units would otherwise run bf16).
-            config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
+            # Always said explicitly: CPUs with bf16 units would otherwise run bf16 even when f32 is wanted.
+            config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
                       "PERFORMANCE_HINT": "LATENCY"}
             model = core.read_model(str(path))
             compiled = core.compile_model(model, "CPU", config)
@@ -272,7 +302,9 @@ class FastPaths:
     """The engine's encoder (one slice per call) and prompt decoders (one slice, one or more prompt sets per call) on
     ONNX Runtime / OpenVINO."""
 
-    def __init__(self, runtime: str, backbone, folder: Path | None = None):
+    def __init__(self, runtime: str, backbone, folder: Path | None = None, encoder_precision: str = "f32"):
+        """encoder_precision: "f32", or "bf16" (OpenVINO on a CPU with native bf16: ``exported_precision()``); the
+        prompt decoders always run f32."""
         self.runtime, self.backbone, self.folder = runtime, backbone, folder
         self.backbone_sha256 = getattr(backbone, "weights_sha256", None) or tensors_sha256(backbone)
         self.models: dict[str, dict] = {}  # part -> the file that runs it (name, SHA-256, how it was checked)
@@ -288,7 +320,8 @@ class FastPaths:
 
         self._encoder, self.models["encoder"] = checked_session(
             runtime, "encoder", {"model": backbone.name, "weights": self.backbone_sha256, "input": size},
-            export_onnx(graph, (torch.zeros(1, 3, size, size),), ["image"], ["embedding", "early"]), folder, probe)
+            export_onnx(graph, (torch.zeros(1, 3, size, size),), ["image"], ["embedding", "early"]), folder, probe,
+            precision=encoder_precision)
         self._decoders: dict[str | None, Session] = {}  # adapter's SHA-256 (None: the frozen decoder) -> graph
         self._records: dict[str | None, dict] = {}  # the same -> its file, for ``models``
         self._adapter: str | None = None  # whose decoder answers prompts

@@ -47,7 +47,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "Runtime or OpenVINO; auto picks the fastest installed one (default: $SEGMOTE_RUNTIME, "
                              "else auto)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                        help="image encoder precision; bf16 for GPUs (on CPUs without native bf16 it is far slower)")
+                        help="image encoder precision (default fp32); bf16 for GPUs, and OpenVINO on CPUs with native "
+                             "bf16 (faster, but masks differ from fp32's; on other CPUs far slower)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the image encoder (GPUs; the first run on a machine compiles for a minute)")
     parser.add_argument("--window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"), help="CT window in HU")
