@@ -223,7 +223,8 @@ class Engine:
     @property
     def runtime_models(self) -> dict[str, dict]:
         """The exported graphs that run now (part -> the file, its SHA-256, how it was checked), each checked
-        against the weights; empty on PyTorch. A prompt decoder that could not be exported is not among them."""
+        against the weights; empty on PyTorch. A decoder that could not be exported (prompt or automatic) is not
+        among them."""
         if self._fast is None:
             return {}
         running = {"decoder": self._fast_decoder, "auto decoder": self._fast_auto, "auto refinement": self._fast_auto}
@@ -658,6 +659,8 @@ class Engine:
             raise InputError("automatic segmentation needs an adapter: load one with automatic classes")
         from .adapters import class_indices
 
+        if refine_passes < 0:
+            raise InputError(f"refine_passes must be 0 or more, got {refine_passes}")
         header_classes = self.adapter_header["classes"]
         names = list(classes) if classes else [c["name"] for c in header_classes]
         indices = class_indices(self.adapter_header, names)
@@ -705,8 +708,6 @@ class Engine:
         slice-major (b * C + c). Returns low-res logits (B*C, 1, 256, 256), IoU (B*C, 1), present (B*C,) bool;
         the exported graphs run it where they could be exported, else PyTorch (the same SegMoTE methods)."""
         decoder = self._fast if self._fast_auto else self.segmote
-        if refine_passes < 0:
-            raise InputError(f"refine_passes must be 0 or more, got {refine_passes}")
         out = decoder.auto_coarse(embedding, early, torch.as_tensor(list(indices), dtype=torch.long,
                                                                     device=embedding.device))
         logits, iou = out.logits, out.iou
