@@ -704,15 +704,16 @@ class Engine:
                         refine_passes: int, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The adapter's automatic answer for classes `indices` on B slices: the first pass of every class in one
         decoder call, then ``refine_passes`` refinement passes for the (slice, class) rows whose objectness reaches
-        `threshold` (objectness comes from the first pass, so the rows it rules out are never refined). Rows are
-        slice-major (b * C + c). Returns low-res logits (B*C, 1, 256, 256), IoU (B*C, 1), present (B*C,) bool;
+        `threshold` and whose first mask is not empty (objectness comes from the first pass, so the rows it rules
+        out are never refined, and a refinement keeps an empty mask as it is: the same answer, fewer passes). Rows
+        are slice-major (b * C + c). Returns low-res logits (B*C, 1, 256, 256), IoU (B*C, 1), present (B*C,) bool;
         the exported graphs run it where they could be exported, else PyTorch (the same SegMoTE methods)."""
         decoder = self._fast if self._fast_auto else self.segmote
         out = decoder.auto_coarse(embedding, early, torch.as_tensor(list(indices), dtype=torch.long,
                                                                     device=embedding.device))
         logits, iou = out.logits, out.iou
         present = out.objectness >= threshold
-        rows = torch.nonzero(present).flatten()
+        rows = torch.nonzero(present & self.segmote.has_mask(logits).to(present.device)).flatten()
         if len(rows) and refine_passes:
             slices = rows.to(embedding.device) // len(indices)
             row_embedding, row_early = embedding[slices], early[slices]

@@ -563,6 +563,12 @@ class SegMoTE(nn.Module):
         iou = torch.where(found.view(-1, 1), refined.iou, iou)
         return logits, iou, refined.balance_loss
 
+    @staticmethod
+    def has_mask(logits: torch.Tensor) -> torch.Tensor:
+        """(B, 1, h, w) low-res logits -> (B,) bool: whether the mask (logits > 0) is not empty, i.e. whether a
+        refinement pass has a box to refine (``auto_refine`` keeps the other rows as they are)."""
+        return (logits.detach()[:, 0] > 0).flatten(1).any(dim=1)
+
     def boxes_from_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, h, w) low-res logits -> (boxes (B, 4) x0 y0 x1 y1 in model-input pixels, found (B,) bool).
 
@@ -574,7 +580,7 @@ class SegMoTE(nn.Module):
         scale_x = self.backbone.input_size / low_w
         scale_y = self.backbone.input_size / low_h
         rows, cols = foreground.any(dim=2), foreground.any(dim=1)  # (B, h), (B, w)
-        found = rows.any(dim=1)
+        found = self.has_mask(logits)
         row_index = torch.arange(low_h, device=logits.device)
         col_index = torch.arange(low_w, device=logits.device)
         y0 = torch.where(rows, row_index, low_h).min(dim=1).values
