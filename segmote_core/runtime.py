@@ -212,6 +212,20 @@ def relative_distance(got, expected) -> float:
     return float(np.linalg.norm(got - expected) / scale) if scale else float(np.linalg.norm(got))
 
 
+def graph_probe(graph: nn.Module, names, probes: list[tuple]) -> Callable[["Session"], float]:
+    """A probe for ``checked_session``: the largest relative distance between the session's outputs and the PyTorch
+    graph's over the probe inputs (tuples of tensors in the order of `names`)."""
+    def probe(session) -> float:
+        distances = []
+        for inputs in probes:
+            with torch.no_grad():
+                expected = graph(*inputs)
+            got = session({name: value.numpy() for name, value in zip(names, inputs)})
+            distances += [relative_distance(g, e.cpu()) for g, e in zip(got, expected)]
+        return max(distances)
+    return probe
+
+
 def checked_session(runtime: str, part: str, identity: dict, export: Callable[[Path], None], folder: Path | None,
                     probe: Callable[["Session"], float], static: list[dict] | None = None) -> tuple["Session", dict]:
     """A Session on the cached (or new) export of `part`, judged against PyTorch: probe(session) is the relative
@@ -373,15 +387,7 @@ class FastPaths:
                                                    [[5.0, 8.0], [250.0, 240.0]]]),
                    torch.tensor([[2.0, 3.0]] * 3), *no_mask)]
         names = ["embedding", "early", "points", "labels", "mask_input", "has_mask"]
-
-        def probe(session) -> float:
-            distances = []
-            for inputs in probes:
-                with torch.no_grad():
-                    expected = graph(*inputs)
-                got = session({name: value.numpy() for name, value in zip(names, inputs)})
-                distances += [relative_distance(g, e.cpu()) for g, e in zip(got, expected)]
-            return max(distances)
+        probe = graph_probe(graph, names, probes)
 
         # boxes alone: one (a box prompt), or a click's candidate boxes
         box_only = [{"embedding": (1, PROMPT_DIM, height, width), "early": (1, backbone.early_channels, height, width),
@@ -411,17 +417,6 @@ class FastPaths:
             return (torch.randn(slices, PROMPT_DIM, height, width, generator=generator),
                     torch.randn(slices, backbone.early_channels, height, width, generator=generator))
 
-        def probe_with(graph, names, probes):
-            def probe(session) -> float:
-                distances = []
-                for inputs in probes:
-                    with torch.no_grad():
-                        expected = graph(*inputs)
-                    got = session({name: value.numpy() for name, value in zip(names, inputs)})
-                    distances += [relative_distance(g, e.cpu()) for g, e in zip(got, expected)]
-                return max(distances)
-            return probe
-
         identity = {"model": backbone.name, "weights": self.backbone_sha256, "adapter": adapter}
         last = config.num_classes - 1
         coarse = AutoCoarseGraph(segmote).eval()
@@ -433,7 +428,7 @@ class FastPaths:
             export_onnx(coarse, (*features(2), torch.tensor([0, last])), AUTO_COARSE_INPUTS,
                         ["class_tokens", "logits", "iou", "objectness_logit"],
                         {"embedding": {0: "slices"}, "early": {0: "slices"}, "classes": {0: "classes"}, **rows}),
-            self.folder, probe_with(coarse, AUTO_COARSE_INPUTS, coarse_probes))
+            self.folder, graph_probe(coarse, AUTO_COARSE_INPUTS, coarse_probes))
 
         refine = AutoRefineGraph(segmote).eval()
 
@@ -457,7 +452,7 @@ class FastPaths:
             self.runtime, "auto-refinement", identity,
             export_onnx(refine, refine_inputs(blobs((40, 90, 50, 160), None)), AUTO_REFINE_INPUTS,
                         ["logits", "iou"], {name: {0: "rows"} for name in (*AUTO_REFINE_INPUTS, "logits", "iou")}),
-            self.folder, probe_with(refine, AUTO_REFINE_INPUTS, refine_probes))
+            self.folder, graph_probe(refine, AUTO_REFINE_INPUTS, refine_probes))
         self._auto = (coarse_session, refine_session)
         self._auto_adapter = adapter
         self.models["auto decoder"], self.models["auto refinement"] = coarse_record, refine_record
