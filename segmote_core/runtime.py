@@ -420,8 +420,10 @@ class FastPaths:
         identity = {"model": backbone.name, "weights": self.backbone_sha256, "adapter": adapter}
         last = config.num_classes - 1
         coarse = AutoCoarseGraph(segmote).eval()
-        # exported on 2 slices x 2 classes, probed on other counts: both axes stay dynamic
-        coarse_probes = [(*features(1), torch.arange(config.num_classes)), (*features(3), torch.tensor([last]))]
+        # exported on 2 slices x 2 classes, probed on other counts: both axes stay dynamic. Probes of at most the
+        # rows the engine feeds (one CPU slice's classes): OpenVINO keeps buffers for the largest shape it has run,
+        # about 0.1 GB per row of this decoder.
+        coarse_probes = [(*features(1), torch.arange(config.num_classes)), (*features(2), torch.tensor([last]))]
         rows = {"class_tokens": {0: "rows"}, "logits": {0: "rows"}, "iou": {0: "rows"}, "objectness_logit": {0: "rows"}}
         coarse_session, coarse_record = checked_session(
             self.runtime, "auto-decoder", identity,
@@ -446,8 +448,7 @@ class FastPaths:
             return masks
 
         # an empty mask among them: that row keeps its input
-        refine_probes = [refine_inputs(blobs((60, 140, 30, 110))),
-                         refine_inputs(blobs((20, 200, 120, 250), None, (100, 130, 100, 130)))]
+        refine_probes = [refine_inputs(blobs((60, 140, 30, 110))), refine_inputs(blobs((20, 200, 120, 250), None))]
         refine_session, refine_record = checked_session(
             self.runtime, "auto-refinement", identity,
             export_onnx(refine, refine_inputs(blobs((40, 90, 50, 160), None)), AUTO_REFINE_INPUTS,
