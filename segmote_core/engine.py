@@ -169,7 +169,7 @@ class Engine:
         self._box_inputs: OrderedDict = OrderedDict()  # (scan fingerprint, modality) -> the frozen decoder's input
         self._box_answers: OrderedDict = OrderedDict()  # (prepared key, slice) -> {box bytes: answer to the box alone}
         self.notices: list[str] = []  # things the user should know (shown by the CLI and the Slicer panel)
-        self.runtime, self._fast, self._fast_decoder = "torch", None, False
+        self.runtime, self._fast, self._fast_decoder, self._fast_auto = "torch", None, False, False
         if adapter is not None:
             self.load_adapter(adapter)
         self._use_runtime(runtime or os.environ.get("SEGMOTE_RUNTIME", "auto"))
@@ -207,7 +207,7 @@ class Engine:
 
     def _use_fast_decoder(self) -> None:
         """The exported prompt decoder for the current adapter (or none), exported on first use."""
-        self._fast_decoder = False
+        self._fast_decoder = self._fast_auto = False
         if self._fast is None:
             return
         try:
@@ -216,6 +216,15 @@ class Engine:
         except Exception as error:  # noqa: BLE001
             self.notices.append(f"could not export the prompt decoder for {self.runtime} "
                                 f"({one_line(error, 200, named=True)}): using PyTorch for prompts")
+            return
+        if self.segmote is None:
+            return
+        try:
+            self._fast.use_auto_decoder(self.segmote)
+            self._fast_auto = True
+        except Exception as error:  # noqa: BLE001
+            self.notices.append(f"could not export the automatic decoder for {self.runtime} "
+                                f"({one_line(error, 200, named=True)}): using PyTorch for automatic segmentation")
 
     @property
     def runtime_description(self) -> str:
@@ -228,10 +237,12 @@ class Engine:
     @property
     def runtime_models(self) -> dict[str, dict]:
         """The exported graphs that run now (part -> the file, its SHA-256, how it was checked), each checked
-        against the weights; empty on PyTorch. A prompt decoder that could not be exported is not among them."""
+        against the weights; empty on PyTorch. A decoder that could not be exported (prompt or automatic) is not
+        among them."""
         if self._fast is None:
             return {}
-        return {part: found for part, found in self._fast.models.items() if part != "decoder" or self._fast_decoder}
+        running = {"decoder": self._fast_decoder, "auto decoder": self._fast_auto, "auto refinement": self._fast_auto}
+        return {part: found for part, found in self._fast.models.items() if running.get(part, True)}
 
     # ---- adapters ----------------------------------------------------------------------------------
     def load_adapter(self, path) -> None:
@@ -546,11 +557,11 @@ class Engine:
             embedding, early = self.embeddings(prepared, [index])[index]
             answers = []
             with torch.inference_mode():
-                for class_index in range(self.segmote.config.num_classes):
-                    out = self.segmote.auto_decode(embedding, early, class_index, refine_passes=1)
-                    mask = (self.backbone.postprocess(out.logits, prepared.slice_shape)[0, 0] > 0).cpu().numpy()
-                    present = float(out.objectness[0]) >= CLICK_OBJECTNESS
-                    answers.append(SlicePrediction(mask, out.logits, float(out.iou[0, 0])) if present else None)
+                logits, iou, present = self._decode_classes(embedding, early, range(self.segmote.config.num_classes),
+                                                            1, CLICK_OBJECTNESS)
+                for row, kept in enumerate(present.tolist()):
+                    mask = (self.backbone.postprocess(logits[row:row + 1], prepared.slice_shape)[0, 0] > 0).cpu().numpy()
+                    answers.append(SlicePrediction(mask, logits[row:row + 1], float(iou[row, 0])) if kept else None)
             while len(self._class_masks) >= CLASS_ANSWERS_KEPT:
                 self._class_masks.popitem(last=False)
             self._class_masks[key] = answers
@@ -662,6 +673,8 @@ class Engine:
             raise InputError("automatic segmentation needs an adapter: load one with automatic classes")
         from .adapters import class_indices
 
+        if refine_passes < 0:
+            raise InputError(f"refine_passes must be 0 or more, got {refine_passes}")
         header_classes = self.adapter_header["classes"]
         names = list(classes) if classes else [c["name"] for c in header_classes]
         indices = class_indices(self.adapter_header, names)
@@ -682,11 +695,14 @@ class Engine:
             embedding = torch.cat([found[i][0] for i in batch])
             early = torch.cat([found[i][1] for i in batch])
             with torch.inference_mode():
-                for row, class_index in enumerate(indices):
-                    out = self.segmote.auto_decode(embedding, early, class_index, refine_passes=refine_passes)
-                    full = self.backbone.postprocess(out.logits, prepared.slice_shape)[:, 0] > 0
-                    present = (out.objectness >= objectness_threshold).cpu().numpy()
-                    masks[row, batch] = full.cpu().numpy() & present[:, None, None]
+                logits, _, present = self._decode_classes(embedding, early, indices, refine_passes,
+                                                          objectness_threshold)
+                rows = torch.nonzero(present).flatten()
+                if len(rows):  # up to the slice grid once, the present (slice, class) rows only
+                    full = (self.backbone.postprocess(logits[rows], prepared.slice_shape)[:, 0] > 0).cpu().numpy()
+                    for mask, row in zip(full, rows.tolist()):
+                        slice_row, class_row = divmod(row, len(indices))
+                        masks[class_row, batch[slice_row]] = mask
             if progress:
                 progress(batch[-1] + 1, num)
         segments = []
@@ -697,6 +713,30 @@ class Engine:
             info = header_classes[class_index]
             segments.append(Segment(info["name"], mask, tuple(info.get("color", (0.5, 0.5, 0.5)))))
         return segments
+
+    def _decode_classes(self, embedding: torch.Tensor, early: torch.Tensor, indices: Sequence[int],
+                        refine_passes: int, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The adapter's automatic answer for classes `indices` on B slices: the first pass of every class in one
+        decoder call, then ``refine_passes`` refinement passes for the (slice, class) rows whose objectness reaches
+        `threshold` and whose first mask is not empty (objectness comes from the first pass, so the rows it rules
+        out are never refined, and a refinement keeps an empty mask as it is: the same answer, fewer passes). Rows
+        are slice-major (b * C + c). Returns low-res logits (B*C, 1, 256, 256), IoU (B*C, 1), present (B*C,) bool;
+        the exported graphs run it where they could be exported, else PyTorch (the same SegMoTE methods)."""
+        decoder = self._fast if self._fast_auto else self.segmote
+        out = decoder.auto_coarse(embedding, early, torch.as_tensor(list(indices), dtype=torch.long,
+                                                                    device=embedding.device))
+        logits, iou = out.logits, out.iou
+        present = out.objectness >= threshold
+        rows = torch.nonzero(present & self.segmote.has_mask(logits).to(present.device)).flatten()
+        if len(rows) and refine_passes:
+            slices = rows.to(embedding.device) // len(indices)
+            row_embedding, row_early = embedding[slices], early[slices]
+            tokens, row_logits, row_iou = out.class_tokens[rows], logits[rows], iou[rows]
+            for _ in range(refine_passes):
+                row_logits, row_iou, _ = decoder.auto_refine(row_embedding, row_early, tokens, row_logits, row_iou)
+            logits, iou = logits.clone(), iou.clone()
+            logits[rows], iou[rows] = row_logits.to(logits.device), row_iou.to(iou.device)
+        return logits, iou, present
 
     @staticmethod
     def _check_inside(volume: Volume, points_ijk: np.ndarray, what: str) -> None:

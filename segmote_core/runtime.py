@@ -1,5 +1,5 @@
-"""CPU inference runtimes: the image encoder and the prompt decoder exported once to ONNX, run by ONNX Runtime or
-OpenVINO.
+"""CPU inference runtimes: the image encoder, the prompt decoder and an adapter's automatic decoder exported once to
+ONNX, run by ONNX Runtime or OpenVINO.
 
 PyTorch stays the reference and the training path. On a CPU, ``auto`` picks OpenVINO, else ONNX Runtime, else
 PyTorch: the order measured fastest, each agreeing with PyTorch fp32 on masks (docs/benchmarks.md,
@@ -10,6 +10,10 @@ measured (bf16, int8) do not give fp32's masks on LiteMedSAM, so none is a defau
 The decoder takes a batch of prompt sets against one slice's embedding, so that a click's candidate boxes
 (``segmote_core.boxes.search_box``) are one call. With an adapter, the backbone's frozen decoder stays exported
 and loaded beside the adapter's: boxes alone, and the box search behind a click, go to it without PyTorch.
+
+An adapter's automatic decoder is two graphs, ``SegMoTE.auto_coarse`` (PPT tokens and the first pass, every class of
+a batch of slices in one call) and ``SegMoTE.auto_refine`` (one refinement pass on any rows): the engine refines only
+the rows the first pass's objectness keeps (``Engine._decode_classes``), on either runtime or PyTorch.
 
 Exported files live in ``<SegMoTE cache>/exported``, one per (part, weights, adapter, exporter version, torch
 version), named by a key over all of these, so changed weights or a new adapter get a new export. Each ``.onnx`` has
@@ -140,6 +144,36 @@ class DecoderGraph(nn.Module):
         return masks[:, 0:1], iou[:, 0:1]
 
 
+class AutoCoarseGraph(nn.Module):
+    """SegMoTE.auto_coarse: embedding (B, 256, 64, 64), early (B, C', 64, 64), classes (C,) int64 -> per (slice,
+    class) row, slice-major: class tokens (B*C, K, 256), logits (B*C, 1, 256, 256), IoU (B*C, 1), objectness logit
+    (B*C,). Every class of a batch of slices in one call."""
+
+    def __init__(self, segmote):
+        super().__init__()
+        self.segmote = segmote
+
+    def forward(self, embedding, early, classes):
+        out = self.segmote.auto_coarse(embedding, early, classes)
+        return out.class_tokens, out.logits, out.iou, out.objectness_logit
+
+
+class AutoRefineGraph(nn.Module):
+    """SegMoTE.auto_refine: one refinement pass on N (slice, class) rows -> (logits (N, 1, 256, 256), IoU (N, 1))."""
+
+    def __init__(self, segmote):
+        super().__init__()
+        self.segmote = segmote
+
+    def forward(self, embedding, early, class_tokens, logits, iou):
+        logits, iou, _ = self.segmote.auto_refine(embedding, early, class_tokens, logits, iou)
+        return logits, iou
+
+
+AUTO_COARSE_INPUTS = ("embedding", "early", "classes")
+AUTO_REFINE_INPUTS = ("embedding", "early", "class_tokens", "previous_logits", "previous_iou")
+
+
 def prompt_arrays(points: torch.Tensor | None, labels: torch.Tensor | None, box: torch.Tensor | None):
     """Engine prompts (model-input coordinates, batch 1) -> DecoderGraph's points and labels, as PromptEncoder
     would embed them: points first, then the box's two corners; points without a box get SAM's padding point."""
@@ -201,6 +235,20 @@ def relative_distance(got, expected) -> float:
         return float("inf")
     scale = np.linalg.norm(expected)
     return float(np.linalg.norm(got - expected) / scale) if scale else float(np.linalg.norm(got))
+
+
+def graph_probe(graph: nn.Module, names, probes: list[tuple]) -> Callable[["Session"], float]:
+    """A probe for ``checked_session``: the largest relative distance between the session's outputs and the PyTorch
+    graph's over the probe inputs (tuples of tensors in the order of `names`)."""
+    def probe(session) -> float:
+        distances = []
+        for inputs in probes:
+            with torch.no_grad():
+                expected = graph(*inputs)
+            got = session({name: value.numpy() for name, value in zip(names, inputs)})
+            distances += [relative_distance(g, e.cpu()) for g, e in zip(got, expected)]
+        return max(distances)
+    return probe
 
 
 def checked_session(runtime: str, part: str, identity: dict, export: Callable[[Path], None], folder: Path | None,
@@ -299,8 +347,8 @@ class Session:
 
 
 class FastPaths:
-    """The engine's encoder (one slice per call) and prompt decoders (one slice, one or more prompt sets per call) on
-    ONNX Runtime / OpenVINO."""
+    """The engine's encoder (one slice per call), prompt decoders (one slice, one or more prompt sets per call) and
+    automatic decoder (``auto_coarse`` / ``auto_refine``, as SegMoTE's) on ONNX Runtime / OpenVINO."""
 
     def __init__(self, runtime: str, backbone, folder: Path | None = None, encoder_precision: str = "f32"):
         """encoder_precision: "f32", or "bf16" (OpenVINO on a CPU with native bf16: ``exported_precision()``); the
@@ -325,6 +373,8 @@ class FastPaths:
         self._decoders: dict[str | None, Session] = {}  # adapter's SHA-256 (None: the frozen decoder) -> graph
         self._records: dict[str | None, dict] = {}  # the same -> its file, for ``models``
         self._adapter: str | None = None  # whose decoder answers prompts
+        self._auto_adapter: str | None = None  # whose automatic decoder is exported and loaded in _auto
+        self._auto: tuple[Session, Session] | None = None  # (first pass, refinement pass)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) -> (embedding, early) like Backbone.encode, one slice per call."""
@@ -370,15 +420,7 @@ class FastPaths:
                                                    [[5.0, 8.0], [250.0, 240.0]]]),
                    torch.tensor([[2.0, 3.0]] * 3), *no_mask)]
         names = ["embedding", "early", "points", "labels", "mask_input", "has_mask"]
-
-        def probe(session) -> float:
-            distances = []
-            for inputs in probes:
-                with torch.no_grad():
-                    expected = graph(*inputs)
-                got = session({name: value.numpy() for name, value in zip(names, inputs)})
-                distances += [relative_distance(g, e.cpu()) for g, e in zip(got, expected)]
-            return max(distances)
+        probe = graph_probe(graph, names, probes)
 
         # boxes alone: one (a box prompt), or a click's candidate boxes
         box_only = [{"embedding": (1, PROMPT_DIM, height, width), "early": (1, backbone.early_channels, height, width),
@@ -389,6 +431,82 @@ class FastPaths:
         self._decoders[adapter], self._records[adapter] = checked_session(
             self.runtime, "decoder", {"model": backbone.name, "weights": self.backbone_sha256, "adapter": adapter},
             export_onnx(graph, example, names, ["logits", "iou"], prompt_sets), self.folder, probe, static=box_only)
+
+    def use_auto_decoder(self, segmote) -> None:
+        """Export (or load from the cache) `segmote`'s automatic decoder: its first pass (PPT tokens, every class of
+        a batch of slices in one call) and its refinement pass, each checked against PyTorch on a probe."""
+        adapter = tensors_sha256(segmote.mote, segmote.ppt)
+        if self._auto_adapter == adapter:
+            return
+        self._auto_adapter, self._auto = None, None
+        for part in ("auto decoder", "auto refinement"):
+            self.models.pop(part, None)
+        backbone, config = self.backbone, segmote.config
+        height, width = backbone.embedding_size
+        side, tokens = 4 * height, config.ppt_tokens_per_class
+        generator = torch.Generator().manual_seed(0)
+
+        def features(slices: int):
+            return (torch.randn(slices, PROMPT_DIM, height, width, generator=generator),
+                    torch.randn(slices, backbone.early_channels, height, width, generator=generator))
+
+        identity = {"model": backbone.name, "weights": self.backbone_sha256, "adapter": adapter}
+        last = config.num_classes - 1
+        coarse = AutoCoarseGraph(segmote).eval()
+        # exported on 2 slices x 2 classes, probed on other counts: both axes stay dynamic. Probes of at most the
+        # rows the engine feeds (one CPU slice's classes): OpenVINO keeps buffers for the largest shape it has run,
+        # about 0.1 GB per row of this decoder.
+        coarse_probes = [(*features(1), torch.arange(config.num_classes)), (*features(2), torch.tensor([last]))]
+        rows = {"class_tokens": {0: "rows"}, "logits": {0: "rows"}, "iou": {0: "rows"}, "objectness_logit": {0: "rows"}}
+        coarse_session, coarse_record = checked_session(
+            self.runtime, "auto-decoder", identity,
+            export_onnx(coarse, (*features(2), torch.tensor([0, last])), AUTO_COARSE_INPUTS,
+                        ["class_tokens", "logits", "iou", "objectness_logit"],
+                        {"embedding": {0: "slices"}, "early": {0: "slices"}, "classes": {0: "classes"}, **rows}),
+            self.folder, graph_probe(coarse, AUTO_COARSE_INPUTS, coarse_probes))
+
+        refine = AutoRefineGraph(segmote).eval()
+
+        def refine_inputs(masks: torch.Tensor):
+            count = len(masks)
+            return (*features(count), torch.randn(count, tokens, PROMPT_DIM, generator=generator),
+                    masks, torch.rand(count, 1, generator=generator))
+
+        def blobs(*extents):  # logits: positive inside each box, negative elsewhere (None: an empty mask)
+            masks = torch.full((len(extents), 1, side, side), -4.0)
+            for row, extent in enumerate(extents):
+                if extent is not None:
+                    y0, y1, x0, x1 = extent
+                    masks[row, 0, y0:y1, x0:x1] = 4.0
+            return masks
+
+        # an empty mask among them: that row keeps its input
+        refine_probes = [refine_inputs(blobs((60, 140, 30, 110))), refine_inputs(blobs((20, 200, 120, 250), None))]
+        refine_session, refine_record = checked_session(
+            self.runtime, "auto-refinement", identity,
+            export_onnx(refine, refine_inputs(blobs((40, 90, 50, 160), None)), AUTO_REFINE_INPUTS,
+                        ["logits", "iou"], {name: {0: "rows"} for name in (*AUTO_REFINE_INPUTS, "logits", "iou")}),
+            self.folder, graph_probe(refine, AUTO_REFINE_INPUTS, refine_probes))
+        self._auto = (coarse_session, refine_session)
+        self._auto_adapter = adapter
+        self.models["auto decoder"], self.models["auto refinement"] = coarse_record, refine_record
+
+    def auto_coarse(self, embedding, early, classes: torch.Tensor):
+        """SegMoTE.auto_coarse on the exported graph (same arguments, an ``AutoOutput`` of tensors)."""
+        from .models.segmote import AutoOutput
+
+        class_tokens, logits, iou, objectness_logit = (torch.from_numpy(out) for out in self._auto[0]({
+            "embedding": embedding.float().cpu().numpy(), "early": early.float().cpu().numpy(),
+            "classes": classes.cpu().numpy().astype(np.int64)}))
+        return AutoOutput(logits=logits, objectness=torch.sigmoid(objectness_logit), balance_loss=torch.zeros(()),
+                          objectness_logit=objectness_logit, iou=iou, coarse_logits=logits, class_tokens=class_tokens)
+
+    def auto_refine(self, embedding, early, class_tokens, logits, iou):
+        """SegMoTE.auto_refine on the exported graph: (logits, iou, balance loss (zero))."""
+        inputs = (embedding, early, class_tokens, logits, iou)
+        refined, refined_iou = self._auto[1]({name: value.float().cpu().numpy()
+                                              for name, value in zip(AUTO_REFINE_INPUTS, inputs)})
+        return torch.from_numpy(refined), torch.from_numpy(refined_iou), torch.zeros(())
 
     def _feeds(self, embedding, early, coords, kinds, mask_input) -> dict[str, np.ndarray]:
         height, width = self.backbone.embedding_size

@@ -104,19 +104,52 @@ def test_clicks_on_the_lungs_agree_with_pytorch(fast_engines, lite_engine, chest
 
 
 def test_adapter_prompts_and_automatic_segmentation_agree_with_pytorch(adapter_engines, chest_ct, chest_truth):
-    """The shipped lung adapter: its MoTE prompt decoder (exported) and automatic segmentation (exported encoder,
-    PyTorch PPT decoder) on two slices through the lungs."""
+    """The shipped lung adapter: its MoTE prompt decoder and automatic segmentation (both exported) on two slices
+    through the lungs."""
     crop = Volume(chest_ct.array[19:21].copy(), chest_ct.spacing, chest_ct.origin, chest_ct.direction)
-    reference = adapter_engines.pop("torch")
+    reference = adapter_engines["torch"]
     expected = {s.name: s.mask for s in reference.auto(crop)}
     assert any(mask.any() for mask in expected.values())
     box = slice_box(chest_truth["right lung"][19:21], near=1)
     expected_box = reference.segment(crop, box_ijk=box)
-    for runtime, engine in adapter_engines.items():
+    for runtime in FAST:
+        engine = adapter_engines[runtime]
         assert engine.runtime == runtime and "decoder" in engine.runtime_models, engine.notices
         for segment in engine.auto(crop):
             assert agreement(segment.mask, expected[segment.name]) >= AGREEMENT, (runtime, segment.name)
         assert agreement(engine.segment(crop, box_ijk=box), expected_box) >= AGREEMENT, runtime
+
+
+def test_automatic_segmentation_runs_the_exported_decoder_and_agrees_with_pytorch(adapter_engines, chest_ct,
+                                                                                    monkeypatch):
+    """The shipped lung adapter's automatic segmentation on every third slice of the chest CT, lung-free slices at
+    the top included: both lungs of a slice in one call of the exported first pass, refinement only where a lung is
+    found (never in PyTorch), and the masks PyTorch fp32 gives (Dice >= 0.99 per lung)."""
+    crop = Volume(chest_ct.array[1::3].copy(), chest_ct.spacing, chest_ct.origin, chest_ct.direction)
+    expected = {s.name: s.mask for s in adapter_engines["torch"].auto(crop)}
+    assert set(expected) == {"right lung", "left lung"}
+    assert all(mask.any() for mask in expected.values()) and not any(mask[:2].any() for mask in expected.values())
+
+    def pytorch_decoder(*args, **kwargs):
+        raise AssertionError("the automatic decoder ran in PyTorch")
+
+    for runtime in FAST:
+        engine = adapter_engines[runtime]
+        assert {"auto decoder", "auto refinement"} <= set(engine.runtime_models), engine.notices
+        monkeypatch.setattr(engine.segmote, "auto_coarse", pytorch_decoder)
+        monkeypatch.setattr(engine.segmote, "auto_refine", pytorch_decoder)
+        coarse_rows, refined_slices = [], []  # classes per first-pass call (one slice each on a CPU); refined calls
+        first_pass, refine = engine._fast.auto_coarse, engine._fast.auto_refine
+        monkeypatch.setattr(engine._fast, "auto_coarse", lambda *a: coarse_rows.append(len(a[2])) or first_pass(*a))
+        monkeypatch.setattr(engine._fast, "auto_refine",
+                            lambda *a: refined_slices.append(len(coarse_rows) - 1) or refine(*a))
+        engine.cache.clear()
+        for segment in engine.auto(crop):
+            dice = agreement(segment.mask, expected[segment.name])
+            assert dice >= 0.99, (runtime, segment.name, dice)
+        assert coarse_rows == [2] * crop.array.shape[0]  # both classes of each slice in one call
+        assert refined_slices and not {0, 1} & set(refined_slices)  # the lung-free slices are never refined
+        monkeypatch.undo()
 
 
 def test_a_clicks_box_search_runs_in_one_exported_call_with_or_without_an_adapter(fast_engines, adapter_engines,

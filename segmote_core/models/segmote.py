@@ -52,7 +52,9 @@ the *sparse prompt embeddings* of the (MoTE) decoder, the dense prompt is the pr
 the automatic path uses SAM's unchanged prompt interface. Progressive: each refinement pass turns the previous
 mask into a box (bounding box of logits > 0) plus a mask prompt (the low-res logits) and decodes again with the
 class tokens plus that box. Objectness, per class per slice, is ``sigmoid(head([mean PPT token, IoU token]))``
-where the IoU token is the decoder's output state in the coarse (first) pass.
+where the IoU token is the decoder's output state in the coarse (first) pass. ``auto_coarse`` runs the first pass of
+several classes on several slices in one decoder batch, ``auto_refine`` one refinement pass on any rows, and
+``auto_decode`` (one class, training) is the two in sequence: the engine's fast paths export exactly these.
 
 Balance loss: ``CV²(importance) + CV²(load)`` per block (see ``balance_loss``), summed over blocks and passes,
 computed in training and returned next to the masks; the training loop weights it (paper: 0.01). At inference it is
@@ -155,6 +157,7 @@ class AutoOutput:
     objectness_logit: torch.Tensor | None = None
     iou: torch.Tensor | None = None
     coarse_logits: torch.Tensor | None = None
+    class_tokens: torch.Tensor | None = field(default=None, repr=False)  # (B, K, D): the refinement passes' prompt
 
 
 @dataclass
@@ -382,12 +385,14 @@ class ProgressivePromptTokens(nn.Module):
         # Objectness from [mean class token after reading the image, decoder IoU token].
         self.objectness_head = MLP(2 * dim, dim, 1, 2)
 
-    def forward(self, embedding: torch.Tensor, dense_pe: torch.Tensor, class_index: int) -> torch.Tensor:
-        """embedding (B, D, h, w), dense_pe (1, D, h, w) -> prompt tokens (B, K, D)."""
+    def forward(self, embedding: torch.Tensor, dense_pe: torch.Tensor, classes: int | torch.Tensor) -> torch.Tensor:
+        """embedding (B, D, h, w), dense_pe (1, D, h, w) -> prompt tokens (B, K, D) of one class, or (B, C*K, D) of
+        C classes (a (C,) long tensor of indices) in one pass: each query token reads the image alone (attention,
+        LayerNorm and MLP are per token), so the classes' tokens are what C separate passes give."""
         batch = embedding.shape[0]
         values = embedding.flatten(2).transpose(1, 2)  # (B, hw, D)
         keys = values + dense_pe.flatten(2).transpose(1, 2)
-        queries = self.class_tokens[class_index].unsqueeze(0).expand(batch, -1, -1)
+        queries = self.class_tokens[classes].reshape(-1, values.shape[-1]).unsqueeze(0).expand(batch, -1, -1)
         attended, _ = self.attention(queries, keys, values, need_weights=False)
         tokens = self.norm_attention(queries + attended)
         return self.norm_mlp(tokens + self.mlp(tokens))
@@ -520,29 +525,49 @@ class SegMoTE(nn.Module):
                              f"{self.config.num_classes} class(es)")
         if refine_passes < 0:
             raise InputError(f"refine_passes must be 0 or more, got {refine_passes}")
-        prompt_encoder = self.backbone.prompt_encoder
-        batch = embedding.shape[0]
-        class_tokens = self.ppt(embedding, prompt_encoder.get_dense_pe(), class_index)
-        no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        dense = no_mask.expand(batch, -1, *embedding.shape[-2:])
-        coarse = self.decode_embeddings(embedding, early, class_tokens, dense)
+        out = self.auto_coarse(embedding, early, torch.tensor([class_index], device=embedding.device))
+        logits, iou, balance = out.logits, out.iou, out.balance_loss
+        for _ in range(refine_passes):
+            logits, iou, refined_balance = self.auto_refine(embedding, early, out.class_tokens, logits, iou)
+            balance = balance + refined_balance
+        return dataclasses.replace(out, logits=logits, iou=iou, balance_loss=balance)
 
+    def auto_coarse(self, embedding: torch.Tensor, early: torch.Tensor, classes: torch.Tensor) -> AutoOutput:
+        """The first automatic pass for C classes (a (C,) long tensor) on B slices at once: PPT tokens -> mask,
+        objectness. Rows are slice-major (row b * C + c: slice b, class classes[c]); ``class_tokens`` (B*C, K, D)
+        are the refinement passes' prompt (``auto_refine``)."""
+        prompt_encoder = self.backbone.prompt_encoder
+        batch, count = embedding.shape[0], classes.shape[0]
+        tokens = self.ppt(embedding, prompt_encoder.get_dense_pe(), classes)  # (B, C*K, D)
+        class_tokens = tokens.reshape(batch * count, -1, tokens.shape[-1])
+        embedding, early = _per_class(embedding, count), _per_class(early, count)
+        no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        dense = no_mask.expand(batch * count, -1, *embedding.shape[-2:])
+        coarse = self.decode_embeddings(embedding, early, class_tokens, dense)
         objectness_logit = self.ppt.objectness_head(
             torch.cat([class_tokens.mean(dim=1), coarse.iou_token], dim=-1)).squeeze(-1)
-        logits, iou, balance = coarse.logits, coarse.iou, coarse.balance_loss
-        for _ in range(refine_passes):
-            boxes, found = self.boxes_from_logits(logits)
-            # The previous mask is a prompt, not a path for gradient (SAM's iterative training does the same).
-            previous = logits.detach()
-            box_sparse, mask_dense = self.backbone.encode_prompts(boxes=boxes, mask_input=previous)
-            refined = self.decode_embeddings(embedding, early, torch.cat([class_tokens, box_sparse], dim=1),
-                                             mask_dense)
-            keep = found.view(-1, 1, 1, 1)
-            logits = torch.where(keep, refined.logits, logits)
-            iou = torch.where(found.view(-1, 1), refined.iou, iou)
-            balance = balance + refined.balance_loss
-        return AutoOutput(logits=logits, objectness=torch.sigmoid(objectness_logit), balance_loss=balance,
-                          objectness_logit=objectness_logit, iou=iou, coarse_logits=coarse.logits)
+        return AutoOutput(logits=coarse.logits, objectness=torch.sigmoid(objectness_logit),
+                          balance_loss=coarse.balance_loss, objectness_logit=objectness_logit, iou=coarse.iou,
+                          coarse_logits=coarse.logits, class_tokens=class_tokens)
+
+    def auto_refine(self, embedding: torch.Tensor, early: torch.Tensor, class_tokens: torch.Tensor,
+                    logits: torch.Tensor, iou: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One refinement pass on N rows: the previous mask (logits (N, 1, 256, 256)) becomes a box plus a mask
+        prompt, decoded with the rows' class tokens (N, K, D) on their slices' embedding and early feature (N, ...).
+        A row whose mask is empty keeps its logits and IoU (no box to refine). Returns (logits, iou, balance loss)."""
+        boxes, found = self.boxes_from_logits(logits)
+        # The previous mask is a prompt, not a path for gradient (SAM's iterative training does the same).
+        box_sparse, mask_dense = self.backbone.encode_prompts(boxes=boxes, mask_input=logits.detach())
+        refined = self.decode_embeddings(embedding, early, torch.cat([class_tokens, box_sparse], dim=1), mask_dense)
+        logits = torch.where(found.view(-1, 1, 1, 1), refined.logits, logits)
+        iou = torch.where(found.view(-1, 1), refined.iou, iou)
+        return logits, iou, refined.balance_loss
+
+    @staticmethod
+    def has_mask(logits: torch.Tensor) -> torch.Tensor:
+        """(B, 1, h, w) low-res logits -> (B,) bool: whether the mask (logits > 0) is not empty, i.e. whether a
+        refinement pass has a box to refine (``auto_refine`` keeps the other rows as they are)."""
+        return (logits.detach()[:, 0] > 0).flatten(1).any(dim=1)
 
     def boxes_from_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, h, w) low-res logits -> (boxes (B, 4) x0 y0 x1 y1 in model-input pixels, found (B,) bool).
@@ -555,7 +580,7 @@ class SegMoTE(nn.Module):
         scale_x = self.backbone.input_size / low_w
         scale_y = self.backbone.input_size / low_h
         rows, cols = foreground.any(dim=2), foreground.any(dim=1)  # (B, h), (B, w)
-        found = rows.any(dim=1)
+        found = self.has_mask(logits)
         row_index = torch.arange(low_h, device=logits.device)
         col_index = torch.arange(low_w, device=logits.device)
         y0 = torch.where(rows, row_index, low_h).min(dim=1).values
@@ -566,6 +591,11 @@ class SegMoTE(nn.Module):
         whole = torch.tensor([0.0, 0.0, self.backbone.input_size, self.backbone.input_size], device=logits.device)
         boxes = torch.where(found.unsqueeze(1), boxes, whole)
         return boxes.to(logits.dtype), found
+
+
+def _per_class(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, ...) per slice -> (B * count, ...) per (slice, class) row, slice-major."""
+    return tensor.unsqueeze(1).expand(-1, count, *tensor.shape[1:]).flatten(0, 1)
 
 
 def _match_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
