@@ -22,9 +22,13 @@ DATA = Path(os.path.dirname(slicerio.__file__)) / "data"
 CHEST_CT = DATA / "CTChest4.nrrd"
 CHEST_SEG = DATA / "Segmentation.seg.nrrd"
 LUNG_WINDOW = (-700.0, 600.0)  # level, width: lung parenchyma against everything brighter
-# Engines in tests run PyTorch, the reference, unless a test asks for another runtime (tests/test_runtime.py):
-# an ONNX export per randomly initialised test model would cost seconds each.
+# Engines built in tests run PyTorch unless they ask for another runtime: an ONNX export per randomly initialised
+# test model would cost seconds each. The session's LiteMedSAM engines (below) ask for what users get by default.
 os.environ.setdefault("SEGMOTE_RUNTIME", "torch")
+USERS_RUNTIME = "auto"  # an engine's runtime when neither the user nor SEGMOTE_RUNTIME names one
+# Exported graphs (and anything else SegMoTE caches) go to a temporary folder, not the user's cache.
+_CACHE = tempfile.TemporaryDirectory(prefix="segmote-tests-cache-")
+os.environ.setdefault("SEGMOTE_CACHE_DIR", _CACHE.name)
 
 # Property-based tests draw the same examples on every run, so a result (red or green) reproduces on any machine;
 # HYPOTHESIS_PROFILE=explore draws new ones each run, to look for more failing cases.
@@ -40,7 +44,8 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
 
 
-REAL_FIXTURES = {"lite_engine", "lung_adapter_engine", "cli_engine", "cli_lung_engine", "chest_ct", "chest_truth"}
+REAL_FIXTURES = {"lite_engine", "lung_adapter_engine", "torch_engine", "cli_engine", "cli_lung_engine", "chest_ct",
+                 "chest_truth"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -98,9 +103,11 @@ def chest_truth():
 
 @pytest.fixture(scope="session")
 def lite_engine():
+    """LiteMedSAM on the runtime users get by default (the fastest installed CPU runtime; tests/test_runtime.py
+    checks its masks against PyTorch's)."""
     from segmote_core.engine import Engine
 
-    return Engine("lite_medsam", device="cpu")
+    return Engine("lite_medsam", device="cpu", runtime=USERS_RUNTIME)
 
 
 @pytest.fixture(scope="session")
@@ -109,16 +116,24 @@ def lung_adapter_engine():
     from segmote_core.engine import Engine
     from segmote_core.shipped import shipped_adapter
 
-    return Engine("lite_medsam", device="cpu", adapter=shipped_adapter("chest_ct_lungs"))
+    return Engine("lite_medsam", device="cpu", adapter=shipped_adapter("chest_ct_lungs"), runtime=USERS_RUNTIME)
+
+
+@pytest.fixture(scope="session")
+def torch_engine(lite_engine):
+    """LiteMedSAM in PyTorch fp32, the reference the exported runtimes are checked against (same weights)."""
+    from segmote_core.engine import Engine
+
+    return Engine(backbone=lite_engine.backbone, device="cpu", runtime="torch")
 
 
 def _shared_with_cli(engine, adapter):
     """Register `engine` as the CLI's in-process engine for LiteMedSAM on the CPU with `adapter` (as the command line
-    names it), under the CLI's own key (``engine_key``), for the default runtime and --runtime torch (the tests'
-    default, SEGMOTE_RUNTIME): a command then embeds nothing the session's engine has already embedded."""
+    names it), under the CLI's own key (``engine_key``), for no --runtime (what users get) and --runtime auto: a
+    command then embeds nothing the session's engine has already embedded."""
     from segmote_core.cli import common
 
-    keys = [common.engine_key("lite_medsam", None, "cpu", adapter, runtime=runtime) for runtime in (None, "torch")]
+    keys = [common.engine_key("lite_medsam", None, "cpu", adapter, runtime=runtime) for runtime in (None, USERS_RUNTIME)]
     for key in keys:
         common._engines[key] = engine
     # Left registered after the test: the engine lives for the whole run anyway, and a later command that forgot
@@ -153,3 +168,22 @@ def bounding_box_ijk(mask: np.ndarray) -> list[int]:
 
     k, j, i = mask_extent(mask)
     return [i.start, j.start, k.start, i.stop - 1, j.stop - 1, k.stop - 1]
+
+
+def chest_ct_slab(chest_ct, k0: int, k1: int):
+    """Axial slices k0 .. k1 - 1 of the chest CT as a volume of their own, where they lie in the whole scan: a
+    real scan at a fraction of the cost, for tests of what surrounds the model (files, commands, processes)."""
+    from segmote_core.volume import Volume
+
+    origin = (chest_ct.ijk_to_lps @ [0, 0, k0, 1])[:3]
+    return Volume(np.ascontiguousarray(chest_ct.array[k0:k1]), chest_ct.spacing, origin, chest_ct.direction)
+
+
+@pytest.fixture(scope="session")
+def exported_graphs(lite_engine, lung_adapter_engine) -> Path:
+    """The tests' cache folder of exported graphs, holding what a fresh process on the default runtime exports
+    first (LiteMedSAM's encoder and decoders, the shipped lung adapter's decoder); empty where no CPU runtime
+    is installed."""
+    folder = Path(os.environ["SEGMOTE_CACHE_DIR"]) / "exported"
+    folder.mkdir(exist_ok=True)
+    return folder

@@ -23,7 +23,6 @@ from segmote_core.adapters import (
 from segmote_core.errors import CheckpointError, InputError
 from segmote_core.models.backbones import build_tiny_sam_vit
 from segmote_core.models.segmote import SegMoTE, SegMoTEConfig
-from segmote_core.shipped import shipped_adapter
 
 SHA = "ab" * 32
 NORMALIZATION = {"mode": "ct_window", "level": 40.0, "width": 400.0}
@@ -246,19 +245,15 @@ def test_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(
 
 
 # ---- the shipped adapter: never worse than the base model outside its classes ---------------------------------
-SHIPPED = shipped_adapter("chest_ct_lungs")
-
-
 @pytest.mark.slow
 def test_shipped_lung_adapter_leaves_a_box_on_the_spine_as_good_as_the_base_model(chest_ct, chest_truth,
-                                                                                    lite_engine):
+                                                                                    lite_engine, lung_adapter_engine):
     """The lung adapter once turned a box on the thoracic spine from Dice 0.55 into 0.003; now a box alone with the
     adapter loaded is answered exactly as without it (held-out slices 16 and 22): the frozen decoder, fed the input
     it was trained for rather than the adapter's lung window."""
     from segmote_core.metrics import dice
-    from segmote_core.engine import Engine
 
-    tuned = Engine("lite_medsam", device="cpu", adapter=SHIPPED)
+    tuned = lung_adapter_engine  # the shipped lung adapter loaded
     tuned_prep = tuned.boxes_view(tuned.prepare(chest_ct))
     base_prep = lite_engine.prepare(chest_ct)
     assert tuned_prep.normalization.key() == base_prep.normalization.key()

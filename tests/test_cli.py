@@ -32,8 +32,8 @@ def test_segment_adds_to_existing_segmentation_keeping_every_segment(tmp_path, c
     shutil.copy(CHEST_SEG, out)
     before = slicerio.read_segmentation(str(out))
     code, stdout, err = run_cli(["segment", str(CHEST_CT), "--out", str(out), "--box-ras",
-                             *lung_box_ras(chest_ct, chest_truth["right lung"]), "--preset", "lung_parenchyma",
-                             "--name", "AI right lung", "--device", "cpu", "--quiet"], capsys)
+                             *lung_box_ras(chest_ct, chest_truth["right lung"]), "--name", "AI right lung",
+                             "--device", "cpu", "--quiet"], capsys)
     assert code == 0, err
     after = slicerio.read_segmentation(str(out))
     for segment in before["segments"]:

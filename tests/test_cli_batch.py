@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import CHEST_CT, bounding_box_ijk, run_cli
+from conftest import CHEST_CT, bounding_box_ijk, chest_ct_slab, run_cli
 from segmote_core.metrics import dice
 from segmote_core import engine as engine_module
 from segmote_core.cases import find_input_cases
@@ -30,16 +30,21 @@ def lung_slice_box_ras(chest_ct, mask) -> tuple[np.ndarray, int]:
 
 
 def test_a_folder_of_three_stored_copies_loads_the_model_once(tmp_path, capsys, monkeypatch, chest_ct, chest_truth):
-    """The shipped CT, a NIfTI copy and a transposed, flipped NRRD copy (+ one unreadable file): one engine, one
-    output and run record per case, the broken case reported in one line, the others the same in world space."""
+    """Five slices of the chest CT stored three ways, NRRD, NIfTI and a transposed, flipped NRRD (+ one unreadable
+    file): one engine, one output and run record per case, the broken case reported in one line, the others the
+    same in world space."""
     from test_engine import reorder_mask_to
     from test_volume import reorder
 
+    lung = chest_truth["right lung"]
+    middle = int(np.median(np.nonzero(lung)[0]))
+    slab = chest_ct_slab(chest_ct, middle - 2, middle + 3)
+    truth = {"right lung": lung[middle - 2:middle + 3]}
     cases = tmp_path / "cases"
     cases.mkdir()
-    shutil.copy(CHEST_CT, cases / "a_ct.nrrd")
-    sitk.WriteImage(chest_ct.to_sitk(), str(cases / "b_ct.nii.gz"))
-    stored = reorder(chest_ct, (2, 0, 1), (False, True, False))
+    sitk.WriteImage(slab.to_sitk(), str(cases / "a_ct.nrrd"))
+    sitk.WriteImage(slab.to_sitk(), str(cases / "b_ct.nii.gz"))
+    stored = reorder(slab, (2, 0, 1), (False, True, False))
     sitk.WriteImage(stored.to_sitk(), str(cases / "c_ct.nrrd"))
     (cases / "d_broken.nrrd").write_bytes(b"NRRD0004\nnot an image\n")
 
@@ -52,7 +57,7 @@ def test_a_folder_of_three_stored_copies_loads_the_model_once(tmp_path, capsys, 
 
     monkeypatch.setattr(engine_module.Engine, "__init__", counting_init)
     monkeypatch.setattr(common, "_engines", {})
-    corners, k = lung_slice_box_ras(chest_ct, chest_truth["right lung"])
+    corners, k = lung_slice_box_ras(slab, truth["right lung"])
     out = tmp_path / "results"
     code, stdout, err = run_cli(["segment", "-i", str(cases), "-o", str(out), "--box-ras",
                              *[f"{v:.4f}" for v in corners.reshape(-1)], "--name", "right lung", "--preset",
@@ -69,7 +74,7 @@ def test_a_folder_of_three_stored_copies_loads_the_model_once(tmp_path, capsys, 
     grid_b, (b,) = read_segments(out / "b_ct.seg.nrrd")
     grid_c, (c,) = read_segments(out / "c_ct.seg.nrrd")
     assert a.name == b.name == c.name == "right lung"
-    assert dice(a.mask[k], chest_truth["right lung"][k]) > 0.9
+    assert dice(a.mask[k], truth["right lung"][k]) > 0.9
     assert dice(b.mask, a.mask) > 0.99
     assert not grid_a.same_grid(grid_c)
     assert dice(reorder_mask_to(grid_c, c.mask, grid_a), a.mask) > 0.98

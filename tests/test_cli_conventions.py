@@ -10,14 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHEST_CT
+from conftest import CHEST_CT, chest_ct_slab
 from segmote_core import __version__, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def segmote_process(*args: str, cwd) -> subprocess.CompletedProcess:
+def segmote_process(*args: str, cwd, users_runtime: bool = False) -> subprocess.CompletedProcess:
+    """`python -m segmote_core ARGS` in a fresh interpreter; users_runtime: without the tests' SEGMOTE_RUNTIME, on
+    the runtime users get."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if users_runtime:
+        env.pop("SEGMOTE_RUNTIME", None)
     return subprocess.run([sys.executable, "-m", "segmote_core", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -81,20 +85,24 @@ def test_usage_and_user_errors_have_their_own_exit_codes(tmp_path, capsys):
     assert err.startswith("error: ") and "\n" not in err
 
 
-@pytest.mark.slow
-def test_segment_writes_no_dependency_warnings_and_quiet_prints_nothing(tmp_path):
-    """A real run in a fresh interpreter (the LiteMedSAM import path is the one users take): nothing on stderr
-    but what the tool itself has to say."""
+def test_segment_writes_no_dependency_warnings_and_quiet_prints_nothing(tmp_path, chest_ct, exported_graphs):
+    """A real run in a fresh interpreter on what users get (the LiteMedSAM import path, the default runtime, its
+    graphs already exported as after a first run), on three slices of the chest CT: nothing on stderr but what the
+    tool itself has to say."""
+    import SimpleITK as sitk
+
+    scan = tmp_path / "slab.nrrd"
+    sitk.WriteImage(chest_ct_slab(chest_ct, 16, 19).to_sitk(), str(scan))
     out = tmp_path / "out.seg.nrrd"
-    done = segmote_process("segment", str(CHEST_CT), "--out", str(out), "--box-ijk", "20", "30", "17", "60", "90",
-                           "17", "--device", "cpu", cwd=tmp_path)
+    done = segmote_process("segment", str(scan), "--out", str(out), "--box-ijk", "20", "30", "1", "60", "90",
+                           "1", "--device", "cpu", cwd=tmp_path, users_runtime=True)
     assert done.returncode == 0, done.stderr
     assert out.is_file()
     noisy = [line for line in done.stderr.splitlines() if "Warning" in line or line.startswith("warning")]
     assert noisy == []
     assert "segment:" in done.stdout and "ml" in done.stdout
-    quiet = segmote_process("-q", "segment", str(CHEST_CT), "--out", str(tmp_path / "q.seg.nrrd"), "--box-ijk", "20",
-                            "30", "17", "60", "90", "17", "--device", "cpu", cwd=tmp_path)
+    quiet = segmote_process("-q", "segment", str(scan), "--out", str(tmp_path / "q.seg.nrrd"), "--box-ijk", "20",
+                            "30", "1", "60", "90", "1", "--device", "cpu", cwd=tmp_path, users_runtime=True)
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
 
 

@@ -38,22 +38,24 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="session")
-def export_cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("segmote-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SEGMOTE_CACHE_DIR", str(folder))
-        yield folder
+def export_cache():
+    """The tests' temporary SegMoTE cache (tests/conftest.py), where the session's engines exported their graphs."""
+    return Path(os.environ["SEGMOTE_CACHE_DIR"])
 
 
 @pytest.fixture(scope="session")
-def fast_engines(export_cache):
-    return {name: Engine("lite_medsam", device="cpu", runtime=name) for name in FAST}
+def fast_engines(lite_engine):
+    """One engine per installed runtime; the session's engine is the one users get by default."""
+    return {name: lite_engine if lite_engine.runtime == name else
+            Engine(backbone=lite_engine.backbone, device="cpu", runtime=name) for name in FAST}
 
 
 @pytest.fixture(scope="session")
-def adapter_engines(export_cache):
-    engines = {"torch": Engine("lite_medsam", device="cpu", adapter=ADAPTER, runtime="torch")}
-    engines.update({name: Engine("lite_medsam", device="cpu", adapter=ADAPTER, runtime=name) for name in FAST})
+def adapter_engines(lung_adapter_engine):
+    engines = {"torch": Engine(backbone=lung_adapter_engine.backbone, device="cpu", adapter=ADAPTER, runtime="torch")}
+    engines.update({name: lung_adapter_engine if lung_adapter_engine.runtime == name else
+                    Engine(backbone=lung_adapter_engine.backbone, device="cpu", adapter=ADAPTER, runtime=name)
+                    for name in FAST})
     return engines
 
 
@@ -77,18 +79,18 @@ def test_engines_use_the_runtime_asked_for(fast_engines):
     assert runtimes.choose("auto", torch.device("cuda")) == "torch"
 
 
-def test_box_prompts_on_all_seven_structures_agree_with_pytorch(fast_engines, lite_engine, chest_ct, chest_truth):
+def test_box_prompts_on_all_seven_structures_agree_with_pytorch(fast_engines, torch_engine, chest_ct, chest_truth):
     assert len(chest_truth) == 7
     for name, truth in chest_truth.items():
         box = slice_box(truth)
-        reference = lite_engine.segment(chest_ct, box_ijk=box)
+        reference = torch_engine.segment(chest_ct, box_ijk=box)
         assert reference.any(), name
         for runtime, engine in fast_engines.items():
             mask = engine.segment(chest_ct, box_ijk=box)
             assert agreement(mask, reference) >= AGREEMENT, (runtime, name, agreement(mask, reference))
 
 
-def test_clicks_on_the_lungs_agree_with_pytorch(fast_engines, lite_engine, chest_ct, chest_truth):
+def test_clicks_on_the_lungs_agree_with_pytorch(fast_engines, torch_engine, chest_ct, chest_truth):
     for name in ("right lung", "left lung"):
         truth = chest_truth[name]
         k = 20
@@ -96,7 +98,7 @@ def test_clicks_on_the_lungs_agree_with_pytorch(fast_engines, lite_engine, chest
         j, i = inside[len(inside) // 2]
         j2, i2 = inside[len(inside) // 4]
         points = [[i, j, k], [i2, j2, k]]
-        reference = lite_engine.segment(chest_ct, points_ijk=points)
+        reference = torch_engine.segment(chest_ct, points_ijk=points)
         assert reference.any()
         for runtime, engine in fast_engines.items():
             mask = engine.segment(chest_ct, points_ijk=points)
@@ -153,7 +155,7 @@ def test_automatic_segmentation_runs_the_exported_decoder_and_agrees_with_pytorc
 
 
 def test_a_clicks_box_search_runs_in_one_exported_call_with_or_without_an_adapter(fast_engines, adapter_engines,
-                                                                                   lite_engine, chest_ct, chest_truth,
+                                                                                   torch_engine, chest_ct, chest_truth,
                                                                                    monkeypatch):
     """A click's candidate boxes go to the exported frozen decoder in one call, also with the lung adapter loaded
     (a click on the spine, off its classes): never to PyTorch, and each mask as PyTorch's for the box alone."""
@@ -161,12 +163,12 @@ def test_a_clicks_box_search_runs_in_one_exported_call_with_or_without_an_adapte
     from segmote_core.evalset import innermost_point
 
     k = 19
-    reference_view = lite_engine.prepare(chest_ct)
+    reference_view = torch_engine.prepare(chest_ct)
     row, col = innermost_point(reference_view.stack.to_stack(chest_truth["thoracic vertebral column"])[k])
     click = np.array([[col, row]], float)
     candidates = candidate_boxes(click, reference_view.slice_shape)
-    expected = [lite_engine._decode_slice(reference_view, k, box=box).mask for box in candidates]
-    expected_click = lite_engine.predict_slice(reference_view, k, points=click, point_labels=np.array([1])).mask
+    expected = [torch_engine._decode_slice(reference_view, k, box=box).mask for box in candidates]
+    expected_click = torch_engine.predict_slice(reference_view, k, points=click, point_labels=np.array([1])).mask
 
     def pytorch_decoder(*args, **kwargs):
         raise AssertionError("the frozen decoder ran in PyTorch")

@@ -102,6 +102,20 @@ def test_unknown_or_mistyped_config_keys_are_refused(tmp_path, tiny_data):
     assert train_command.main(["--config", str(path), "--quiet"]) == 1
 
 
+def test_a_missing_data_folder_is_reported_before_any_model_loads(tmp_path, tiny_data, monkeypatch, capsys):
+    def no_model(*args):
+        raise AssertionError("the backbone was loaded before the data was found")
+
+    monkeypatch.setattr(loop, "build_backbone", no_model)
+    config = tmp_path / "train.yaml"
+    values = tiny_values(tiny_data, tmp_path / "run", image=None, segmentation=None)
+    values["data"] = str(tmp_path / "no_such_folder")
+    config.write_text(yaml.safe_dump(values))
+    assert train_command.main(["--config", str(config), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no_such_folder" in err and "\n" not in err
+
+
 # ---- training ----------------------------------------------------------------------------------------
 def test_loss_falls_and_checkpoints_are_complete(tmp_path, tiny_data):
     # One class, box prompts (through MoTE: boxes_to_base off), the whole training set in every batch: the loss is

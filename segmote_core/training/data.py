@@ -50,16 +50,22 @@ def normalization_rule(config: TrainConfig) -> dict:
     return rule_for_training(config.window, config.preset, config.backbone)
 
 
-def build_data(config: TrainConfig, backbone, ctx: Dist, log=print) -> TrainData:
+def training_cases(config: TrainConfig) -> list:
+    """The cases the config names (a missing or empty data folder is an InputError here, before any model loads)."""
+    from ..datasets import find_cases
+
+    return find_cases(config.data, config.layout, config.image, config.segmentation, config.modality,
+                      config.patient_regex)
+
+
+def build_data(config: TrainConfig, cases: list, backbone, ctx: Dist, log=print) -> TrainData:
     from ..curate import read_manifest
-    from ..datasets import describe_split, find_cases, split_cases, split_slices
+    from ..datasets import describe_split, split_cases, split_slices
     from ..embedding_store import EmbeddingStore
     from ..engine import Engine, Prepared
     from ..normalize import from_rule
     from ..volume import SliceStack
 
-    cases = find_cases(config.data, config.layout, config.image, config.segmentation, config.modality,
-                       config.patient_regex)
     rule = normalization_rule(config)
     kept = read_manifest(config.manifest) if config.manifest else None
     first_volume, first_labels = cases[0].load()

@@ -16,7 +16,7 @@ from ..errors import InputError, TrainingError
 from ..files import atomic_write_text
 from ..models.segmote import SegMoTE
 from .config import TrainConfig
-from .data import StepSampler, build_data, to_batch
+from .data import StepSampler, build_data, to_batch, training_cases
 from .distributed import setup_distributed
 from .objective import Objective, compute_losses
 from .optimizer import build_optimizer, lr_factor
@@ -74,12 +74,13 @@ def _train(config: TrainConfig, resume: bool, stop_after: int | None, quiet: boo
     started = time.time()
 
     # ---- model and data ----------------------------------------------------------------------------------
+    cases = training_cases(config)  # first: a wrong data path is reported before the model takes seconds to load
     backbone = build_backbone(config, device)
     backbone_sha = getattr(backbone, "weights_sha256", None)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
     ctx.barrier()
-    data = build_data(config, backbone, ctx, log)
+    data = build_data(config, cases, backbone, ctx, log)
     torch.manual_seed(config.seed)
     model = SegMoTE(backbone, config.segmote_config(len(data.classes))).to(device)
     model.train()
