@@ -55,29 +55,29 @@ def test_second_prompt_reuses_the_embedding_and_window_change_does_not(lite_engi
     assert lite_engine.cache.misses == misses + 2  # changed voxels never reuse a stale embedding
 
 
-def test_points_go_through_sams_prompt_interface(lite_engine, chest_ct):
+def test_points_go_through_sams_prompt_interface(torch_engine, chest_ct):
     """Points reach SAM's prompt encoder in SAM's own coordinate convention (ResizeLongestSide), with labels;
     a negative click changes the answer. (LiteMedSAM was trained on boxes only, so point answers are weak.)"""
     from segment_anything.utils.transforms import ResizeLongestSide
 
-    prepared = lite_engine.prepare(chest_ct, window=LUNG_WINDOW)
+    prepared = torch_engine.prepare(chest_ct, window=LUNG_WINDOW)
     box = np.array([15.0, 25.0, 62.0, 100.0])
-    only_box = lite_engine.predict_slice(prepared, 20, box=box)
+    only_box = torch_engine.predict_slice(prepared, 20, box=box)
     inside = np.argwhere(only_box.mask)[len(np.argwhere(only_box.mask)) // 2]  # (row, col)
     points = np.array([[inside[1], inside[0]], [5.0, 7.0]], float)
     labels = np.array([0, 1])
-    with_points = lite_engine.predict_slice(prepared, 20, points=points, point_labels=labels, box=box)
+    with_points = torch_engine.predict_slice(prepared, 20, points=points, point_labels=labels, box=box)
     assert with_points.mask.sum() != only_box.mask.sum()
 
-    sam_transform = ResizeLongestSide(lite_engine.backbone.input_size)
-    embedding, _ = lite_engine.embeddings(prepared, [20])[20]
+    sam_transform = ResizeLongestSide(torch_engine.backbone.input_size)
+    embedding, _ = torch_engine.embeddings(prepared, [20])[20]
     with torch.inference_mode():
-        sparse, dense = lite_engine.backbone.prompt_encoder(
+        sparse, dense = torch_engine.backbone.prompt_encoder(
             points=(torch.tensor(sam_transform.apply_coords(points, prepared.slice_shape), dtype=torch.float32)[None],
                     torch.tensor(labels)[None]),
             boxes=torch.tensor(sam_transform.apply_boxes(box[None], prepared.slice_shape), dtype=torch.float32),
             masks=None)
-        logits, _ = lite_engine.backbone.mask_decoder(embedding, lite_engine.backbone.prompt_encoder.get_dense_pe(),
+        logits, _ = torch_engine.backbone.mask_decoder(embedding, torch_engine.backbone.prompt_encoder.get_dense_pe(),
                                                       sparse, dense, multimask_output=False)
     assert torch.allclose(logits, with_points.low_res_logits, atol=1e-5)
 

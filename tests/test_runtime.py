@@ -145,7 +145,6 @@ def test_automatic_segmentation_runs_the_exported_decoder_and_agrees_with_pytorc
         monkeypatch.setattr(engine._fast, "auto_coarse", lambda *a: coarse_rows.append(len(a[2])) or first_pass(*a))
         monkeypatch.setattr(engine._fast, "auto_refine",
                             lambda *a: refined_slices.append(len(coarse_rows) - 1) or refine(*a))
-        engine.cache.clear()
         for segment in engine.auto(crop):
             dice = agreement(segment.mask, expected[segment.name])
             assert dice >= 0.99, (runtime, segment.name, dice)
