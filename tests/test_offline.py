@@ -82,7 +82,7 @@ PROBE = textwrap.dedent('''
         sys.exit(0)
 
     import segmote_core.demo
-    if sys.argv[1] == "demo":
+    if "demo" in sys.argv[1:]:  # also after -q
         # The crop of the demo's CT; its prompted part only (the adapter part is `auto`'s code, probed above).
         segmote_core.demo.demo_data = lambda: (os.environ["DEMO_CT"], os.environ["DEMO_SEG"])
         segmote_core.demo.SHIPPED_ADAPTER = segmote_core.demo.SHIPPED_ADAPTER.with_name("absent.safetensors")
@@ -149,6 +149,7 @@ def test_no_command_contacts_any_address_but_loopback(tmp_path, chest_ct, chest_
 
     assert (tmp_path / "s.seg.nrrd").is_file() and (tmp_path / "a.seg.nrrd").is_file()
     assert (tmp_path / "demo" / "demo.seg.nrrd").is_file() and (tmp_path / "run" / "adapter.safetensors").is_file()
+    assert not (tmp_path / "demo" / "demo-auto.seg.nrrd").exists()  # the demo ran on the crop, its prompts only
     for command, calls in {"segment": segment, "auto": auto, "demo": demo, "train": train}.items():
         assert outside(calls) == [], f"{command} contacted {outside(calls)}"
     # Nothing was written for a telemetry client either (its id file lives in the home folder).
