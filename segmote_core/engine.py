@@ -210,21 +210,20 @@ class Engine:
         self._fast_decoder = self._fast_auto = False
         if self._fast is None:
             return
+        self._fast_decoder = self._exported("prompt decoder", "prompts", lambda: self._fast.use_decoder(self.segmote))
+        if self._fast_decoder and self.segmote is not None:
+            self._fast_auto = self._exported("automatic decoder", "automatic segmentation",
+                                             lambda: self._fast.use_auto_decoder(self.segmote))
+
+    def _exported(self, part: str, used_for: str, export: Callable[[], None]) -> bool:
+        """Whether `export` (of a decoder graph) worked; if not, one notice, and PyTorch stays for `used_for`."""
         try:
-            self._fast.use_decoder(self.segmote)
-            self._fast_decoder = True
-        except Exception as error:  # noqa: BLE001
-            self.notices.append(f"could not export the prompt decoder for {self.runtime} "
-                                f"({one_line(error, 200, named=True)}): using PyTorch for prompts")
-            return
-        if self.segmote is None:
-            return
-        try:
-            self._fast.use_auto_decoder(self.segmote)
-            self._fast_auto = True
-        except Exception as error:  # noqa: BLE001
-            self.notices.append(f"could not export the automatic decoder for {self.runtime} "
-                                f"({one_line(error, 200, named=True)}): using PyTorch for automatic segmentation")
+            export()
+            return True
+        except Exception as error:  # noqa: BLE001 - any export/runtime failure: PyTorch still works
+            self.notices.append(f"could not export the {part} for {self.runtime} "
+                                f"({one_line(error, 200, named=True)}): using PyTorch for {used_for}")
+            return False
 
     @property
     def runtime_description(self) -> str:
