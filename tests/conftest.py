@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,9 @@ def _real_weights_only_in_slow_tests(request, monkeypatch):
     yield
 
 
+_torch_threads_at_start: list[int] = []  # torch's thread count before a test module lowered it
+
+
 @pytest.fixture(scope="module")
 def single_torch_thread():
     """For modules of tiny-model tests: on a 2-core machine two busy-waiting torch threads run small ops far
@@ -80,9 +84,26 @@ def single_torch_thread():
     import torch
 
     threads = torch.get_num_threads()
+    if not _torch_threads_at_start:
+        _torch_threads_at_start.append(threads)
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextmanager
+def all_torch_threads():
+    """Build a session's engine with torch's own thread count: an engine's exported runtimes take the count in
+    force when it is built, and a session engine first asked for in a single-thread module would otherwise run
+    on one core for the rest of the run."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_torch_threads_at_start[0] if _torch_threads_at_start else threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +128,8 @@ def lite_engine():
     checks its masks against PyTorch's)."""
     from segmote_core.engine import Engine
 
-    return Engine("lite_medsam", device="cpu", runtime=USERS_RUNTIME)
+    with all_torch_threads():
+        return Engine("lite_medsam", device="cpu", runtime=USERS_RUNTIME)
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +138,8 @@ def lung_adapter_engine():
     from segmote_core.engine import Engine
     from segmote_core.shipped import shipped_adapter
 
-    return Engine("lite_medsam", device="cpu", adapter=shipped_adapter("chest_ct_lungs"), runtime=USERS_RUNTIME)
+    with all_torch_threads():
+        return Engine("lite_medsam", device="cpu", adapter=shipped_adapter("chest_ct_lungs"), runtime=USERS_RUNTIME)
 
 
 @pytest.fixture(scope="session")
