@@ -118,6 +118,11 @@ class Prepared:
     def slice01(self, index: int) -> np.ndarray:
         return normalize(self.stack.to_stack(self.volume.array)[index], self.normalization)
 
+    def embedding_key(self, index: int, early: bool) -> tuple:
+        """The embedding cache's key for one slice: its voxels rather than its volume's (see
+        ``SliceStack.slice_fingerprints``), the normalisation, the weights; early: with the early feature."""
+        return (self.stack.slice_fingerprints()[index], *self.key[1:], early)
+
 
 @dataclass
 class SlicePrediction:
@@ -253,7 +258,8 @@ class Engine:
             check_rule(header["normalization"], f"adapter {getattr(path, 'name', path)}:")
         self.segmote, self.adapter_header = segmote, header
         self.segmote.to(self.device).eval()
-        self.cache.clear()  # entries embedded without early features would be looked up under other keys anyway
+        # The embedding cache stays: the encoder is the same, and an adapter looks its slices up with their early
+        # features, which entries embedded without one lack (the LRU budget retires those).
         self._class_masks.clear()
         self._box_answers.clear()  # which decoder answers a box alone may have changed
         self._use_fast_decoder()
@@ -343,7 +349,7 @@ class Engine:
             value = (torch.from_numpy(np.array(embedding, dtype=np.float32))[None].to(self.device),
                      torch.from_numpy(np.array(early_feature, dtype=np.float32))[None].to(self.device)
                      if early else None)
-            self.cache.put(prepared.key + (index, early), value)
+            self.cache.put(prepared.embedding_key(index, early), value)
 
     def embedding_bytes(self) -> int:
         """Bytes one slice's cache entry takes (embedding, plus the early feature when an adapter needs it)."""
@@ -356,7 +362,10 @@ class Engine:
         early = self.needs_early_features
         found, missing = {}, []
         for index in indices:
-            value = self.cache.get(prepared.key + (index, early))
+            value = self.cache.get(prepared.embedding_key(index, early))
+            if value is None and not early:  # embedded for an adapter: its embedding serves without one too
+                with_early = self.cache.get(prepared.embedding_key(index, True))
+                value = None if with_early is None else (with_early[0], None)
             if value is None:
                 missing.append(index)
             else:
@@ -365,7 +374,7 @@ class Engine:
         def computed(index: int, embedding: torch.Tensor, early_feature: torch.Tensor) -> None:
             value = (embedding.clone(), early_feature.clone() if early else None)
             if keep:
-                self.cache.put(prepared.key + (index, early), value)
+                self.cache.put(prepared.embedding_key(index, early), value)
             found[index] = value
 
         self._encode(prepared, missing, computed, progress, cancel, len(found), len(indices))

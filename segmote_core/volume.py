@@ -494,14 +494,19 @@ class SliceStack:
             self.flipped.append(bool(signs[voxel_axis] * wanted < 0))
         self.voxel_axis = 2 - self.numpy_dims[0]
 
-    def fingerprint(self) -> str:
-        """Hash of the voxels in stack order, computed once per volume and axis (a Volume's array is
-        read-only). Slices depend only on it, so the same scan stored in another axis order or flipped shares
-        its embeddings: it keys the engine's cache."""
+    def slice_fingerprints(self) -> list[str]:
+        """A hash of each slice's voxels in stack order, computed once per volume and axis (a Volume's array is
+        read-only). A slice's embedding depends only on its voxels (and the normalisation), so the same scan
+        stored in another axis order or flipped, a slab of it, every other slice of it, or a copy with a few
+        slices edited shares the embeddings of the slices it has in common: they key the engine's cache."""
         found = self.volume._stack_fingerprints
         if self.anatomical_axis not in found:
-            found[self.anatomical_axis] = content_hash(self.to_stack(self.volume.array))
+            found[self.anatomical_axis] = [content_hash(one) for one in self.to_stack(self.volume.array)]
         return found[self.anatomical_axis]
+
+    def fingerprint(self) -> str:
+        """A hash of the whole stack (of its slices' hashes, in order)."""
+        return content_hash(np.frombuffer("".join(self.slice_fingerprints()).encode(), np.uint8))
 
     @classmethod
     def for_axis(cls, volume: Volume, voxel_axis: int | None) -> "SliceStack":

@@ -71,6 +71,34 @@ def test_auto_caches_a_volume_that_fits_so_prompts_afterwards_need_no_encoder(tm
     assert engine.cache.misses == 6
 
 
+def test_only_slices_not_seen_before_are_embedded_whatever_volume_holds_them(tmp_path):
+    """The cache is keyed by each slice's voxels: every other slice of a scan, a slab of it, or a copy with one
+    slice edited embeds only what it does not share; an adapter loaded and unloaded keeps what was embedded."""
+    engine = _engine()
+    scan = _volume()
+    window = (150, 600)  # the same normalisation for every volume below (an automatic one reads all voxels)
+    engine.embeddings(engine.prepare(scan, window=window), range(6))
+    assert engine.cache.misses == 6
+    every_other = Volume(scan.array[::2].copy(), (1.0, 1.0, 4.0), scan.origin, scan.direction)
+    slab = Volume(scan.array[2:5].copy(), scan.spacing, (0.0, 0.0, 4.0), scan.direction)
+    for part in (every_other, slab):
+        engine.embeddings(engine.prepare(part, window=window), range(part.array.shape[0]))
+    assert engine.cache.misses == 6
+    edited = scan.array.copy()
+    edited[3, 20, 20] += 100
+    engine.embeddings(engine.prepare(Volume(edited, scan.spacing, scan.origin, scan.direction), window=window),
+                      range(6))
+    assert engine.cache.misses == 7  # the edited slice alone: a changed slice never reuses a stale embedding
+    engine.load_adapter(_adapter(engine, tmp_path / "a.safetensors"))
+    engine.embeddings(engine.prepare(scan, window=window), range(6))
+    assert engine.cache.misses == 13  # an adapter also needs the early features
+    engine.unload_adapter()
+    engine.embeddings(engine.prepare(scan, window=window), range(6))
+    engine.load_adapter(tmp_path / "a.safetensors")
+    engine.embeddings(engine.prepare(scan, window=window), range(6))
+    assert engine.cache.misses == 13
+
+
 def test_prefetch_embeds_the_neighbours_nearest_first_and_can_be_superseded():
     engine = _engine()
     prepared = engine.prepare(_volume())
