@@ -91,19 +91,27 @@ PROBE = textwrap.dedent('''
 ''')
 
 
-def run_probed(tmp_path: Path, name: str, args: list[str], **env) -> list[dict]:
-    log = tmp_path / f"{name}.log"
+def run_probed(tmp_path: Path, commands: dict[str, list[str]], **env) -> dict[str, list[dict]]:
+    """Run each command in its own probed process, all at once (one thread each: they read the same copied graphs
+    and write only their own files), and return the calls each made, by name."""
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path / "home"),
-                   "PYTHONPATH": str(ROOT), "NET_LOG": str(log), "SEGMOTE_CACHE_DIR": str(tmp_path / "cache"),
-                   "SEGMOTE_RUNTIME": "openvino", "OMP_NUM_THREADS": "1", **env}
     (tmp_path / "home").mkdir(exist_ok=True)
-    result = subprocess.run([sys.executable, str(probe), *args], capture_output=True, text=True, env=environment,
-                            cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    running = {}
+    for name, args in commands.items():
+        environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path / "home"),
+                       "PYTHONPATH": str(ROOT), "NET_LOG": str(tmp_path / f"{name}.log"),
+                       "SEGMOTE_CACHE_DIR": str(tmp_path / "cache"), "SEGMOTE_RUNTIME": "openvino",
+                       "OMP_NUM_THREADS": "1", **env}
+        with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
+            running[name] = subprocess.Popen([sys.executable, str(probe), *args], stdout=out, stderr=err,
+                                             env=environment, cwd=tmp_path)
+    for name, process in running.items():
+        assert process.wait(timeout=600) == 0, (name, (tmp_path / f"{name}.err").read_text()[-2000:])
     time.sleep(0.5)  # a forked sender outlives its parent by a moment
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    logs = {name: tmp_path / f"{name}.log" for name in commands}
+    return {name: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+            for name, log in logs.items()}
 
 
 def outside(calls: list[dict]) -> list[dict]:
@@ -114,8 +122,6 @@ def outside(calls: list[dict]) -> list[dict]:
 def test_no_command_contacts_any_address_but_loopback(tmp_path, chest_ct, chest_truth, exported_graphs):
     from segmote_core.segmentation_io import Segment, save_segments
 
-    # The hooks work: a connection to a documentation address is seen (and refused).
-    assert [c["host"] for c in outside(run_probed(tmp_path, "selftest", ["selftest"]))] == ["192.0.2.1"]
     # The graphs the session exported, as a user's cache holds them after the first run (exporting is torch's
     # own code; what is probed is running the commands).
     shutil.copytree(exported_graphs, tmp_path / "cache" / "exported")
@@ -128,14 +134,6 @@ def test_no_command_contacts_any_address_but_loopback(tmp_path, chest_ct, chest_
     crop_seg = tmp_path / "crop_truth.seg.nrrd"
     save_segments(crop_seg, crop, [Segment(name, mask[k0:k1]) for name, mask in chest_truth.items()
                                    if name.endswith("lung")])
-
-    box = ["30", "30", "1", "60", "90", "1"]
-    segment = run_probed(tmp_path, "segment", ["-q", "segment", str(crop_ct), "--out", "s.seg.nrrd", "--box-ijk",
-                                               *box, "--device", "cpu"])
-    auto = run_probed(tmp_path, "auto", ["-q", "auto", str(crop_ct), "--out", "a.seg.nrrd", "--adapter",
-                                         "chest_ct_lungs", "--device", "cpu"])
-    demo = run_probed(tmp_path, "demo", ["-q", "demo", "--out-dir", "demo", "--device", "cpu"],
-                      DEMO_CT=str(crop_ct), DEMO_SEG=str(crop_seg))
     labels = np.zeros(crop.array.shape, np.uint8)
     labels[:, 40:60, 40:70] = 1
     sitk.WriteImage(crop.to_sitk(labels), str(tmp_path / "labels.nrrd"))
@@ -145,12 +143,22 @@ def test_no_command_contacts_any_address_but_loopback(tmp_path, chest_ct, chest_
         window=[-500, 1500], backbone="sam_vit_tiny", steps=1, batch_size=1, warmup_steps=0, interaction_steps=0,
         out=str(tmp_path / "run"), cache_dir=str(tmp_path / "store"), save_every=1, eval_every=0,
         final_report=False, threads=1, model={"expert_rank": 8, "ppt_mlp_dim": 64, "early_hidden_channels": 16})))
-    train = run_probed(tmp_path, "train", ["train", "--config", str(config), "--quiet"])
+
+    box = ["30", "30", "1", "60", "90", "1"]
+    calls = run_probed(tmp_path, {
+        "selftest": ["selftest"],
+        "segment": ["-q", "segment", str(crop_ct), "--out", "s.seg.nrrd", "--box-ijk", *box, "--device", "cpu"],
+        "auto": ["-q", "auto", str(crop_ct), "--out", "a.seg.nrrd", "--adapter", "chest_ct_lungs", "--device", "cpu"],
+        "demo": ["-q", "demo", "--out-dir", "demo", "--device", "cpu"],
+        "train": ["train", "--config", str(config), "--quiet"],
+    }, DEMO_CT=str(crop_ct), DEMO_SEG=str(crop_seg))
+    # The hooks work: a connection to a documentation address is seen (and refused).
+    assert [c["host"] for c in outside(calls.pop("selftest"))] == ["192.0.2.1"]
 
     assert (tmp_path / "s.seg.nrrd").is_file() and (tmp_path / "a.seg.nrrd").is_file()
     assert (tmp_path / "demo" / "demo.seg.nrrd").is_file() and (tmp_path / "run" / "adapter.safetensors").is_file()
     assert not (tmp_path / "demo" / "demo-auto.seg.nrrd").exists()  # the demo ran on the crop, its prompts only
-    for command, calls in {"segment": segment, "auto": auto, "demo": demo, "train": train}.items():
-        assert outside(calls) == [], f"{command} contacted {outside(calls)}"
+    for command, made in calls.items():
+        assert outside(made) == [], f"{command} contacted {outside(made)}"
     # Nothing was written for a telemetry client either (its id file lives in the home folder).
     assert not (tmp_path / "home" / "intel").exists()

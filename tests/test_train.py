@@ -20,6 +20,7 @@ import SimpleITK as sitk
 import torch
 import yaml
 
+from conftest import all_torch_threads
 from segmote_core import train as train_command
 from segmote_core.adapters import load_segmote, read_adapter_header
 from segmote_core.embedding_store import EmbeddingStore
@@ -240,7 +241,8 @@ def test_heldout_report_scores_the_shipped_adapter_through_the_engine(tmp_path, 
     from segmote_core import engine as engine_module
 
     config = tiny_config(tiny_data, tmp_path / "run", backbone="lite_medsam", steps=2, final_report=True,
-                         cache_dir=str(tmp_path / "cache"), export=str(tmp_path / "shipped.safetensors"))
+                         cache_dir=str(tmp_path / "cache"), export=str(tmp_path / "shipped.safetensors"),
+                         threads=None)  # LiteMedSAM's encoder on every core, as users train
     embedded = []
     original = engine_module.Engine._encode
 
@@ -250,7 +252,8 @@ def test_heldout_report_scores_the_shipped_adapter_through_the_engine(tmp_path, 
 
     monkeypatch.setattr(engine_module.Engine, "_encode", counting)
     monkeypatch.setenv("SEGMOTE_RUNTIME", "torch")  # the exported CPU runtimes have their own tests
-    result = train(config, quiet=True)
+    with all_torch_threads():
+        result = train(config, quiet=True)
     report = result.report
     assert report["heldout_slices"] == [1, 5] and set(report["classes"]) == {"label 1", "label 2"}
     for scores in report["classes"].values():
