@@ -345,3 +345,30 @@ def test_a_tampered_export_with_a_rewritten_checksum_is_never_used(tmp_path, sin
     third = runtimes.FastPaths(FAST[0], backbone, folder=tmp_path)
     third.use_decoder()
     assert third.models[part]["checked"] == "cached; agrees with PyTorch on the probe"
+
+
+@pytest.mark.skipif("openvino" not in FAST, reason="OpenVINO is not installed")
+def test_a_damaged_compiled_blob_is_caught_dropped_and_compiled_again(tmp_path, single_torch_thread, caplog):
+    """OpenVINO keeps what it compiled beside the exports for the next start. A blob damaged on disk (its weights
+    changed) loads without complaint and computes something else: the probe catches it, and the blobs are dropped,
+    so that the graph is compiled again instead of the same damaged blob being loaded again."""
+    from segmote_core.models import build_tiny_sam_vit
+
+    torch.manual_seed(0)
+    backbone = build_tiny_sam_vit().eval()
+    first = runtimes.FastPaths("openvino", backbone, folder=tmp_path)
+    blobs = sorted(runtimes.compiled_cache(tmp_path / first.models["encoder"]["file"]).glob("*.blob"))
+    assert blobs
+    for blob in blobs:
+        data = np.fromfile(blob, np.uint8)
+        data[len(data) // 2:len(data) // 2 + 4096] = 0  # weights, in OpenVINO's layout
+        data.tofile(blob)
+    runtimes._PROBED.clear()  # a new process
+
+    second = runtimes.FastPaths("openvino", backbone, folder=tmp_path)
+    assert any("does not compute what its weights compute" in r.getMessage() for r in caplog.records)
+    image = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        embedding, _ = backbone.encode(image)
+    got, _ = second.encode(image)
+    assert runtimes.relative_distance(got, embedding) < runtimes.PROBE_TOLERANCE
