@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from .common import engine_for_args, log_notices, progress_bar
@@ -190,12 +192,15 @@ def run_cases(args, kind: str, cases, targets: dict, collection: bool,
 @dataclass
 class Shard:
     """This process's share of a folder run: under torchrun (WORLD_SIZE > 1) rank r takes cases r, r + world, ...
-    and the results meet on every rank (torch.distributed, gloo: CPU tensors only), so rank 0 prints one summary
-    and every rank exits 1 if any case failed anywhere."""
+    and the results meet on every rank, so rank 0 prints one summary and every rank exits 1 if any case failed
+    anywhere. They meet through torchrun's key-value store, with no process group: a gloo group's threads could
+    abort a rank at exit after its cases were written ("terminate called without an active exception")."""
 
     rank: int = 0
     world: int = 1
-    owns_group: bool = False
+    store: object = None  # torch.distributed's store; None: one process, or a process group someone else started
+
+    EXCHANGE_TIMEOUT_S = 24 * 3600  # how long a rank waits for the others' cases (ranks may finish hours apart)
 
     @classmethod
     def start(cls, args) -> "Shard":
@@ -207,28 +212,39 @@ class Shard:
         import torch
         import torch.distributed as dist
 
-        owns = not dist.is_initialized()
-        if owns:
-            dist.init_process_group("gloo")
         if args.device == "auto" and torch.cuda.is_available():
             args.device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per process
-        return cls(dist.get_rank(), dist.get_world_size(), owns)
+        if dist.is_initialized():  # a program that started its own group: use it, and leave it to that program
+            return cls(dist.get_rank(), dist.get_world_size())
+        store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(seconds=cls.EXCHANGE_TIMEOUT_S)))
+        return cls(rank, world, store)
 
     def gather(self, results: list[CaseResult]) -> list[CaseResult]:
         if self.world == 1:
             return results
-        import torch.distributed as dist
+        if self.store is None:
+            import torch.distributed as dist
 
-        everyone: list = [None] * self.world
-        dist.all_gather_object(everyone, results)
-        if self.owns_group:
-            # Every rank past its last collective before any tears gloo down: a rank that destroyed the group
-            # while another still had gloo work in flight aborted ("terminate called without an active exception").
-            dist.barrier()
-            dist.destroy_process_group()
+            everyone: list = [None] * self.world
+            dist.all_gather_object(everyone, results)
+        else:
+            everyone = self._exchange(results)
         merged = [r for part in everyone for r in part]
         order = {name: n for n, name in enumerate(sorted(r.name for r in merged))}
         return sorted(merged, key=lambda r: order[r.name])
+
+    def _exchange(self, results: list[CaseResult]) -> list:
+        """Every rank's results, through the store. Without torchrun's agent rank 0 hosts the store, so it leaves
+        only once every other rank has read all it needs."""
+        keys = [f"segmote/cases/{rank}" for rank in range(self.world)]
+        self.store.set(keys[self.rank], pickle.dumps(results))
+        self.store.wait(keys, timedelta(seconds=self.EXCHANGE_TIMEOUT_S))
+        everyone = [pickle.loads(self.store.get(key)) for key in keys]  # written by this run's own ranks
+        read = self.store.add("segmote/read", 1)
+        while self.rank == 0 and read < self.world:
+            time.sleep(0.05)
+            read = self.store.add("segmote/read", 0)
+        return everyone
 
 
 def shown(text: str) -> str:
