@@ -93,9 +93,9 @@ def single_torch_thread():
 
 @contextmanager
 def all_torch_threads():
-    """Build a session's engine with torch's own thread count: an engine's exported runtimes take the count in
-    force when it is built, and a session engine first asked for in a single-thread module would otherwise run
-    on one core for the rest of the run."""
+    """Torch's own thread count inside, even in a single-thread module: for a session's engine (its exported
+    runtimes take the count in force when it is built, and one first asked for in such a module would run on one
+    core for the rest of the run) and for LiteMedSAM work inside such a module."""
     import torch
 
     threads = torch.get_num_threads()
@@ -134,7 +134,8 @@ def lite_engine():
 
 @pytest.fixture(scope="session")
 def lung_adapter_engine():
-    """LiteMedSAM with the shipped lung adapter loaded (its own cache: loading an adapter clears an engine's)."""
+    """LiteMedSAM with the shipped lung adapter loaded (an engine of its own: an adapter changes how prompts are
+    answered, and the tests of the base model must not see it)."""
     from segmote_core.engine import Engine
     from segmote_core.shipped import shipped_adapter
 
