@@ -4,8 +4,9 @@ Coordinates: prompts arrive in continuous voxel indices (i, j, k) of the volume 
 RAS millimetres); masks come back as bool arrays in the volume's own (K, J, I) grid. Internally every slice is
 taken from a ``SliceStack`` (slicing follows the anatomy), and in a slice x = column, y = row.
 
-Embeddings are cached per (volume content, slicing axis, slice, normalisation, backbone weights), so a second
-prompt on a slice runs only the decoder, and a changed volume or window never reuses a stale embedding.
+Embeddings are cached per (slice content, normalisation, backbone weights, encoder runtime), so a second prompt on
+a slice runs only the decoder, and a changed volume or window never reuses a stale embedding. Engines on the same
+backbone can share one cache (``embedding_cache``): each finds what the others embedded with the same encoder.
 
 Prompts on an object are answered by an interactive session (``Engine.open`` -> ``segmote_core.session``), which
 holds the object's 3-D state and decides which decoder answers what; the engine serves it single slices.
@@ -58,10 +59,14 @@ class _MovedToCpu(Exception):
 
 
 class EmbeddingCache:
-    """LRU cache of slice embeddings with a byte budget (thread-safe)."""
+    """LRU cache of slice embeddings with a byte budget (thread-safe).
 
-    def __init__(self, max_bytes: int = 2 << 30):
+    keep_early: keep each slice's early feature even for engines that need none, so that an adapter's engine
+    sharing the cache finds every slice the base model's engine embedded (an entry takes ~1.6x the bytes)."""
+
+    def __init__(self, max_bytes: int = 2 << 30, keep_early: bool = False):
         self.max_bytes = max_bytes
+        self.keep_early = keep_early
         self._items: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -137,7 +142,7 @@ class Engine:
     def __init__(self, model: str = "lite_medsam", checkpoint=None, device: str = "auto", adapter=None,
                  cache_bytes: int | None = None, batch_size: int | None = None, backbone=None,
                  precision: str = "fp32", compile: bool = False, runtime: str | None = None,
-                 tune_allocator: bool = True):
+                 tune_allocator: bool = True, embedding_cache: "EmbeddingCache | None" = None):
         """backbone: an already built ``Backbone`` (tests, benchmarks, random weights) instead of `model` +
         `checkpoint`; precision: "fp32", or "bf16" to run the image encoder under bfloat16 autocast (GPUs), or on
         OpenVINO at bf16 (CPUs with native bf16: ~1.75x faster, but masks differ from fp32's; CPUs without it run
@@ -146,7 +151,10 @@ class Engine:
         runtime: "torch", "onnx" (ONNX Runtime), "openvino", or "auto" (CPUs: the fastest installed one; GPUs
         and compile: torch), see segmote_core/runtime.py; None: $SEGMOTE_RUNTIME, else "auto";
         tune_allocator: on CPUs, tune glibc's allocator for the whole process (faster encoder passes; off inside a
-        host application such as 3D Slicer, whose own buffers would then never be returned to the system)."""
+        host application such as 3D Slicer, whose own buffers would then never be returned to the system);
+        embedding_cache: another engine's ``cache``, to share it (an engine with an adapter beside the base model's,
+        a report's base and tuned engines): entries are keyed by the encoder that computed them, so engines on
+        other runtimes or weights share the budget but never each other's embeddings; cache_bytes is then unused."""
         self.device = resolve_device(device)
         if self.device.type == "cpu" and tune_allocator:
             tune_cpu_allocator()
@@ -162,7 +170,7 @@ class Engine:
         self.model_name = model
         self._prefetchers: list[threading.Thread] = []
         self._prefetch_generation = 0
-        self.cache = EmbeddingCache(cache_bytes or default_cache_bytes(self.device))
+        self.cache = embedding_cache or EmbeddingCache(cache_bytes or default_cache_bytes(self.device))
         self.batch_size = batch_size or default_encoder_batch(self.device)
         self.encode = self.backbone.encode  # the image encoder as the engine calls it
         self.compiled = False
@@ -305,8 +313,9 @@ class Engine:
                 adapter_rule=None if base_rule else self.adapter_rule)
             own_input = not base_rule and self.boxes_go_to_base and window is None and preset is None
         stack = SliceStack.for_axis(volume, axis)
-        key = (stack.fingerprint(), normalization.key(), self.model_name,
-               getattr(self.backbone, "weights_sha256", ""), self.precision)
+        # Weights without a recorded checksum (random ones, in tests and benchmarks) are told apart by their object.
+        weights = getattr(self.backbone, "weights_sha256", None) or f"backbone object {id(self.backbone)}"
+        key = (stack.fingerprint(), normalization.key(), self.model_name, weights, self.runtime_description)
         return Prepared(volume, stack, normalization, key, own_input)
 
     def boxes_view(self, prepared: Prepared) -> Prepared:
@@ -352,10 +361,11 @@ class Engine:
             self.cache.put(prepared.embedding_key(index, early), value)
 
     def embedding_bytes(self) -> int:
-        """Bytes one slice's cache entry takes (embedding, plus the early feature when an adapter needs it)."""
+        """Bytes one slice's cache entry takes (embedding, plus the early feature when an adapter needs it or the
+        cache keeps it)."""
         height, width = self.backbone.embedding_size
-        channels = self.backbone.prompt_encoder.embed_dim + (self.backbone.early_channels if self.needs_early_features
-                                                             else 0)
+        early = self.needs_early_features or self.cache.keep_early
+        channels = self.backbone.prompt_encoder.embed_dim + (self.backbone.early_channels if early else 0)
         return channels * height * width * 4
 
     def _embeddings(self, prepared, indices, progress, cancel, keep=True):
@@ -371,11 +381,13 @@ class Engine:
             else:
                 found[index] = value
 
+        stored_early = early or self.cache.keep_early
+
         def computed(index: int, embedding: torch.Tensor, early_feature: torch.Tensor) -> None:
-            value = (embedding.clone(), early_feature.clone() if early else None)
+            value = (embedding.clone(), early_feature.clone() if stored_early else None)
             if keep:
-                self.cache.put(prepared.embedding_key(index, early), value)
-            found[index] = value
+                self.cache.put(prepared.embedding_key(index, stored_early), value)
+            found[index] = value if early else (value[0], None)
 
         self._encode(prepared, missing, computed, progress, cancel, len(found), len(indices))
         return found

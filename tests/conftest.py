@@ -122,25 +122,33 @@ def chest_truth():
     return {s.name: s.mask for s in segments}
 
 
+# The session engines' shared embedding cache: room for the chest CT under every normalisation the tests ask for
+# (each embedded once), with the early features the adapter's engine needs.
+SESSION_CACHE_BYTES = 3 << 30
+
+
 @pytest.fixture(scope="session")
 def lite_engine():
     """LiteMedSAM on the runtime users get by default (the fastest installed CPU runtime; tests/test_runtime.py
     checks its masks against PyTorch's)."""
-    from segmote_core.engine import Engine
+    from segmote_core.engine import EmbeddingCache, Engine
 
     with all_torch_threads():
-        return Engine("lite_medsam", device="cpu", runtime=USERS_RUNTIME)
+        return Engine("lite_medsam", device="cpu", runtime=USERS_RUNTIME,
+                      embedding_cache=EmbeddingCache(SESSION_CACHE_BYTES, keep_early=True))
 
 
 @pytest.fixture(scope="session")
-def lung_adapter_engine():
+def lung_adapter_engine(lite_engine):
     """LiteMedSAM with the shipped lung adapter loaded (an engine of its own: an adapter changes how prompts are
-    answered, and the tests of the base model must not see it)."""
+    answered, and the tests of the base model must not see it), on `lite_engine`'s backbone and embedding cache:
+    a slice either engine embedded with the adapter's window (the lung_parenchyma preset's) serves both."""
     from segmote_core.engine import Engine
     from segmote_core.shipped import shipped_adapter
 
     with all_torch_threads():
-        return Engine("lite_medsam", device="cpu", adapter=shipped_adapter("chest_ct_lungs"), runtime=USERS_RUNTIME)
+        return Engine(backbone=lite_engine.backbone, device="cpu", adapter=shipped_adapter("chest_ct_lungs"),
+                      runtime=USERS_RUNTIME, embedding_cache=lite_engine.cache)
 
 
 @pytest.fixture(scope="session")

@@ -99,6 +99,30 @@ def test_only_slices_not_seen_before_are_embedded_whatever_volume_holds_them(tmp
     assert engine.cache.misses == 13
 
 
+def test_engines_sharing_a_cache_use_each_others_slices_but_never_another_encoders(tmp_path):
+    """Engines on one backbone and one cache (a base model and its adapter's, a report's two engines): a slice one
+    of them embedded serves the other, with the early feature an adapter needs when the cache keeps it; an engine
+    on other weights or another runtime shares the budget only."""
+    from segmote_core.engine import EmbeddingCache
+
+    base = _engine(embedding_cache=EmbeddingCache(keep_early=True))
+    with_adapter = Engine(backbone=base.backbone, device="cpu", embedding_cache=base.cache,
+                          adapter=_adapter(base, tmp_path / "a.safetensors"))
+    scan, window = _volume(), (150, 600)
+    base.embeddings(base.prepare(scan, window=window), range(4))
+    assert base.cache.misses == 4
+    embedded = with_adapter.embeddings(with_adapter.prepare(scan, window=window), range(6))
+    assert base.cache.misses == 6 and all(early is not None for _, early in embedded.values())
+    base.embeddings(base.prepare(scan, window=window), range(6))
+    assert base.cache.misses == 6
+    torch.manual_seed(1)
+    others = [Engine(backbone=build_tiny_sam_vit(), device="cpu", embedding_cache=base.cache),  # other weights
+              Engine(backbone=base.backbone, device="cpu", embedding_cache=base.cache, precision="bf16")]
+    for number, other in enumerate(others, start=1):
+        other.embeddings(other.prepare(scan, window=window), range(6))
+        assert base.cache.misses == 6 + 6 * number
+
+
 def test_prefetch_embeds_the_neighbours_nearest_first_and_can_be_superseded():
     engine = _engine()
     prepared = engine.prepare(_volume())

@@ -1,9 +1,11 @@
 """Nothing is sent: `segment`, `auto`, `train` and `demo` contact no address but the loopback one.
 
-Each command runs in a fresh process (telemetry starts when a dependency is first imported) whose socket layer
+The commands run in fresh processes (telemetry starts when a dependency is first imported) whose socket layer
 records every name lookup and connection before refusing those that leave the machine; the fork of a dependency's
-sender process inherits the hooks. The crops are tiny so the four commands take seconds; the CPU runtime is
-OpenVINO, the one whose import used to post a usage event to www.google-analytics.com.
+sender process inherits the hooks. `segment`, `auto` and `demo` run one after another in one process, as a script
+calling the CLI would: whatever any of them imports first, or sends, is seen; `train` runs beside them. The crops
+are tiny so the commands take seconds; the CPU runtime is OpenVINO, the one whose import used to post a usage event
+to www.google-analytics.com.
 """
 
 from __future__ import annotations
@@ -82,18 +84,21 @@ PROBE = textwrap.dedent('''
         sys.exit(0)
 
     import segmote_core.demo
-    if "demo" in sys.argv[1:]:  # also after -q
-        # The crop of the demo's CT; its prompted part only (the adapter part is `auto`'s code, probed above).
-        segmote_core.demo.demo_data = lambda: (os.environ["DEMO_CT"], os.environ["DEMO_SEG"])
-        segmote_core.demo.SHIPPED_ADAPTER = segmote_core.demo.SHIPPED_ADAPTER.with_name("absent.safetensors")
+    # The demo on the crop of its CT, its prompted part only (the adapter part is `auto`'s code, probed beside it).
+    segmote_core.demo.demo_data = lambda: (os.environ["DEMO_CT"], os.environ["DEMO_SEG"])
+    segmote_core.demo.SHIPPED_ADAPTER = segmote_core.demo.SHIPPED_ADAPTER.with_name("absent.safetensors")
     from segmote_core.cli import main
-    sys.exit(main(sys.argv[1:]))
+    for command in json.loads(sys.argv[1]):  # one after another; the first that fails ends the run
+        code = main(command)
+        if code:
+            sys.exit(code)
 ''')
 
 
-def run_probed(tmp_path: Path, commands: dict[str, list[str]], **env) -> dict[str, list[dict]]:
-    """Run each command in its own probed process, all at once (one thread each: they read the same copied graphs
-    and write only their own files), and return the calls each made, by name."""
+def run_probed(tmp_path: Path, commands: dict[str, list[list[str]] | str], **env) -> dict[str, list[dict]]:
+    """Run each named list of commands (CLI arguments; "selftest": the hooks' own check) in its own probed process,
+    the commands of a list one after another, the processes all at once (one thread each: they read the same
+    copied graphs and write only their own files); return the calls each process made, by name."""
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     (tmp_path / "home").mkdir(exist_ok=True)
@@ -104,7 +109,8 @@ def run_probed(tmp_path: Path, commands: dict[str, list[str]], **env) -> dict[st
                        "SEGMOTE_CACHE_DIR": str(tmp_path / "cache"), "SEGMOTE_RUNTIME": "openvino",
                        "OMP_NUM_THREADS": "1", **env}
         with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
-            running[name] = subprocess.Popen([sys.executable, str(probe), *args], stdout=out, stderr=err,
+            argument = args if isinstance(args, str) else json.dumps(args)
+            running[name] = subprocess.Popen([sys.executable, str(probe), argument], stdout=out, stderr=err,
                                              env=environment, cwd=tmp_path)
     for name, process in running.items():
         assert process.wait(timeout=600) == 0, (name, (tmp_path / f"{name}.err").read_text()[-2000:])
@@ -146,11 +152,12 @@ def test_no_command_contacts_any_address_but_loopback(tmp_path, chest_ct, chest_
 
     box = ["30", "30", "1", "60", "90", "1"]
     calls = run_probed(tmp_path, {
-        "selftest": ["selftest"],
-        "segment": ["-q", "segment", str(crop_ct), "--out", "s.seg.nrrd", "--box-ijk", *box, "--device", "cpu"],
-        "auto": ["-q", "auto", str(crop_ct), "--out", "a.seg.nrrd", "--adapter", "chest_ct_lungs", "--device", "cpu"],
-        "demo": ["-q", "demo", "--out-dir", "demo", "--device", "cpu"],
-        "train": ["train", "--config", str(config), "--quiet"],
+        "selftest": "selftest",
+        "segment-auto-demo": [
+            ["-q", "segment", str(crop_ct), "--out", "s.seg.nrrd", "--box-ijk", *box, "--device", "cpu"],
+            ["-q", "auto", str(crop_ct), "--out", "a.seg.nrrd", "--adapter", "chest_ct_lungs", "--device", "cpu"],
+            ["-q", "demo", "--out-dir", "demo", "--device", "cpu"]],
+        "train": [["train", "--config", str(config), "--quiet"]],
     }, DEMO_CT=str(crop_ct), DEMO_SEG=str(crop_seg))
     # The hooks work: a connection to a documentation address is seen (and refused).
     assert [c["host"] for c in outside(calls.pop("selftest"))] == ["192.0.2.1"]
@@ -158,7 +165,10 @@ def test_no_command_contacts_any_address_but_loopback(tmp_path, chest_ct, chest_
     assert (tmp_path / "s.seg.nrrd").is_file() and (tmp_path / "a.seg.nrrd").is_file()
     assert (tmp_path / "demo" / "demo.seg.nrrd").is_file() and (tmp_path / "run" / "adapter.safetensors").is_file()
     assert not (tmp_path / "demo" / "demo-auto.seg.nrrd").exists()  # the demo ran on the crop, its prompts only
-    for command, made in calls.items():
-        assert outside(made) == [], f"{command} contacted {outside(made)}"
+    for process, made in calls.items():
+        assert outside(made) == [], f"{process} contacted {outside(made)}"
+    # Quiet commands print nothing, in a fresh process, where a dependency would warn on import (a run without -q:
+    # tests/test_cli_conventions.py).
+    assert [(tmp_path / f"segment-auto-demo.{stream}").read_text() for stream in ("out", "err")] == ["", ""]
     # Nothing was written for a telemetry client either (its id file lives in the home folder).
     assert not (tmp_path / "home" / "intel").exists()

@@ -35,15 +35,17 @@ def heldout_report(config: TrainConfig, data: TrainData, adapter: Path, device, 
     tight box. Base backbone vs adapter, each with the input a user gets (the base model its own default, the
     adapter its rule for clicks and the frozen decoder's input for a box alone); Dice over those slices. The
     adapter's caches are seeded from the training store (same encoder, normalisation and slices); the held-out
-    slices are embedded once more with the backbone's own input, for each engine.
+    slices are embedded once more with the backbone's own input, which both engines share (one backbone, one
+    embedding cache).
     """
-    from ..engine import Engine
+    from ..engine import EmbeddingCache, Engine
 
     case = data.split["case"]
     volume, labels = data.volumes[case]
     held = list(data.split["val"])
-    tuned = Engine(config.backbone, config.checkpoint, str(device), adapter=adapter)
-    base = Engine(config.backbone, config.checkpoint, str(device))
+    tuned = Engine(config.backbone, config.checkpoint, str(device), adapter=adapter,
+                   embedding_cache=EmbeddingCache(keep_early=True))  # the base engine's slices serve it too
+    base = Engine(backbone=tuned.backbone, device=str(device), embedding_cache=tuned.cache)
     tuned_prep = tuned.prepare(volume)  # clicks and automatic segmentation: the adapter's rule
     tuned_boxes = tuned.boxes_view(tuned_prep)  # a box alone, as a session answers it
     base_prep = base.prepare(volume)  # the base model as a user gets it
