@@ -95,10 +95,11 @@ PROBE = textwrap.dedent('''
 ''')
 
 
-def run_probed(tmp_path: Path, commands: dict[str, list[list[str]] | str], **env) -> dict[str, list[dict]]:
+def run_probed(tmp_path: Path, commands: dict[str, list[list[str]] | str], threads: dict[str, int],
+               **env) -> dict[str, list[dict]]:
     """Run each named list of commands (CLI arguments; "selftest": the hooks' own check) in its own probed process,
-    the commands of a list one after another, the processes all at once (one thread each: they read the same
-    copied graphs and write only their own files); return the calls each process made, by name."""
+    the commands of a list one after another, the processes all at once (they read the same copied graphs and write
+    only their own files), each with threads[name] threads (default one); return the calls each made, by name."""
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     (tmp_path / "home").mkdir(exist_ok=True)
@@ -107,7 +108,7 @@ def run_probed(tmp_path: Path, commands: dict[str, list[list[str]] | str], **env
         environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path / "home"),
                        "PYTHONPATH": str(ROOT), "NET_LOG": str(tmp_path / f"{name}.log"),
                        "SEGMOTE_CACHE_DIR": str(tmp_path / "cache"), "SEGMOTE_RUNTIME": "openvino",
-                       "OMP_NUM_THREADS": "1", **env}
+                       "OMP_NUM_THREADS": str(threads.get(name, 1)), **env}
         with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
             argument = args if isinstance(args, str) else json.dumps(args)
             running[name] = subprocess.Popen([sys.executable, str(probe), argument], stdout=out, stderr=err,
@@ -158,7 +159,8 @@ def test_no_command_contacts_any_address_but_loopback(tmp_path, chest_ct, chest_
             ["-q", "auto", str(crop_ct), "--out", "a.seg.nrrd", "--adapter", "chest_ct_lungs", "--device", "cpu"],
             ["-q", "demo", "--out-dir", "demo", "--device", "cpu"]],
         "train": [["train", "--config", str(config), "--quiet"]],
-    }, DEMO_CT=str(crop_ct), DEMO_SEG=str(crop_seg))
+    }, threads={"segment-auto-demo": 2},  # the longest of the three
+        DEMO_CT=str(crop_ct), DEMO_SEG=str(crop_seg))
     # The hooks work: a connection to a documentation address is seen (and refused).
     assert [c["host"] for c in outside(calls.pop("selftest"))] == ["192.0.2.1"]
 
