@@ -45,7 +45,8 @@ def test_second_prompt_reuses_the_embedding_and_window_change_does_not(lite_engi
     misses = lite_engine.cache.misses
     lite_engine.predict_slice(prepared, 17, points=np.array([[40.0, 60.0]]), point_labels=np.array([1]))
     assert lite_engine.cache.misses == misses  # decoder only
-    other_window = lite_engine.prepare(chest_ct, window=(40, 400))
+    other_window = lite_engine.prepare(chest_ct, window=(37, 411))  # a window no other test asks for
+    assert all(lite_engine.cache.get(other_window.embedding_key(17, early)) is None for early in (False, True))
     lite_engine.predict_slice(other_window, 17, box=np.array([10.0, 20.0, 60.0, 100.0]))
     assert lite_engine.cache.misses == misses + 1  # a new window is a new image for the model
     voxels = chest_ct.array.copy()  # volumes are immutable: a changed scan is a new Volume

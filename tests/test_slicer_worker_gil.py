@@ -28,7 +28,7 @@ from SegMoTESlicerLib.worker import POLL_INTERVAL_MS, POLL_WAIT_S, EngineWorker,
 # gets a few per cent, and other load on a busy machine moves wall-clock shares from run to run.
 BEST_POSSIBLE = POLL_WAIT_S / (POLL_WAIT_S + POLL_INTERVAL_MS / 1000)
 
-FREE_RUN_S = 1.0  # many poll cycles, so where the last one ends hardly counts
+FREE_RUN_S = 0.5  # many poll cycles (about 60), so where the last one ends hardly counts
 _libc = ctypes.PyDLL(None)  # PyDLL: the GIL stays held during the call
 
 
