@@ -30,7 +30,7 @@ import torch
 
 from . import boxes
 from .checkpoints import load_backbone
-from .devices import default_cache_bytes, default_encoder_batch, resolve_device, tune_cpu_allocator
+from .devices import default_cache_bytes, default_encoder_batch, release_free_heap, resolve_device, tune_cpu_allocator
 from .errors import Cancelled, InputError, SegMoTEError
 from .normalize import Normalization, check_rule, choose_normalization, normalize
 from .segmentation_io import Segment
@@ -186,6 +186,7 @@ class Engine:
         if adapter is not None:
             self.load_adapter(adapter)
         self._use_runtime(runtime or os.environ.get("SEGMOTE_RUNTIME", "auto"))
+        release_free_heap()  # what the weights' loading and the exported graphs' probes used
 
     # ---- CPU runtimes (ONNX Runtime / OpenVINO) ------------------------------------------------------
     def _use_runtime(self, runtime: str) -> None:
@@ -271,6 +272,7 @@ class Engine:
         self._class_masks.clear()
         self._box_answers.clear()  # which decoder answers a box alone may have changed
         self._use_fast_decoder()
+        release_free_heap()
 
     @property
     def adapter_rule(self) -> dict | None:

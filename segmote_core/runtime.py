@@ -268,6 +268,8 @@ def checked_session(runtime: str, part: str, identity: dict, export: Callable[[P
         distance = 0.0 if known else probe(judged)
         if distance <= PROBE_TOLERANCE:
             _PROBED.add((str(path), digest))
+            if judged is not None:
+                judged.release()  # the probe's buffers: the run may never call this graph
             session = judged if precision == "f32" else Session(runtime, path, precision=precision, **options)
             return session, {"file": path.name, "sha256": digest, "precision": precision,
                              "checked": "exported now" if exported else "cached; agrees with PyTorch on the probe"}
@@ -332,28 +334,37 @@ class Session:
                       # and these settings, and probed like a fresh compile (checked_session)
                       "CACHE_DIR": str(compiled_cache(path))}
             model = core.read_model(str(path))
-            compiled = core.compile_model(model, "CPU", config)
-            self._request = compiled.create_infer_request()
-            self._outputs = compiled.outputs
-            self.inputs = {name for port in compiled.inputs for name in port.get_names()}
+            self._compiled = core.compile_model(model, "CPU", config)
+            self.inputs = {name for port in self._compiled.inputs for name in port.get_names()}
             for fixed_shapes in static or ():
                 shapes = {name: shape for name, shape in fixed_shapes.items() if name in self.inputs}
                 model.reshape(shapes)
-                fixed = core.compile_model(model, "CPU", config)
-                self._static.append((shapes, fixed.create_infer_request(), fixed.outputs))
+                self._static.append((shapes, core.compile_model(model, "CPU", config)))
+        # OpenVINO's infer requests, made on first use: each holds buffers for the largest shapes it has run (a
+        # decoder's: ~0.2-0.3 GB for a click's eight candidate boxes), so a graph never called costs none
+        self._requests: dict[int, object] = {}
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         feeds = {name: value for name, value in feeds.items() if name in self.inputs}  # the exporter drops unused ones
         if self.runtime == "onnx":
             return self._session.run(self._names, feeds)
-        request, outputs = self._request, self._outputs
-        for shapes, fixed_request, fixed_outputs in self._static:
+        compiled = self._compiled
+        for shapes, fixed in self._static:
             if all(tuple(feeds[name].shape) == tuple(shape) for name, shape in shapes.items()):
-                request, outputs = fixed_request, fixed_outputs
+                compiled = fixed
                 break
         with self._lock:
+            request = self._requests.get(id(compiled))
+            if request is None:
+                request = self._requests[id(compiled)] = compiled.create_infer_request()
             results = request.infer(feeds)
-            return [np.array(results[output]) for output in outputs]
+            return [np.array(results[output]) for output in compiled.outputs]
+
+    def release(self) -> None:
+        """Give back the buffers of OpenVINO's infer requests (made again by the next call): after the load probe,
+        so that a graph the run never calls holds no memory (ONNX Runtime: nothing to do)."""
+        with self._lock:
+            self._requests.clear()
 
 
 class FastPaths:
