@@ -305,9 +305,10 @@ class Session:
 
     def __init__(self, runtime: str, path: Path, threads: int | None = None, static: list[dict] | None = None,
                  precision: str = "f32"):
-        """static: OpenVINO also compiles the graph for each of these fixed input shapes ({name: shape}) and uses
-        one when a call's shapes match (a box prompt, a click's candidate boxes: 20-25 % faster than the
-        dynamic-shape graph); precision: OpenVINO's inference precision, "f32" (PyTorch's) or "bf16"."""
+        """static: OpenVINO also compiles the graph for each of these fixed input shapes ({name: shape}), on the
+        first call with those shapes, and uses it for them (a box prompt, a click's candidate boxes: 20-25 % faster
+        than the dynamic-shape graph; ~0.07 GB each, so not compiled before a call needs it); precision:
+        OpenVINO's inference precision, "f32" (PyTorch's) or "bf16"."""
         if precision != "f32" and runtime != "openvino":
             raise RuntimeUnavailable(f"{runtime} runs the exported graphs at f32 only, not {precision}")
         self.runtime, self.precision = runtime, precision
@@ -334,12 +335,13 @@ class Session:
                       # and these settings, and probed like a fresh compile (checked_session)
                       "CACHE_DIR": str(compiled_cache(path))}
             model = core.read_model(str(path))
-            self._compiled = core.compile_model(model, "CPU", config)
+            self._compile = lambda model: core.compile_model(model, "CPU", config)
+            self._compiled = self._compile(model)
             self.inputs = {name for port in self._compiled.inputs for name in port.get_names()}
-            for fixed_shapes in static or ():
-                shapes = {name: shape for name, shape in fixed_shapes.items() if name in self.inputs}
-                model.reshape(shapes)
-                self._static.append((shapes, core.compile_model(model, "CPU", config)))
+            self._static = [{name: shape for name, shape in fixed_shapes.items() if name in self.inputs}
+                            for fixed_shapes in static or ()]
+            self._model = model if self._static else None  # reshaped for each fixed shape when first called
+        self._fixed: dict[int, object] = {}  # position in _static -> its compiled graph, once a call needed it
         # OpenVINO's infer requests, made on first use: each holds buffers for the largest shapes it has run (a
         # decoder's: ~0.2-0.3 GB for a click's eight candidate boxes), so a graph never called costs none
         self._requests: dict[int, object] = {}
@@ -348,12 +350,14 @@ class Session:
         feeds = {name: value for name, value in feeds.items() if name in self.inputs}  # the exporter drops unused ones
         if self.runtime == "onnx":
             return self._session.run(self._names, feeds)
-        compiled = self._compiled
-        for shapes, fixed in self._static:
-            if all(tuple(feeds[name].shape) == tuple(shape) for name, shape in shapes.items()):
-                compiled = fixed
-                break
+        fixed = next((position for position, shapes in enumerate(self._static)
+                      if all(tuple(feeds[name].shape) == tuple(shape) for name, shape in shapes.items())), None)
         with self._lock:
+            compiled = self._compiled if fixed is None else self._fixed.get(fixed)
+            if compiled is None:
+                model = self._model.clone()
+                model.reshape(self._static[fixed])
+                compiled = self._fixed[fixed] = self._compile(model)
             request = self._requests.get(id(compiled))
             if request is None:
                 request = self._requests[id(compiled)] = compiled.create_infer_request()
