@@ -22,8 +22,10 @@ def segmote_process(*args: str, cwd, users_runtime: bool = False) -> subprocess.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if users_runtime:
         env.pop("SEGMOTE_RUNTIME", None)
+    # The CLI writes UTF-8 ("≈", "→"); read it as such whatever locale this process was left in (a test run in
+    # another order had switched the test process to the C locale, and decoding the child's output failed).
     return subprocess.run([sys.executable, "-m", "segmote_core", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          encoding="utf-8", errors="replace", timeout=300)
 
 
 def all_parsers(parser: argparse.ArgumentParser, path=("segmote",)):
