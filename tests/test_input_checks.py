@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gzip
+import locale
 import os
 import time
 from pathlib import Path
@@ -25,17 +26,24 @@ def write_series(folder: Path, uid: str, positions_mm, size=(6, 5), first_file=0
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     paths = []
-    for index, z in enumerate(positions_mm):
-        plane = sitk.GetImageFromArray((np.arange(size[0] * size[1]).reshape(size[::-1]) + index).astype(np.int16))
-        for tag, value in [("0008|0060", "CT"), ("0020|000d", STUDY), ("0020|000e", uid),
-                           ("0020|0013", str(index + 1)), ("0020|0032", f"0\\0\\{z}"),
-                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0018|0050", "2")]:
-            plane.SetMetaData(tag, value)
-        path = folder / f"{uid[-3:]}-{first_file + index:03d}.dcm"
-        writer.SetFileName(str(path))
-        writer.Execute(plane)
-        paths.append(path)
+    previous_locale = locale.setlocale(locale.LC_ALL)
+    try:
+        for index, z in enumerate(positions_mm):
+            paths.append(write_slice(writer, folder / f"{uid[-3:]}-{first_file + index:03d}.dcm", uid, index, z,
+                                     size))
+    finally:  # ITK's GDCM writer leaves the process in the C locale (text then decodes as ASCII in later tests)
+        locale.setlocale(locale.LC_ALL, previous_locale)
     return paths
+
+
+def write_slice(writer, path: Path, uid: str, index: int, z: float, size) -> Path:
+    plane = sitk.GetImageFromArray((np.arange(size[0] * size[1]).reshape(size[::-1]) + index).astype(np.int16))
+    for tag, value in [("0008|0060", "CT"), ("0020|000d", STUDY), ("0020|000e", uid), ("0020|0013", str(index + 1)),
+                       ("0020|0032", f"0\\0\\{z}"), ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0018|0050", "2")]:
+        plane.SetMetaData(tag, value)
+    writer.SetFileName(str(path))
+    writer.Execute(plane)
+    return path
 
 
 # ---- DICOM ------------------------------------------------------------------------------------------------
