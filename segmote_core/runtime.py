@@ -336,32 +336,31 @@ class Session:
                       "CACHE_DIR": str(compiled_cache(path))}
             model = core.read_model(str(path))
             self._compile = lambda model: core.compile_model(model, "CPU", config)
-            self._compiled = self._compile(model)
-            self.inputs = {name for port in self._compiled.inputs for name in port.get_names()}
+            # None: the dynamic-shape graph; i: the variant for static[i], compiled when a call first needs it
+            self._compiled = {None: self._compile(model)}
+            self.inputs = {name for port in self._compiled[None].inputs for name in port.get_names()}
             self._static = [{name: shape for name, shape in fixed_shapes.items() if name in self.inputs}
                             for fixed_shapes in static or ()]
-            self._model = model if self._static else None  # reshaped for each fixed shape when first called
-        self._fixed: dict[int, object] = {}  # position in _static -> its compiled graph, once a call needed it
-        # OpenVINO's infer requests, made on first use: each holds buffers for the largest shapes it has run (a
-        # decoder's: ~0.2-0.3 GB for a click's eight candidate boxes), so a graph never called costs none
-        self._requests: dict[int, object] = {}
+            self._model = model if self._static else None  # reshaped for each variant
+        # OpenVINO's infer requests (same keys), made on first use: each holds buffers for the largest shapes it has
+        # run (a decoder's: ~0.2-0.3 GB for a click's eight candidate boxes), so a graph never called costs none
+        self._requests: dict[int | None, object] = {}
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         feeds = {name: value for name, value in feeds.items() if name in self.inputs}  # the exporter drops unused ones
         if self.runtime == "onnx":
             return self._session.run(self._names, feeds)
-        fixed = next((position for position, shapes in enumerate(self._static)
+        graph = next((position for position, shapes in enumerate(self._static)
                       if all(tuple(feeds[name].shape) == tuple(shape) for name, shape in shapes.items())), None)
         with self._lock:
-            compiled = self._compiled if fixed is None else self._fixed.get(fixed)
-            if compiled is None:
+            if graph not in self._compiled:
                 model = self._model.clone()
-                model.reshape(self._static[fixed])
-                compiled = self._fixed[fixed] = self._compile(model)
-            request = self._requests.get(id(compiled))
-            if request is None:
-                request = self._requests[id(compiled)] = compiled.create_infer_request()
-            results = request.infer(feeds)
+                model.reshape(self._static[graph])
+                self._compiled[graph] = self._compile(model)
+            compiled = self._compiled[graph]
+            if graph not in self._requests:
+                self._requests[graph] = compiled.create_infer_request()
+            results = self._requests[graph].infer(feeds)
             return [np.array(results[output]) for output in compiled.outputs]
 
     def release(self) -> None:

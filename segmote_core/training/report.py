@@ -38,13 +38,16 @@ def heldout_report(config: TrainConfig, data: TrainData, adapter: Path, device, 
     slices are embedded once more with the backbone's own input, which both engines share (one backbone, one
     embedding cache).
     """
+    import torch
+
+    from ..devices import default_cache_bytes
     from ..engine import EmbeddingCache, Engine
 
     case = data.split["case"]
     volume, labels = data.volumes[case]
     held = list(data.split["val"])
-    tuned = Engine(config.backbone, config.checkpoint, str(device), adapter=adapter,
-                   embedding_cache=EmbeddingCache(keep_early=True))  # the base engine's slices serve it too
+    cache = EmbeddingCache(default_cache_bytes(torch.device(device)), keep_early=True)  # base's slices serve both
+    tuned = Engine(config.backbone, config.checkpoint, str(device), adapter=adapter, embedding_cache=cache)
     base = Engine(backbone=tuned.backbone, device=str(device), embedding_cache=tuned.cache)
     tuned_prep = tuned.prepare(volume)  # clicks and automatic segmentation: the adapter's rule
     tuned_boxes = tuned.boxes_view(tuned_prep)  # a box alone, as a session answers it
