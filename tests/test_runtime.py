@@ -208,10 +208,10 @@ def test_bf16_runs_only_when_asked_from_the_checked_export_and_stays_near_fp32(f
 
 @pytest.mark.skipif("openvino" not in FAST, reason="OpenVINO is not installed")
 def test_an_openvino_graph_gives_back_its_buffers_and_answers_alike_afterwards(fast_engines, export_cache):
-    """OpenVINO keeps buffers per infer request (a decoder's eight candidate boxes: ~0.2-0.3 GB), so the engine
-    makes requests when a graph is first called and drops them after the load probe; a fixed-shape variant is
-    compiled when a call first has its shapes. After release() the graph answers exactly as before, on the dynamic
-    graph and on a fixed-shape variant."""
+    """OpenVINO keeps buffers per infer request and in each compiled graph, sized for the largest shapes it ran (a
+    decoder's eight candidate boxes: ~0.2-0.3 GB), so the engine makes requests when a graph is first called and
+    gives both back after the load probe; a fixed-shape variant is compiled when a call first has its shapes. After
+    release() the graph answers exactly as before, on the dynamic graph and on a fixed-shape variant."""
     record = fast_engines["openvino"].runtime_models["decoder"]
     session = runtimes.Session("openvino", export_cache / "exported" / record["file"],
                                static=[{"points": (1, 2, 2), "labels": (1, 2)}])
