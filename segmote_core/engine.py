@@ -731,7 +731,7 @@ class Engine:
         for row, class_index in enumerate(indices):
             mask = prepared.stack.from_stack(masks[row])
             if keep_largest:
-                mask = largest_component(mask)
+                mask = largest_component(mask, in_place=True)  # `mask` is this call's own array (or a view of it)
             info = header_classes[class_index]
             segments.append(Segment(info["name"], mask, tuple(info.get("color", (0.5, 0.5, 0.5)))))
         return segments
@@ -768,18 +768,23 @@ class Engine:
             raise InputError(f"{what} at voxel {bad} lies outside the image ({'x'.join(map(str, volume.shape_ijk))} voxels)")
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected 3-D component of a bool mask (an empty mask stays empty)."""
+def largest_component(mask: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """The largest 26-connected 3-D component of a bool mask (an empty mask stays empty). in_place: clear the other
+    components in `mask` itself and return it (a 512x512x300 class mask is 79 MB; no second one is made)."""
     from scipy import ndimage
 
     box = mask_extent(mask)
     if box is None:
         return mask
     crop = mask[box]  # labelling only the mask's bounding box: same answer, a fraction of a 512x512x300 volume
-    labels, count = ndimage.label(crop, structure=np.ones((3, 3, 3), bool))
+    structure = np.ones((3, 3, 3), bool)
+    try:  # 16-bit labels (half of scipy's default) unless the mask has more pieces than they can count
+        labels, count = ndimage.label(crop, structure=structure, output=np.uint16)
+    except RuntimeError:
+        labels, count = ndimage.label(crop, structure=structure)
     if count <= 1:
         return mask
-    sizes = np.bincount(labels.reshape(-1))[1:]
-    result = np.zeros_like(mask)
-    result[box] = labels == (int(np.argmax(sizes)) + 1)
+    largest = int(np.argmax(np.bincount(labels.reshape(-1))[1:])) + 1
+    result = mask if in_place else mask.copy()
+    result[box] &= labels == largest  # outside the box the mask is empty already
     return result

@@ -240,7 +240,7 @@ def _save_seg_nrrd(path: Path, volume: Volume, segments: list[Segment], replace_
         color = segment.color or entry.color or palette_color(used_colors + index)
         fields.append({"name": segment.name, "color": [float(c) for c in color],
                        "terminology": entry.slicer_terminology()})
-    _add_segments(seg, [np.transpose(segment.mask.astype(bool), (2, 1, 0)) for segment in segments], fields)
+    _add_segments(seg, [np.transpose(np.asarray(segment.mask, bool), (2, 1, 0)) for segment in segments], fields)
     atomic_write(path, lambda temp: _write_seg_nrrd(temp, seg, header))
     return [int(np.count_nonzero(segment.mask)) for segment in segments]
 
@@ -279,7 +279,8 @@ def _add_segments(seg: dict, masks: list[np.ndarray], fields: list[dict]) -> Non
     for segment in seg["segments"]:
         layer = segment.get("layer", 0)
         next_label[layer] = max(next_label[layer], segment.get("labelValue", 1) + 1)
-    used = np.zeros(voxels.shape[-3:], np.uint32)  # layers in use at each voxel (1 + the highest one)
+    # layers in use at each voxel (1 + the highest one), in the smallest type that counts every layer there can be
+    used = np.zeros(voxels.shape[-3:], np.min_scalar_type(len(layers) + len(masks)))
     for index, layer in enumerate(layers):
         used[layer != 0] = index + 1
     ids = {s.get("id") for s in seg["segments"]}

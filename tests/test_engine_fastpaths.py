@@ -162,6 +162,23 @@ def test_largest_component_keeps_the_biggest_26_connected_piece():
     assert np.array_equal(largest_component(single), single)
 
 
+def test_largest_component_in_place_clears_the_rest_of_the_given_mask_and_counts_any_number_of_pieces():
+    mask = np.zeros((4, 20, 20), bool)
+    mask[0:2, 0:5, 0:5] = True  # 50 voxels
+    mask[3, 15:18, 15:18] = True  # 9 voxels, separate
+    original = mask.copy()
+    copied = largest_component(mask)
+    assert np.array_equal(mask, original) and copied.sum() == 50  # a copy: the caller's mask untouched
+    kept = largest_component(mask, in_place=True)
+    assert kept is mask and mask.sum() == 50 and not mask[3].any()
+    # more pieces than 16-bit labels count (90 000 isolated voxels and one 3-voxel line): still the largest
+    many = np.zeros((1, 600, 600), bool)
+    many[0, ::2, ::2] = True
+    many[0, 1, 0:3] = True
+    kept = largest_component(many, in_place=True)
+    assert kept.sum() == 7 and kept[0, 1, 0:3].all()  # the line and the four dots touching it
+
+
 def test_compiled_encoder_pads_to_two_static_shapes_and_matches_eager(monkeypatch, tmp_path):
     monkeypatch.setenv("SEGMOTE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("SEGMOTE_COMPILE_BACKEND", "aot_eager")  # Dynamo capture without C++ codegen (CPU CI)
