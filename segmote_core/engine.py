@@ -48,6 +48,7 @@ AUTO_OBJECTNESS = 0.5  # PPT objectness from which a class counts as present on 
 # the lung slices of the chest CT; an untrained one about 0.5, so it answers clicks exactly like the base model).
 CLICK_OBJECTNESS = 0.9
 CLASS_ANSWERS_KEPT = 16  # slices whose automatic class answers are kept for further clicks
+TRIM_EVERY = 32  # batches of automatic segmentation between two trims of the heap (the tuned allocator's growth)
 # Answers to boxes alone kept per slice, for the last few slices (a 512² answer holds about 0.5 MB): a click's box
 # search asks up to 10 boxes, and a click on the same spot asks the same ones again.
 BOX_ANSWERS_PER_SLICE = 32
@@ -725,8 +726,15 @@ class Engine:
                     for mask, row in zip(full, rows.tolist()):
                         slice_row, class_row = divmod(row, len(indices))
                         masks[class_row, batch[slice_row]] = mask
+            if start // self.batch_size % TRIM_EVERY == TRIM_EVERY - 1:
+                release_free_heap()  # the tuned allocator would otherwise keep growing through a long volume
             if progress:
                 progress(batch[-1] + 1, num)
+        # Before the 3-D labelling (the run's largest arrays): the graphs' buffers and the heap's freed pages go back
+        # (~0.3 and ~0.15 GB on a 512x512x300 CT); a later call allocates the buffers again (~40 ms a graph).
+        if self._fast is not None:
+            self._fast.release()
+        release_free_heap()
         segments = []
         for row, class_index in enumerate(indices):
             mask = prepared.stack.from_stack(masks[row])

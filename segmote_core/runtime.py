@@ -404,6 +404,11 @@ class FastPaths:
         self._auto_adapter: str | None = None  # whose automatic decoder is exported and loaded in _auto
         self._auto: tuple[Session, Session] | None = None  # (first pass, refinement pass)
 
+    def release(self) -> None:
+        """Every graph gives back its run-time buffers (``Session.release``), allocated again at its next call."""
+        for session in (self._encoder, *self._decoders.values(), *(self._auto or ())):
+            session.release()
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) -> (embedding, early) like Backbone.encode, one slice per call."""
         embeddings, earlies = [], []
