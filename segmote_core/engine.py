@@ -710,7 +710,7 @@ class Engine:
         # not cached at all: caching it would only evict, slice after slice, what the cache held, and fill the RAM
         # (a 512x512x300 CT with an adapter: 2 GB of embeddings and early features).
         keep = num * self.embedding_bytes() <= self.cache.max_bytes
-        for start in range(0, num, self.batch_size):
+        for number, start in enumerate(range(0, num, self.batch_size)):
             if cancel and cancel():
                 raise Cancelled("cancelled during automatic segmentation; nothing was changed")
             batch = list(range(start, min(start + self.batch_size, num)))
@@ -726,7 +726,7 @@ class Engine:
                     for mask, row in zip(full, rows.tolist()):
                         slice_row, class_row = divmod(row, len(indices))
                         masks[class_row, batch[slice_row]] = mask
-            if start // self.batch_size % TRIM_EVERY == TRIM_EVERY - 1:
+            if number % TRIM_EVERY == TRIM_EVERY - 1:
                 release_free_heap()  # the tuned allocator would otherwise keep growing through a long volume
             if progress:
                 progress(batch[-1] + 1, num)
