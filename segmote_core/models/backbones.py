@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sam import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer, get_rel_pos
-from .sam import ViTAttention as SamAttention
+from .sam import ImageEncoderViT, MaskDecoder, PromptEncoder, SamAttention, TwoWayTransformer, get_rel_pos
 from .tiny_vit import TinyViT
 
 PROMPT_DIM = 256

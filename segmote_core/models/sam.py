@@ -35,8 +35,8 @@ _package_initialised_on_demand("segment_anything")
 
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer  # noqa: E402
 from segment_anything.modeling.common import LayerNorm2d  # noqa: E402
-from segment_anything.modeling.image_encoder import Attention as ViTAttention, get_rel_pos  # noqa: E402
+from segment_anything.modeling.image_encoder import Attention as SamAttention, get_rel_pos  # noqa: E402
 from segment_anything.modeling.mask_decoder import MLP  # noqa: E402
 
 __all__ = ["ImageEncoderViT", "LayerNorm2d", "MLP", "MaskDecoder", "PromptEncoder", "TwoWayTransformer",
-           "ViTAttention", "get_rel_pos"]
+           "SamAttention", "get_rel_pos"]

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .sam import LayerNorm2d
+
 
 class ConvBN(nn.Sequential):
     """A convolution without bias followed by batch normalisation (its running statistics at inference)."""
@@ -174,8 +176,6 @@ class TinyViT(nn.Module):
                  windows: Sequence[int] = (7, 7, 14, 7), merge_strides: Sequence[int] = (2, 2, 1),
                  mlp_ratio: int = 4, expand_ratio: int = 4, out_channels: int = 256):
         super().__init__()
-        from .sam import LayerNorm2d
-
         self.patch_embed = Stem(widths[0])
         stages, side, sides = [], img_size, []
         for index, (width, depth) in enumerate(zip(widths, depths)):
