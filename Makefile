@@ -13,14 +13,12 @@ $(VENV)/bin/python:
 
 # The demo needs the package, its picture extra and the faster CPU runtime (OpenVINO, in the cpu extra: the base
 # install stays lean, and the engine says once how to get it where it is missing); the tests need everything.
-# --no-compile: Python compiles the modules a program imports on first use; compiling every file of every package
-# up front (torch's alone are thousands) made the set-up about half a minute longer.
 $(DEMO_STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
-	$(PY) -m pip install -q --no-compile -c constraints.txt -e ".[demo,cpu]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[demo,cpu]"
 	touch $(DEMO_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
-	$(PY) -m pip install -q --no-compile -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP) $(DEMO_STAMP)
 
 demo: $(DEMO_STAMP)
