@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 
 
 def _package_initialised_on_demand(name: str) -> None:
@@ -21,10 +22,12 @@ def _package_initialised_on_demand(name: str) -> None:
     if spec is None or spec.loader is None:
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
     package = importlib.util.module_from_spec(spec)  # __path__ and __spec__ set, __init__ not run
+    once = threading.Lock()
 
     def __getattr__(attribute: str):
-        del package.__getattr__  # the real __init__ defines the package's names; ask once
-        spec.loader.exec_module(package)
+        with once:  # the first thread to ask runs the real __init__, which defines the package's names
+            if package.__dict__.pop("__getattr__", None) is not None:
+                spec.loader.exec_module(package)
         return getattr(package, attribute)
 
     package.__getattr__ = __getattr__
