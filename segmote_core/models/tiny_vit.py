@@ -198,6 +198,8 @@ class TinyViT(nn.Module):
     def forward_with_early(self, x):
         x = self.layers[1](self.layers[0](self.patch_embed(x)))
         batch, _, channels = x.shape
+        # a contiguous (B, C, H, W) copy, not tokens_to_map's permuted view: the layout SegMoTE's early projection
+        # and the exported graphs have always been given
         early = x.transpose(1, 2).reshape(batch, channels, self.early_side, self.early_side)
         for stage in self.layers[2:]:
             x = stage(x)
